@@ -1,0 +1,1 @@
+"""simdiff: pixel-space diffusion in log-SNR form."""
