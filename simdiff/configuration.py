@@ -86,6 +86,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -104,7 +109,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, *, where: str = "") -> 
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!r}; valid keys{' of ' + where if where else ''}: "
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys{' of ' + where if where else ''}: "
             f"{', '.join(sorted(fields))}"
         )
     hints = typing.get_type_hints(cls)
