@@ -1,0 +1,29 @@
+"""Data sets (MNIST, sklearn digits, Fashion-MNIST, image folders, a synthetic Gaussian-mixture set) and transforms.
+
+All images are float32 ``[N, C, H, W]`` in ``[-1, 1]``; see :mod:`simdiff.data.datasets`.
+"""
+
+from simdiff.data.datasets import DATASETS, DataConfig, ImageDataset, build_dataset, gmm_image_mixture
+from simdiff.data.errors import DataError, ImageLoadError
+from simdiff.data.folder import IMAGE_EXTENSIONS, decode_image, load_folder, scan_images
+from simdiff.data.sources import read_idx
+from simdiff.data.transforms import convert_channels, random_hflip, resize_images, uint8_to_float
+
+__all__ = [
+    "DATASETS",
+    "DataConfig",
+    "ImageDataset",
+    "build_dataset",
+    "gmm_image_mixture",
+    "DataError",
+    "ImageLoadError",
+    "IMAGE_EXTENSIONS",
+    "decode_image",
+    "load_folder",
+    "scan_images",
+    "read_idx",
+    "convert_channels",
+    "random_hflip",
+    "resize_images",
+    "uint8_to_float",
+]
