@@ -1,0 +1,165 @@
+import math
+
+import pytest
+import torch
+
+from simdiff.guidance import classifier_free_guidance, guide, interval_from_sigma
+from simdiff.process import to_output
+from simdiff.toy import GaussianMixture
+
+F64 = torch.float64
+NC = 3  # number of classes; label NC is the null (unconditional) label
+GM = GaussianMixture.random(4, 6, num_classes=NC, std=0.3)
+
+
+class Counting:
+    """Exact class-conditional mixture denoiser (label NC = unconditional) that records each call's batch size."""
+
+    def __init__(self):
+        self.sizes = []
+        self.conds = []
+
+    def __call__(self, z, logsnr, labels, **cond):
+        self.sizes.append(z.shape[0])
+        self.conds.append(dict(labels=labels, **cond))
+        null = (labels == NC).reshape(-1, 1, 1, 1)
+        xc = GM.posterior_mean(z, logsnr, labels=labels.clamp(max=NC - 1))
+        xu = GM.posterior_mean(z, logsnr)
+        return to_output("x", torch.where(null, xu, xc), z=z, logsnr=logsnr)
+
+
+def _batch(b=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(b, 1, 2, 2, generator=g, dtype=F64)
+    labels = torch.arange(b) % NC
+    return z, labels
+
+
+def _expected(z, lam, labels, w):
+    xc = GM.posterior_mean(z, lam, labels=labels)
+    xu = GM.posterior_mean(z, lam)
+    return to_output("x", (1 + w) * xc - w * xu, z=z, logsnr=lam), to_output("x", xc, z=z, logsnr=lam)
+
+
+def _close(a, b):
+    for k in ("x", "eps", "v"):
+        torch.testing.assert_close(a.get(k), b.get(k), rtol=1e-9, atol=1e-9)
+
+
+def test_guided_matches_exact_linear_combination_in_one_2b_call():
+    z, labels = _batch()
+    lam = torch.linspace(-3, 3, 6, dtype=F64)
+    net = Counting()
+    out = classifier_free_guidance(net, weight=2.5, null_cond={"labels": NC})(z, lam, labels=labels)
+    exp, _ = _expected(z, lam, labels, 2.5)
+    _close(out, exp)  # all three views consistent with the guided x
+    assert net.sizes == [12]
+    assert torch.equal(net.conds[0]["labels"], torch.cat([labels, torch.full_like(labels, NC)]))
+
+
+def test_weight_zero_is_conditional_single_call():
+    z, labels = _batch()
+    lam = torch.full((6,), 0.5, dtype=F64)
+    net = Counting()
+    out = classifier_free_guidance(net, weight=0.0, null_cond={"labels": NC})(z, lam, labels=labels)
+    _close(out, _expected(z, lam, labels, 0.0)[1])
+    assert net.sizes == [6]
+
+
+def test_interval_inside_outside_and_mixed():
+    z, labels = _batch()
+    w, interval = 1.5, (-1.0, 1.0)
+    # all inside (closed ends): one call of 2B
+    net = Counting()
+    lam = torch.tensor([-1.0, -0.5, 0.0, 0.2, 0.9, 1.0], dtype=F64)
+    out = classifier_free_guidance(net, weight=w, null_cond={"labels": NC}, interval=interval)(z, lam, labels=labels)
+    assert net.sizes == [12]
+    _close(out, _expected(z, lam, labels, w)[0])
+    # all outside: one conditional call of B
+    net = Counting()
+    lam = torch.tensor([-4.0, -2.0, -1.01, 1.01, 3.0, 8.0], dtype=F64)
+    out = classifier_free_guidance(net, weight=w, null_cond={"labels": NC}, interval=interval)(z, lam, labels=labels)
+    assert net.sizes == [6]
+    _close(out, _expected(z, lam, labels, w)[1])
+    # mixed: one call of B + n_inside; guided inside, conditional outside
+    net = Counting()
+    lam = torch.tensor([-4.0, 0.3, 2.0, -0.7, 0.0, 5.0], dtype=F64)
+    out = classifier_free_guidance(net, weight=w, null_cond={"labels": NC}, interval=interval)(z, lam, labels=labels)
+    assert net.sizes == [9]
+    assert torch.equal(net.conds[0]["labels"][6:], torch.full((3,), NC))
+    guided, cond = _expected(z, lam, labels, w)
+    inside = torch.tensor([False, True, False, True, True, False])
+    for k in ("x", "eps", "v"):
+        torch.testing.assert_close(out.get(k)[inside], guided.get(k)[inside], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(out.get(k)[~inside], cond.get(k)[~inside], rtol=1e-9, atol=1e-9)
+
+
+def test_scalar_logsnr_and_gradients():
+    z, labels = _batch(4)
+    z.requires_grad_(True)
+    net = Counting()
+    guided = classifier_free_guidance(net, weight=1.0, null_cond={"labels": NC}, interval=(-2.0, 2.0))
+    out = guided(z, torch.tensor(0.5, dtype=F64), labels=labels)
+    assert net.sizes == [8]
+    torch.testing.assert_close(guided(z, 0.5, labels=labels).x, out.x)
+    _close(out, _expected(z.detach(), torch.full((4,), 0.5, dtype=F64), labels, 1.0)[0])
+    out.x.sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+def test_rescale():
+    z, labels = _batch(5, seed=3)
+    lam = torch.linspace(-2, 2, 5, dtype=F64)
+    w = 3.0
+    guided, cond = _expected(z, lam, labels, w)
+    plain = classifier_free_guidance(Counting(), weight=w, null_cond={"labels": NC}, rescale=0.0)(z, lam, labels=labels)
+    _close(plain, guided)
+    full = classifier_free_guidance(Counting(), weight=w, null_cond={"labels": NC}, rescale=1.0)(z, lam, labels=labels)
+    torch.testing.assert_close(full.x.std(dim=(1, 2, 3)), cond.x.std(dim=(1, 2, 3)), rtol=1e-10, atol=0)
+    _close(full, to_output("x", full.x, z=z, logsnr=lam))
+    half = classifier_free_guidance(Counting(), weight=w, null_cond={"labels": NC}, rescale=0.5)(z, lam, labels=labels)
+    ratio = (cond.x.std(dim=(1, 2, 3)) / guided.x.std(dim=(1, 2, 3))).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(half.x, 0.5 * guided.x * ratio + 0.5 * guided.x, rtol=1e-10, atol=1e-12)
+    # guide() directly: rescale=0 combines views linearly (same as rebuilding from x)
+    g0 = guide(cond, guided, weight=0.7, z=z, logsnr=lam)
+    _close(g0, to_output("x", g0.x, z=z, logsnr=lam))
+
+
+def test_null_cond_merges_keys():
+    b, length, c = 3, 2, 4
+    z, labels = _batch(b)
+    ctx = torch.ones(b, length, c, dtype=F64)
+    mask = torch.ones(b, length, dtype=torch.bool)
+    net = Counting()
+    guided = classifier_free_guidance(net, weight=1.0, null_cond={"context": torch.zeros(1, length, c)})
+    guided(z, torch.zeros(b, dtype=F64), labels=labels, context=ctx, context_mask=mask, flag=None)
+    seen = net.conds[0]
+    assert seen["context"].shape == (2 * b, length, c) and seen["context"].dtype == F64
+    assert (seen["context"][:b] == 1).all() and (seen["context"][b:] == 0).all()
+    assert torch.equal(seen["labels"], torch.cat([labels, labels])) and seen["context_mask"].shape == (2 * b, length)
+    assert seen["flag"] is None
+
+
+def test_errors():
+    z, labels = _batch(3)
+    lam = torch.zeros(3, dtype=F64)
+    with pytest.raises(ValueError, match=r"null_cond has \['context'\] but the call's conditioning has \['labels'\]"):
+        classifier_free_guidance(Counting(), weight=1.0, null_cond={"context": 0.0})(z, lam, labels=labels)
+    with pytest.raises(ValueError, match="lo <= hi"):
+        classifier_free_guidance(Counting(), weight=1.0, null_cond={"labels": NC}, interval=(1.0, -1.0))
+    with pytest.raises(ValueError, match=r"logsnr must be \[B\] or scalar, got \(2,\) for z \(3, 1, 2, 2\)"):
+        classifier_free_guidance(Counting(), weight=1.0, null_cond={"labels": NC})(z, lam[:2], labels=labels)
+    with pytest.raises(ValueError, match=r"null_cond\['labels'\] of shape \(2,\) does not broadcast"):
+        classifier_free_guidance(Counting(), weight=1.0, null_cond={"labels": torch.tensor([3, 3])})(
+            z, lam, labels=labels
+        )
+    with pytest.raises(ValueError, match="rescale must be in"):
+        classifier_free_guidance(Counting(), weight=1.0, null_cond={"labels": NC}, rescale=2.0)
+
+
+def test_interval_from_sigma():
+    lo, hi = interval_from_sigma(0.28, 1.61)
+    assert lo == pytest.approx(-2 * math.log(1.61)) and hi == pytest.approx(-2 * math.log(0.28))
+    assert lo < hi
+    with pytest.raises(ValueError, match="sigma_lo < sigma_hi"):
+        interval_from_sigma(2.0, 1.0)
