@@ -1,0 +1,117 @@
+"""A resumable, deterministic, rank-sharded batch iterator over an in-memory data set.
+
+Epoch ``e`` uses the permutation ``randperm(N)`` drawn from a generator seeded by ``(seed, e)``; the epoch is
+cut into ``N // batch_size`` global batches (drop_last) and global batch ``b`` is split into ``world_size``
+contiguous shards, rank ``r`` taking shard ``r``. The whole state is ``(epoch, position)``, so resuming from
+``state_dict()`` replays exactly the same batches, and concatenating the rank shards gives the single-process
+batch. A per-batch ``transform(batch, generator)`` gets a generator seeded by ``(seed, epoch, position, rank)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+__all__ = ["BatchIterator", "mix_seed"]
+
+Batch = dict[str, torch.Tensor]
+
+
+def mix_seed(*parts: int | str) -> int:
+    """A 63-bit seed that is a deterministic hash of ``parts`` (stable across processes and platforms)."""
+    digest = hashlib.blake2b("/".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class BatchIterator:
+    """Infinite iterator of per-rank batches (dicts of tensors).
+
+    Args:
+        data: a ``dict[str, Tensor]`` with equal first dimensions, or an object with ``__len__`` and
+            ``__getitem__(LongTensor idx) -> dict[str, Tensor]`` (e.g. ``simdiff.data.ImageDataset``).
+        batch_size: the *global* batch size; each rank gets ``batch_size // world_size`` examples.
+        seed: seeds the per-epoch permutations and the transform generators.
+        rank, world_size: this process's shard (defaults: single process).
+        transform: optional ``transform(batch, generator) -> batch`` applied to each per-rank batch.
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        transform: Callable[[Batch, torch.Generator], Batch] | None = None,
+    ):
+        self.data = data
+        self.num_examples = self._length(data)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if batch_size < 1 or batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} must be a positive multiple of world_size {world_size}")
+        if self.num_examples < batch_size:
+            raise ValueError(f"data set has {self.num_examples} examples, fewer than one batch of {batch_size}")
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.local_batch_size = batch_size // world_size
+        self.batches_per_epoch = self.num_examples // batch_size
+        self.transform = transform
+        self.epoch, self.position = 0, 0
+        self._perm: torch.Tensor | None = None
+        self._perm_epoch = -1
+
+    @staticmethod
+    def _length(data: Any) -> int:
+        if isinstance(data, dict):
+            sizes = {k: v.shape[0] for k, v in data.items()}
+            if not sizes or len(set(sizes.values())) != 1:
+                raise ValueError(f"data dict needs tensors with one common first dimension, got {sizes}")
+            return next(iter(sizes.values()))
+        return len(data)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The example order of ``epoch`` (LongTensor [N]), a pure function of ``(seed, epoch)``."""
+        if self._perm_epoch != epoch:
+            g = torch.Generator().manual_seed(mix_seed("perm", self.seed, epoch))
+            self._perm, self._perm_epoch = torch.randperm(self.num_examples, generator=g), epoch
+        return self._perm
+
+    def indices(self, epoch: int, position: int) -> torch.Tensor:
+        """This rank's example indices (LongTensor [local_batch_size]) for batch ``position`` of ``epoch``."""
+        start = position * self.batch_size + self.rank * self.local_batch_size
+        return self.permutation(epoch)[start : start + self.local_batch_size]
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        idx = self.indices(self.epoch, self.position)
+        if isinstance(self.data, dict):
+            batch = {k: v[idx] for k, v in self.data.items()}
+        else:
+            batch = self.data[idx]
+        if self.transform is not None:
+            g = torch.Generator().manual_seed(mix_seed("transform", self.seed, self.epoch, self.position, self.rank))
+            batch = self.transform(batch, g)
+        self.position += 1
+        if self.position == self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "position"}``: the next batch to be produced."""
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a :meth:`state_dict`; a position outside the epoch is a one-line ValueError."""
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position < self.batches_per_epoch:
+            raise ValueError(
+                f"BatchIterator state epoch={epoch}, position={position} is out of range "
+                f"({self.batches_per_epoch} batches per epoch)"
+            )
+        self.epoch, self.position = epoch, position

@@ -1,0 +1,317 @@
+"""Atomic checkpoints in safetensors + JSON (never pickle), latest-complete lookup, inference export.
+
+Layout: ``run_dir/checkpoints/step_000123/`` holding
+
+* ``model.safetensors``      model state dict (the unwrapped module);
+* ``ema.safetensors``        EMA shadow (float32), absent when the EMA is disabled;
+* ``optimizer.safetensors``  the optimizer's tensors, flattened as ``state.<param index>.<key>``;
+* ``rng.safetensors``        torch CPU / CUDA RNG states as uint8 tensors;
+* ``state.json``             written last: step, images seen, configs, optimizer structure and scalars,
+                             python/numpy RNG states, data-iterator state, non-finite counts, library version,
+                             and the byte size of every other file (a cheap completeness check).
+
+Writing: everything goes into ``checkpoints/.tmp-step_000123-<pid>/``, each file is fsynced, then the
+directory is renamed into place with ``os.replace`` (atomic on POSIX) and the parent fsynced. A killed
+writer leaves only a ``.tmp-*`` directory, which :func:`load_latest` ignores (and the next save deletes).
+Any damaged checkpoint raises :class:`CheckpointError` with a one-line ``<path>: <reason>`` message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+__all__ = [
+    "CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "load_latest", "list_checkpoints",
+    "flatten_optimizer_state", "unflatten_optimizer_state", "export_inference", "load_inference",
+    "library_version",
+]
+
+FORMAT = "simdiff-checkpoint-v1"
+INFERENCE_FORMAT = "simdiff-inference-v1"
+TENSOR_FILES = ("model", "ema", "optimizer", "rng")
+_DEVICE_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+class CheckpointError(RuntimeError):
+    """A missing, incomplete or corrupt checkpoint; the message is ``<path>: <reason>`` on one line."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint (all tensors on CPU)."""
+
+    path: Path
+    step: int
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None
+    optimizer: dict[str, Any] | None
+    rng: dict[str, torch.Tensor]
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def library_version() -> str:
+    """The installed simdiff version (``"unknown"`` when not installed)."""
+    try:
+        from importlib.metadata import version
+
+        return version("simdiff")
+    except Exception:  # noqa: BLE001 - any metadata failure just means unknown
+        return "unknown"
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # clone: safetensors refuses tensors that share storage (tied weights, views of one buffer)
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def flatten_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors (``state.<idx>.<key>``) and JSON-safe structure."""
+    tensors, scalars = {}, {}
+    for idx, entry in sd["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    for g in groups:
+        for k, v in g.items():
+            if torch.is_tensor(v):  # e.g. a tensor lr
+                g[k] = v.item()
+    return _cpu(tensors), {"param_groups": groups, "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer_state` (tuples such as ``betas`` are restored)."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = t
+    for name, v in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = v
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def merge_param_groups(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """Keep the current optimizer's device flags (fused/foreach/...) so a CUDA checkpoint loads on CPU."""
+    groups = []
+    for g_saved, g_now in zip(saved["param_groups"], current["param_groups"]):
+        g = dict(g_saved)
+        for k in _DEVICE_FLAGS:
+            if k in g_now:
+                g[k] = g_now[k]
+        groups.append(g)
+    return {"state": saved["state"], "param_groups": groups}
+
+
+def _assert_finite(name: str, tensors: dict[str, torch.Tensor]) -> None:
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{name}: tensor {k!r} holds NaN/inf; refusing to write a non-finite checkpoint")
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint directories ``run_dir/checkpoints/step_*`` sorted by step (temp dirs excluded)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit():
+            found.append((int(p.name[5:]), p))
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    model: dict[str, torch.Tensor],
+    optimizer: dict[str, Any] | None = None,
+    ema: dict[str, torch.Tensor] | None = None,
+    rng: dict[str, torch.Tensor] | None = None,
+    state: dict[str, Any] | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Atomically write checkpoint ``step``; return its directory. Non-finite tensors -> CheckpointError.
+
+    Args:
+        model / ema: state dicts; optimizer: ``optimizer.state_dict()``; rng: named uint8 RNG-state tensors;
+        state: extra JSON-safe fields for ``state.json``; keep_last: delete all but the newest N checkpoints.
+    """
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:06d}"
+    final = root / name
+    tensors = {"model": _cpu(model), "ema": _cpu(ema) if ema is not None else None, "rng": _cpu(rng or {})}
+    opt_meta = None
+    if optimizer is not None:
+        tensors["optimizer"], opt_meta = flatten_optimizer_state(optimizer)
+    for key in ("model", "ema", "optimizer"):
+        if tensors.get(key) is not None:
+            _assert_finite(str(final / f"{key}.safetensors"), tensors[key])
+    for stale in root.glob(".tmp-*"):  # left by a killed writer
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        sizes = {}
+        for key, tdict in tensors.items():
+            if tdict is None:
+                continue
+            data = st_save(tdict, metadata={"format": FORMAT})
+            _write_bytes(tmp / f"{key}.safetensors", data)
+            sizes[f"{key}.safetensors"] = len(data)
+        doc = {"format": FORMAT, "version": library_version(), "step": step, **(state or {})}
+        doc["optimizer_meta"], doc["files"] = opt_meta, sizes
+        _write_bytes(tmp / "state.json", json.dumps(doc, indent=1, allow_nan=False).encode())
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step: move the old one aside first (os.replace needs an empty target)
+            old = root / f".tmp-old-{name}-{os.getpid()}"
+            os.replace(final, old)
+            shutil.rmtree(old)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last is not None:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _read_tensors(path: Path, expected_size: int | None) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing file")
+    data = path.read_bytes()
+    if expected_size is not None and len(data) != expected_size:
+        raise CheckpointError(f"{path}: truncated or altered ({len(data)} bytes, state.json says {expected_size})")
+    try:
+        return st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load and validate one checkpoint directory (CPU tensors); any damage -> one-line CheckpointError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    sj = path / "state.json"
+    if not sj.is_file():
+        raise CheckpointError(f"{sj}: missing file (incomplete checkpoint)")
+    try:
+        doc = json.loads(sj.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{sj}: bad JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or "step" not in doc or "files" not in doc:
+        raise CheckpointError(f"{sj}: not a {FORMAT} state file")
+    files = doc["files"]
+    if "model.safetensors" not in files:
+        raise CheckpointError(f"{sj}: lists no model.safetensors")
+    loaded = {k: _read_tensors(path / f"{k}.safetensors", files[f"{k}.safetensors"])
+              for k in TENSOR_FILES if f"{k}.safetensors" in files}
+    optimizer = None
+    if "optimizer" in loaded:
+        if not isinstance(doc.get("optimizer_meta"), dict):
+            raise CheckpointError(f"{sj}: optimizer.safetensors present but optimizer_meta missing")
+        optimizer = unflatten_optimizer_state(loaded["optimizer"], doc["optimizer_meta"])
+    return Checkpoint(path=path, step=int(doc["step"]), model=loaded["model"], ema=loaded.get("ema"),
+                      optimizer=optimizer, rng=loaded.get("rng", {}), state=doc)
+
+
+def load_latest(run_dir: str | Path, *, fallback: bool = False) -> Checkpoint | None:
+    """The newest checkpoint in ``run_dir`` (None if there is none).
+
+    Temp directories of interrupted writes are never considered. If the newest checkpoint is damaged this
+    raises :class:`CheckpointError`, unless ``fallback=True``: then it warns and tries the next older one
+    (raising only if none is loadable).
+    """
+    import warnings
+
+    candidates = list_checkpoints(run_dir)
+    errors = []
+    for path in reversed(candidates):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as e:
+            if not fallback:
+                raise
+            warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
+            errors.append(str(e))
+    if errors:
+        raise CheckpointError(f"{Path(run_dir) / 'checkpoints'}: no loadable checkpoint ({errors[0]})")
+    return None
+
+
+def export_inference(src: str | Path, out_path: str | Path) -> Path:
+    """Write the EMA weights (model weights if no EMA) of a run dir's latest checkpoint, or of one checkpoint
+    directory, to one ``.safetensors`` file; the config JSON goes in its metadata under ``"config"``."""
+    src = Path(src)
+    ckpt = load_checkpoint(src) if (src / "state.json").exists() else load_latest(src)
+    if ckpt is None:
+        raise CheckpointError(f"{src}: no checkpoint to export")
+    weights = ckpt.ema if ckpt.ema is not None else ckpt.model
+    meta = {
+        "format": INFERENCE_FORMAT,
+        "config": json.dumps(ckpt.state.get("config") or {}),
+        "step": str(ckpt.step),
+        "weights": "ema" if ckpt.ema is not None else "model",
+        "version": library_version(),
+    }
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    _write_bytes(tmp, st_save(_cpu(weights), metadata=meta))
+    os.replace(tmp, out)
+    return out
+
+
+def load_inference(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read an :func:`export_inference` file -> ``(state_dict, config_dict)``; damage -> CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing file")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
+    if meta.get("format") != INFERENCE_FORMAT:
+        raise CheckpointError(f"{path}: not a {INFERENCE_FORMAT} file (metadata format={meta.get('format')!r})")
+    try:
+        config = json.loads(meta.get("config", "{}"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: bad config JSON in metadata ({e})") from None
+    return state, config

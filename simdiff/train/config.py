@@ -1,0 +1,140 @@
+"""Training configuration (frozen dataclasses) and the pure schedule functions the trainer uses.
+
+Everything here is a pure function of the step (and the config), so a resumed run recomputes the same
+learning rate and EMA decay without saving them.
+
+* Learning rate: linear warm-up over ``warmup_steps`` then ``decay`` in {none, cosine, linear, rsqrt}.
+* EMA: a half-life counted in *images*, as in EDM2 (Karras et al. 2024, "Analyzing and Improving the Training
+  Dynamics of Diffusion Models", Sec. 3 / App. C): ``beta = 0.5 ** (batch_size / half_life_images)``, so the
+  weight of an image seen ``h`` images ago is halved every ``half_life_images``. Optional EDM (Karras et al. 2022,
+  ``training_loop.py``) ramp-up: ``half_life = min(half_life, images_seen * ema_rampup_ratio)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from simdiff.configuration import ConfigError
+
+__all__ = ["OptimConfig", "TrainConfig", "lr_at", "ema_decay", "validate_train_config"]
+
+Decay = Literal["none", "cosine", "linear", "rsqrt"]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW hyper-parameters and the learning-rate schedule.
+
+    ``grad_clip``: max global L2 norm of the gradient (<= 0 disables clipping; the norm is still logged).
+    ``min_lr_ratio``: floor of the cosine / linear decay as a fraction of ``lr`` (unused by rsqrt and none).
+    """
+
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    decay: Decay = "none"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What the trainer needs; nothing here knows about diffusion.
+
+    ``batch_size`` is the *global* batch (summed over ranks and accumulation micro-batches).
+    ``ema_half_life_images``: EMA half-life in images (0 disables the EMA). ``ema_rampup_ratio``: if set, the
+    half-life is ``min(ema_half_life_images, images_seen * ema_rampup_ratio)`` (EDM ramp-up).
+    ``checkpoint_every`` / ``log_every`` / ``sample_every``: in optimizer steps; 0 = never (a final checkpoint is
+    always written). ``max_nonfinite``: abort after this many *consecutive* skipped (non-finite) updates.
+    ``bf16``: autocast the forward in bfloat16 (CPU or CUDA). ``compile``: ``torch.compile`` the model forward
+    (CUDA only; refused on CPU). ``device``: "auto" (cuda:LOCAL_RANK if available, else cpu), "cpu", "cuda", ...
+    ``num_workers``: reserved (the in-memory :class:`BatchIterator` needs no worker processes).
+    """
+
+    steps: int = 1000
+    batch_size: int = 64
+    grad_accum: int = 1
+    seed: int = 0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema_half_life_images: float = 50_000.0
+    ema_rampup_ratio: float | None = None
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+    sample_every: int = 0
+    bf16: bool = False
+    compile: bool = False
+    max_nonfinite: int = 20
+    device: str = "auto"
+    num_workers: int = 0
+    progress: bool = True
+
+
+def validate_train_config(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Raise :class:`ConfigError` (one line) if ``cfg`` cannot run with ``world_size`` processes."""
+    checks = [
+        (cfg.steps >= 0, f"steps must be >= 0, got {cfg.steps}"),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.grad_accum >= 1, f"grad_accum must be >= 1, got {cfg.grad_accum}"),
+        (
+            cfg.batch_size % (world_size * cfg.grad_accum) == 0,
+            f"batch_size {cfg.batch_size} is not divisible by world_size {world_size} x grad_accum {cfg.grad_accum}",
+        ),
+        (cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}"),
+        (cfg.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}"),
+        (0.0 <= cfg.optim.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}"),
+        (cfg.optim.decay in ("none", "cosine", "linear", "rsqrt"),
+         f"unknown optim.decay {cfg.optim.decay!r}; valid: cosine, linear, none, rsqrt"),
+        (cfg.ema_half_life_images >= 0, f"ema_half_life_images must be >= 0, got {cfg.ema_half_life_images}"),
+        (cfg.keep_last >= 1, f"keep_last must be >= 1, got {cfg.keep_last}"),
+        (cfg.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {cfg.max_nonfinite}"),
+        (min(cfg.checkpoint_every, cfg.log_every, cfg.sample_every) >= 0, "checkpoint/log/sample_every must be >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Learning rate for the update with 0-based index ``step``.
+
+    warm-up: ``lr * min(1, (step + 1) / warmup_steps)``; then with ``p = (step - warmup) / (total - warmup)``
+    clamped to [0, 1] and ``m = min_lr_ratio``: cosine ``m + (1 - m)(1 + cos(pi p)) / 2``; linear
+    ``m + (1 - m)(1 - p)``; rsqrt ``sqrt(max(warmup, 1) / max(step + 1, warmup, 1))`` (no floor); none ``1``.
+    """
+    warm = min(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps > 0 else 1.0
+    m = optim.min_lr_ratio
+    span = max(total_steps - optim.warmup_steps, 1)
+    p = min(max((step - optim.warmup_steps) / span, 0.0), 1.0)
+    if optim.decay == "none":
+        factor = 1.0
+    elif optim.decay == "cosine":
+        factor = m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * p))
+    elif optim.decay == "linear":
+        factor = m + (1.0 - m) * (1.0 - p)
+    elif optim.decay == "rsqrt":
+        ref = max(optim.warmup_steps, 1)
+        factor = math.sqrt(ref / max(step + 1, ref))
+    else:
+        raise ConfigError(f"unknown optim.decay {optim.decay!r}; valid: cosine, linear, none, rsqrt")
+    return optim.lr * warm * factor
+
+
+def ema_decay(
+    batch_size: int, half_life_images: float, *, images_seen: float | None = None, rampup_ratio: float | None = None
+) -> float:
+    """Per-step EMA decay ``0.5 ** (batch_size / half_life)`` (EDM2 half-life in images); 0 if half-life is 0.
+
+    With ``rampup_ratio`` the half-life is ``min(half_life_images, images_seen * rampup_ratio)`` (EDM ramp-up),
+    so the EMA tracks the weights closely early in training.
+    """
+    half_life = float(half_life_images)
+    if rampup_ratio is not None and images_seen is not None:
+        half_life = min(half_life, images_seen * rampup_ratio)
+    if half_life <= 0:
+        return 0.0
+    return 0.5 ** (batch_size / half_life)

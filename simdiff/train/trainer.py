@@ -1,0 +1,303 @@
+"""The training loop: accumulate, clip, skip non-finite updates, EMA, checkpoint, log. Knows nothing of diffusion.
+
+Contract (ARCHITECTURE.md, contract 6): ``loss_fn(model, batch, generator) -> Tensor[B]`` returns per-example
+losses; the trainer takes their mean. Randomness is a pure function of ``(seed, rank, step)``: before step ``k``
+the global torch RNG (dropout) is seeded with ``mix_seed("global", seed, rank, k)`` and the generator handed to
+``loss_fn`` with ``mix_seed("loss", seed, rank, k, micro)``; the data order is a pure function of
+``(seed, epoch, position)``. A resumed run therefore repeats an uninterrupted one bit for bit (on the same
+device and thread count); the global python / numpy / torch RNG states are saved and restored as well, for
+user code that draws from them between steps.
+
+A step whose all-reduced loss or gradient norm is NaN/inf is skipped (no optimizer or EMA update, gradients
+dropped) and counted; ``max_nonfinite`` *consecutive* skips abort with :class:`NonFiniteError` and no
+checkpoint is written (checkpoints are also checked for finiteness before they are written).
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+import math
+import random
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from simdiff.configuration import to_dict
+from simdiff.train import checkpoint as ckpt_io
+from simdiff.train import distributed as D
+from simdiff.train.batches import BatchIterator, mix_seed
+from simdiff.train.config import TrainConfig, ema_decay, lr_at, validate_train_config
+from simdiff.train.ema import EMA
+from simdiff.train.logging import MetricsLogger, plot_loss_curve
+
+__all__ = ["Trainer", "NonFiniteError", "LossFn", "Hook"]
+
+log = pylogging.getLogger(__name__)
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Generator], torch.Tensor]
+Hook = Callable[["Trainer", int], None]
+_RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "optim", "ema_half_life_images", "ema_rampup_ratio")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite (NaN/inf) losses or gradients."""
+
+
+class Trainer:
+    """Train ``model`` on ``loss_fn`` over batches from ``data`` for ``cfg.steps`` optimizer steps.
+
+    Args:
+        model: the plain module (moved to the device; wrapped in DDP under torchrun, compiled if asked).
+        loss_fn: ``loss_fn(model, batch, generator) -> Tensor[B]`` per-example losses.
+        data: a :class:`BatchIterator` whose ``batch_size`` is ``cfg.batch_size`` and whose rank / world_size
+            match the process group.
+        cfg: the :class:`TrainConfig`. run_dir: checkpoints, metrics.csv, loss_curve.png go here.
+        config_dict: the full experiment config, saved in every checkpoint and in inference exports.
+        hooks: ``hook(trainer, step)`` called on rank 0 every ``cfg.sample_every`` steps with the EMA weights
+            swapped in, the model in eval mode, under ``torch.no_grad()`` (use ``torch.enable_grad()`` inside a
+            hook that needs gradients); hooks must not run collectives (other ranks do not call them).
+        resume: continue from the newest loadable checkpoint in ``run_dir`` if there is one.
+        strategy: distributed strategy (only "ddp" for now). find_unused_parameters: passed to DDP.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: BatchIterator, cfg: TrainConfig,
+                 run_dir: str | Path, *, config_dict: dict[str, Any] | None = None, hooks: Sequence[Hook] = (),
+                 resume: bool = True, strategy: str = "ddp", find_unused_parameters: bool = False):
+        self.dist = D.init_distributed(cfg.device)
+        self.device, self.rank, self.world_size = self.dist.device, self.dist.rank, self.dist.world_size
+        validate_train_config(cfg, self.world_size)
+        if strategy != "ddp":
+            raise ValueError(f"Trainer supports strategy 'ddp' only (EMA/checkpoints need full parameters), got "
+                             f"{strategy!r}")
+        if cfg.compile and self.device.type != "cuda":
+            raise ValueError(f"compile=True is supported on CUDA only (device is {self.device}); set compile=False")
+        got = (data.batch_size, data.rank, data.world_size)
+        if got != (cfg.batch_size, self.rank, self.world_size):
+            raise ValueError(f"BatchIterator (batch_size, rank, world_size)={got} but the trainer needs "
+                             f"{(cfg.batch_size, self.rank, self.world_size)}")
+        self.cfg, self.loss_fn, self.data, self.hooks = cfg, loss_fn, data, list(hooks)
+        self.run_dir, self.config_dict = Path(run_dir), dict(config_dict or {})
+        self.is_main, self.resume = self.rank == 0, resume
+        self.model = model.to(self.device)
+        self.model.train()
+        self.train_model = D.wrap_model(self.model, strategy, find_unused_parameters=find_unused_parameters)
+        self._ddp = self.train_model if self.train_model is not self.model else None  # for no_sync()
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        o = cfg.optim
+        fast = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                           weight_decay=o.weight_decay, **fast)
+        self.ema = EMA(self.model) if cfg.ema_half_life_images > 0 else None
+        self.generator = torch.Generator(self.device)
+        self.step = self.images_seen = self.nonfinite_total = self.nonfinite_consecutive = 0
+        self.last_checkpoint: Path | None = None
+        self._resumed = False
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    # ----------------------------------------------------------------------------------------- the loop
+    def fit(self) -> dict[str, Any]:
+        """Train to ``cfg.steps`` (resuming first if allowed); return a summary dict."""
+        cfg, start_time = self.cfg, time.perf_counter()
+        start = self._maybe_resume()
+        logger = MetricsLogger(self.run_dir, enabled=self.is_main, resume_step=start if self._resumed else None,
+                               total_steps=cfg.steps, initial_step=start, progress=cfg.progress)
+        window, t_window, last_loss = [], time.perf_counter(), math.nan
+        try:
+            while self.step < cfg.steps:
+                step = self.step
+                lr = lr_at(step, cfg.optim, cfg.steps)
+                loss = self.forward_backward(self._to_device(next(self.data)), step)
+                grad_norm, applied = self.apply_update(loss, lr)
+                self.step, self.images_seen = step + 1, self.images_seen + cfg.batch_size
+                self._count_nonfinite(applied, step, loss, grad_norm)
+                if applied:
+                    window.append(loss)
+                logger.advance()
+                if cfg.log_every and self.step % cfg.log_every == 0:
+                    now = time.perf_counter()
+                    last_loss = sum(window) / len(window) if window else math.nan
+                    logger.log(self.step, loss=last_loss, lr=lr, grad_norm=grad_norm, nonfinite=self.nonfinite_total,
+                               images_per_s=cfg.batch_size * cfg.log_every / max(now - t_window, 1e-9))
+                    window, t_window = [], now
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.run_hooks()
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save()
+            if self.last_checkpoint is None or _step_of(self.last_checkpoint) != self.step:
+                self.save()
+        finally:
+            logger.close()
+        if self.is_main:
+            plot_loss_curve(logger.path, self.run_dir / "loss_curve.png")
+        seconds = time.perf_counter() - start_time
+        return {"step": self.step, "images_seen": self.images_seen, "loss": last_loss,
+                "nonfinite_total": self.nonfinite_total, "checkpoint": str(self.last_checkpoint),
+                "resumed_from": start if self._resumed else None, "seconds": seconds}
+
+    # ------------------------------------------------------------------------------------- step parts
+    def forward_backward(self, batch: dict[str, Any], step: int) -> float:
+        """Accumulate gradients of the mean loss over ``cfg.grad_accum`` micro-batches of this rank's batch
+        (DDP averages them over ranks); return the loss averaged over the global batch (a Python float)."""
+        self._seed_step(step)
+        n = self.cfg.grad_accum
+        micro = [{k: (torch.tensor_split(v, n)[i] if torch.is_tensor(v) else v) for k, v in batch.items()}
+                 for i in range(n)]
+        total = torch.zeros((), device=self.device)
+        for i, mb in enumerate(micro):
+            self.generator.manual_seed(mix_seed("loss", self.cfg.seed, self.rank, step, i))
+            sync = self._ddp.no_sync() if (self._ddp is not None and i < n - 1) else nullcontext()
+            with sync:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                    losses = self.loss_fn(self.train_model, mb, self.generator)
+                size = next(v.shape[0] for v in mb.values() if torch.is_tensor(v))
+                if losses.shape != (size,):
+                    raise ValueError(f"loss_fn must return per-example losses of shape ({size},), "
+                                     f"got {tuple(losses.shape)}")
+                loss = losses.float().mean() / n
+                loss.backward()
+            total += loss.detach()
+        return float(D.all_reduce_mean(total))
+
+    def apply_update(self, loss: float, lr: float) -> tuple[float, bool]:
+        """Clip, then step AdamW and the EMA unless the loss or gradient norm is non-finite.
+
+        Returns ``(grad_norm before clipping, applied)``; gradients are cleared either way."""
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        applied = math.isfinite(loss) and math.isfinite(grad_norm)
+        if applied:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            if self.ema is not None:
+                decay = ema_decay(self.cfg.batch_size, self.cfg.ema_half_life_images,
+                                  images_seen=self.images_seen, rampup_ratio=self.cfg.ema_rampup_ratio)
+                self.ema.update(self.model, decay)
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, applied
+
+    def run_hooks(self) -> None:
+        """Call every hook (rank 0 only) with the EMA weights swapped in, eval mode, no grad."""
+        if not self.is_main or not self.hooks:
+            return
+        swap = self.ema.swapped(self.model) if self.ema is not None else nullcontext()
+        self.model.eval()
+        try:
+            with swap, torch.no_grad():
+                for hook in self.hooks:
+                    hook(self, self.step)
+        finally:
+            self.model.train()
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0), then synchronise all ranks."""
+        if self.is_main:
+            self.last_checkpoint = ckpt_io.save_checkpoint(
+                self.run_dir, self.step, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                ema=self.ema.state_dict() if self.ema is not None else None, rng=_rng_tensors(),
+                state=self._state_doc(), keep_last=self.cfg.keep_last)
+        else:
+            self.last_checkpoint = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
+        D.barrier()
+        return self.last_checkpoint
+
+    def _state_doc(self) -> dict[str, Any]:
+        return {"images_seen": self.images_seen, "config": self.config_dict, "train_config": to_dict(self.cfg),
+                "data": self.data.state_dict(), "world_size": self.world_size,
+                "nonfinite": {"total": self.nonfinite_total, "consecutive": self.nonfinite_consecutive},
+                "rng": {"python": _py_rng_state(), "numpy": _np_rng_state()}}
+
+    def _maybe_resume(self) -> int:
+        if self._resumed:
+            return self.step
+        if not self.resume:
+            if ckpt_io.list_checkpoints(self.run_dir):
+                raise ValueError(f"{self.run_dir} already holds checkpoints; pass resume=True or use a new run_dir")
+            return self.step
+        ck = ckpt_io.load_latest(self.run_dir, fallback=True)
+        D.barrier()
+        if ck is None:
+            return self.step
+        st = ck.state
+        saved_cfg, now_cfg = st.get("train_config", {}), to_dict(self.cfg)
+        changed = [k for k in _RESUME_MUST_MATCH if saved_cfg.get(k) != now_cfg.get(k)]
+        if changed:
+            warnings.warn(f"resuming {ck.path} with changed config keys {changed}; the run will not be "
+                          "identical to an uninterrupted one", stacklevel=2)
+        self.model.load_state_dict(ck.model)
+        if ck.optimizer is not None:
+            self.optimizer.load_state_dict(ckpt_io.merge_param_groups(ck.optimizer, self.optimizer.state_dict()))
+        if self.ema is not None and ck.ema is not None:
+            self.ema.load_state_dict(ck.ema)
+        self.data.load_state_dict(st["data"])
+        self.step, self.images_seen = ck.step, int(st["images_seen"])
+        self.nonfinite_total = int(st["nonfinite"]["total"])
+        self.nonfinite_consecutive = int(st["nonfinite"]["consecutive"])
+        _restore_rng(ck.rng, st["rng"])
+        self.last_checkpoint, self._resumed = ck.path, True
+        if self.is_main:
+            log.info("resumed from %s (step %d)", ck.path, ck.step)
+        return self.step
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _seed_step(self, step: int) -> None:
+        torch.manual_seed(mix_seed("global", self.cfg.seed, self.rank, step))
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def _count_nonfinite(self, applied: bool, step: int, loss: float, grad_norm: float) -> None:
+        if applied:
+            self.nonfinite_consecutive = 0
+            return
+        self.nonfinite_total += 1
+        self.nonfinite_consecutive += 1
+        if self.is_main:
+            log.warning("step %d: non-finite loss=%r grad_norm=%r, update skipped (%d consecutive, %d total)",
+                        step, loss, grad_norm, self.nonfinite_consecutive, self.nonfinite_total)
+        if self.nonfinite_consecutive >= self.cfg.max_nonfinite:
+            raise NonFiniteError(
+                f"aborting at step {step}: {self.nonfinite_consecutive} consecutive non-finite updates "
+                f"(loss={loss!r}, grad_norm={grad_norm!r}); last checkpoint: {self.last_checkpoint}")
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("_")[-1])
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return out
+
+
+def _py_rng_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _np_rng_state() -> list[Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> None:
+    if "torch_cpu" in tensors:
+        torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = doc["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = doc["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))

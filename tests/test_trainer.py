@@ -1,0 +1,258 @@
+"""Trainer, schedules, EMA and BatchIterator tests (CPU, tiny MLP on synthetic tensors)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from simdiff.configuration import ConfigError, from_dict
+from simdiff.train import (
+    EMA,
+    BatchIterator,
+    NonFiniteError,
+    OptimConfig,
+    TrainConfig,
+    Trainer,
+    ema_decay,
+    list_checkpoints,
+    load_latest,
+    lr_at,
+)
+from simdiff.train.logging import read_metrics
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from tiny_train import TinyNet, make_data, noisy_loss  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(steps=20, batch_size=8, seed=1, optim=OptimConfig(lr=1e-2, warmup_steps=0), ema_half_life_images=80.0,
+                checkpoint_every=0, log_every=1, progress=False, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------------ schedules
+def test_lr_schedule_values():
+    o = OptimConfig(lr=1.0, warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
+    assert lr_at(0, o, 110) == pytest.approx(0.1)
+    assert lr_at(9, o, 110) == pytest.approx(1.0)
+    assert lr_at(60, o, 110) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
+    assert lr_at(110, o, 110) == pytest.approx(0.1)
+    lin = OptimConfig(lr=2.0, warmup_steps=0, decay="linear", min_lr_ratio=0.0)
+    assert lr_at(25, lin, 100) == pytest.approx(1.5)
+    rs = OptimConfig(lr=1.0, warmup_steps=4, decay="rsqrt")
+    assert lr_at(3, rs, 100) == pytest.approx(1.0) and lr_at(15, rs, 100) == pytest.approx(0.5)
+    assert lr_at(50, OptimConfig(lr=3.0, warmup_steps=0, decay="none"), 100) == 3.0
+    with pytest.raises(ConfigError, match="decay"):
+        from_dict(TrainConfig, {"optim": {"decay": "exp"}})
+
+
+def test_ema_half_life_math():
+    # After half_life / batch steps the old weight is exactly halved.
+    d = ema_decay(64, 6400.0)
+    assert d == 0.5 ** (64 / 6400)
+    assert d ** (6400 // 64) == pytest.approx(0.5, rel=1e-12)
+    assert ema_decay(64, 0.0) == 0.0
+    assert ema_decay(64, 1000.0, images_seen=100, rampup_ratio=0.5) == 0.5 ** (64 / 50)
+
+
+def test_ema_update_swap_and_state():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    ema = EMA(m)
+    w0 = m[0].weight.detach().clone()
+    with torch.no_grad():
+        m[0].weight.add_(1.0)
+    ema.update(m, 0.75)
+    assert torch.allclose(ema.shadow["0.weight"], w0 + 0.25)
+    assert ema.shadow["0.weight"].dtype == torch.float32
+    live = m[0].weight.detach().clone()
+    with ema.swapped(m):
+        assert torch.allclose(m[0].weight, w0 + 0.25)
+    assert torch.equal(m[0].weight, live)
+    fresh = EMA(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+    fresh.load_state_dict(ema.state_dict())
+    assert torch.equal(fresh.shadow["0.weight"], ema.shadow["0.weight"])
+    with pytest.raises(ValueError, match="shape"):
+        EMA(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))).load_state_dict(ema.state_dict())
+
+
+# ------------------------------------------------------------------------------------------- BatchIterator
+def test_batch_iterator_determinism_sharding_and_resume():
+    data = {"x": torch.arange(20).float()[:, None], "i": torch.arange(20)}
+    a, b = BatchIterator(data, 6, seed=5), BatchIterator(data, 6, seed=5)
+    seq_a = [next(a)["i"] for _ in range(7)]
+    assert all(torch.equal(u, next(b)["i"]) for u in seq_a)
+    epoch0 = torch.cat(seq_a[:3])
+    assert len(set(epoch0.tolist())) == 18  # drop_last: 3 batches of 6 from 20, no repeats inside an epoch
+    assert not torch.equal(epoch0, torch.cat(seq_a[3:6]))  # new permutation per epoch
+    assert not torch.equal(torch.cat([next(BatchIterator(data, 6, seed=6))["i"]]), seq_a[0])
+    # shards: disjoint and their concatenation is the single-process batch
+    shards = [BatchIterator(data, 6, seed=5, rank=r, world_size=3) for r in range(3)]
+    for t in range(4):
+        parts = [next(s)["i"] for s in shards]
+        assert all(len(p) == 2 for p in parts)
+        assert torch.equal(torch.cat(parts), seq_a[t])
+    # state round trip
+    c = BatchIterator(data, 6, seed=5)
+    for _ in range(4):
+        next(c)
+    state = c.state_dict()
+    assert state == {"epoch": 1, "position": 1}
+    d = BatchIterator(data, 6, seed=5)
+    d.load_state_dict(state)
+    assert torch.equal(next(d)["i"], seq_a[4])
+    with pytest.raises(ValueError, match="out of range"):
+        d.load_state_dict({"epoch": 0, "position": 3})
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        BatchIterator(data, 32)
+
+
+def test_batch_iterator_transform_generator_is_deterministic():
+    data = {"x": torch.zeros(8, 2)}
+
+    def jitter(batch, g):
+        return {"x": batch["x"] + torch.randn(batch["x"].shape, generator=g)}
+
+    a = BatchIterator(data, 4, transform=jitter)
+    first = [next(a)["x"] for _ in range(3)]
+    b = BatchIterator(data, 4, transform=jitter)
+    b.load_state_dict({"epoch": 0, "position": 1})
+    assert torch.equal(next(b)["x"], first[1]) and not torch.equal(first[0], first[1])
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_overfit_loss_falls_10x(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet(dropout=0.0)
+    data = BatchIterator(make_data(n=8), 8, seed=0)
+    cfg = _cfg(steps=150, optim=OptimConfig(lr=1e-2, warmup_steps=5), log_every=10)
+    out = Trainer(model, noisy_loss, data, cfg, tmp_path).fit()
+    rows = read_metrics(tmp_path / "metrics.csv")
+    first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
+    assert last < first / 10, (first, last)
+    assert out["step"] == 150 and out["images_seen"] == 1200
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000150"]
+
+
+def test_grad_accum_matches_full_batch(tmp_path):
+    params = []
+    for accum in (1, 4):
+        torch.manual_seed(0)
+        model = TinyNet(dropout=0.0)
+        cfg = _cfg(steps=3, grad_accum=accum, ema_half_life_images=0.0)
+        Trainer(model, lambda m, b, g: (m(b["x"]) - b["y"]).pow(2).mean(1), BatchIterator(make_data(), 8), cfg,
+                tmp_path / str(accum)).fit()
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(params[0], params[1], rtol=0, atol=1e-6)
+
+
+def test_in_process_resume_is_bit_identical(tmp_path):
+    class Crash(Exception):
+        pass
+
+    def run(run_dir, crash_at=None):
+        torch.manual_seed(0)
+        calls = []
+
+        def loss_fn(m, b, g):
+            calls.append(1)
+            if len(calls) == crash_at:
+                raise Crash
+            return noisy_loss(m, b, g)
+
+        cfg = _cfg(steps=14, checkpoint_every=4, optim=OptimConfig(lr=5e-3, warmup_steps=2, decay="cosine"))
+        return Trainer(TinyNet(), loss_fn, BatchIterator(make_data(), 8, seed=2), cfg, run_dir).fit()
+
+    run(tmp_path / "full")
+    with pytest.raises(Crash):
+        run(tmp_path / "cut", crash_at=11)  # dies in step 11 (checkpoints at 4, 8; rows up to step 10 logged)
+    assert len(read_metrics(tmp_path / "cut" / "metrics.csv")) == 10
+    out = run(tmp_path / "cut")
+    assert out["resumed_from"] == 8
+    full, cut = read_metrics(tmp_path / "full" / "metrics.csv"), read_metrics(tmp_path / "cut" / "metrics.csv")
+    key = ("step", "loss", "lr", "grad_norm")
+    assert [tuple(r[k] for k in key) for r in full] == [tuple(r[k] for k in key) for r in cut]
+    a, b = load_latest(tmp_path / "full"), load_latest(tmp_path / "cut")
+    assert all(torch.equal(a.model[k], b.model[k]) and torch.equal(a.ema[k], b.ema[k]) for k in a.model)
+
+
+def test_nan_steps_are_skipped_and_params_unchanged(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet(dropout=0.0)
+    bad_steps, seen, snapshots = {3, 4, 7}, [], {}
+
+    def loss_fn(m, b, g):
+        step = len(seen)
+        seen.append(step)
+        snapshots[step] = [p.detach().clone() for p in model.parameters()]
+        loss = noisy_loss(m, b, g)
+        return loss * math.nan if step in bad_steps else loss
+
+    out = Trainer(model, loss_fn, BatchIterator(make_data(), 8), _cfg(steps=10, max_nonfinite=3), tmp_path).fit()
+    assert out["nonfinite_total"] == 3 and out["step"] == 10
+    for s in (3, 4, 7):  # the update made at step s is skipped: params entering s+1 equal those entering s
+        assert all(torch.equal(a, b) for a, b in zip(snapshots[s], snapshots[s + 1]))
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[5], snapshots[6]))
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert rows[3]["loss"] == "nan" and rows[-1]["nonfinite"] == "3"
+    assert math.isfinite(float(rows[-1]["loss"]))
+
+
+def test_too_many_nan_aborts_without_nan_checkpoint(tmp_path):
+    torch.manual_seed(0)
+
+    calls = []
+
+    def loss_fn(m, b, g):
+        calls.append(1)
+        loss = noisy_loss(m, b, g)
+        return loss + math.inf if len(calls) > 6 else loss  # steps 6, 7, 8, 9 are non-finite
+
+    cfg = _cfg(steps=30, checkpoint_every=2, max_nonfinite=4)
+    with pytest.raises(NonFiniteError, match="4 consecutive non-finite") as err:
+        Trainer(TinyNet(), loss_fn, BatchIterator(make_data(), 8), cfg, tmp_path).fit()
+    assert "\n" not in str(err.value)
+    ckpts = list_checkpoints(tmp_path)
+    assert ckpts[-1].name == "step_000008"  # skipped updates leave finite weights; nothing after the abort
+    last = load_latest(tmp_path)
+    assert all(torch.isfinite(t).all() for t in [*last.model.values(), *last.ema.values()])
+
+
+def test_hooks_get_ema_weights_on_schedule(tmp_path):
+    torch.manual_seed(0)
+    calls = []
+
+    def hook(trainer, step):
+        ema_w = trainer.ema.shadow["net.0.weight"]
+        calls.append((step, torch.equal(trainer.model.net[0].weight, ema_w), trainer.model.training))
+
+    cfg = _cfg(steps=6, sample_every=3)
+    t = Trainer(TinyNet(), noisy_loss, BatchIterator(make_data(), 8), cfg, tmp_path, hooks=[hook])
+    t.fit()
+    assert calls == [(3, True, False), (6, True, False)]
+    assert not torch.equal(t.model.net[0].weight, t.ema.shadow["net.0.weight"])  # live weights restored
+    assert t.model.training
+
+
+def test_bf16_on_cpu_runs_and_bad_config_is_refused(tmp_path):
+    torch.manual_seed(0)
+    out = Trainer(TinyNet(), noisy_loss, BatchIterator(make_data(), 8), _cfg(steps=3, bf16=True), tmp_path).fit()
+    assert math.isfinite(out["loss"])
+    with pytest.raises(ValueError, match="compile=True is supported on CUDA only"):
+        Trainer(TinyNet(), noisy_loss, BatchIterator(make_data(), 8), _cfg(compile=True), tmp_path / "c")
+    with pytest.raises(ValueError, match="batch_size, rank, world_size"):
+        Trainer(TinyNet(), noisy_loss, BatchIterator(make_data(), 16), _cfg(), tmp_path / "d")
+    with pytest.raises(ConfigError, match="not divisible"):
+        Trainer(TinyNet(), noisy_loss, BatchIterator(make_data(), 8), _cfg(grad_accum=3), tmp_path / "e")
+    with pytest.raises(ValueError, match=r"shape \(8,\), got \(\)"):
+        Trainer(TinyNet(), lambda m, b, g: noisy_loss(m, b, g).mean(), BatchIterator(make_data(), 8),
+                _cfg(steps=1), tmp_path / "f").fit()
