@@ -114,6 +114,8 @@ class Trainer:
             while self.step < cfg.steps:
                 step = self.step
                 lr = lr_at(step, cfg.optim, cfg.steps)
+                if hasattr(self.loss_fn, "set_step"):  # curricula (distillation) are pure functions of the step
+                    self.loss_fn.set_step(step)
                 loss = self.forward_backward(self._to_device(next(self.data)), step)
                 grad_norm, applied = self.apply_update(loss, lr)
                 self.step, self.images_seen = step + 1, self.images_seen + cfg.batch_size

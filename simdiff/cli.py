@@ -1,0 +1,205 @@
+"""``simdiff`` command line: parse, build a config, call the library (house rule 13).
+
+    simdiff train CONFIG [--run-dir DIR] [--set key.path=value ...] [--no-resume]
+    simdiff sample SOURCE [--sampler S --steps N --grid G --guidance W --interval LO HI --labels 0,1 --num N ...]
+    simdiff eval SOURCE [--num N --metrics mnist_fd,fid,kid,precision_recall,accuracy]
+    simdiff export SOURCE OUT.safetensors
+    simdiff demo [--minutes M]
+
+SOURCE is a run directory, a checkpoint directory, an exported ``.safetensors`` file, or ``pretrained`` (the
+class-conditional MNIST model shipped with the package). Errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from simdiff.configuration import ConfigError
+
+PRETRAINED = Path(__file__).parent / "pretrained" / "mnist_uvit.safetensors"
+
+
+def _source(value: str) -> Path:
+    return PRETRAINED if value == "pretrained" else Path(value)
+
+
+def _sample_overrides(args: argparse.Namespace, base):
+    """Apply sampling flags on top of a SampleConfig."""
+    changes = {}
+    for name in ("sampler", "steps", "grid", "guidance", "rescale", "eta", "seed", "num", "batch_size"):
+        value = getattr(args, name, None)
+        if value is not None:
+            changes[name] = value
+    if getattr(args, "interval", None) is not None:
+        changes["interval"] = tuple(args.interval)
+    return dataclasses.replace(base, **changes)
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    from simdiff.samplers import GRID_KINDS, SAMPLERS
+
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampler (default: the run's sample.sampler)")
+    p.add_argument("--steps", type=int, help="number of steps")
+    p.add_argument("--grid", choices=sorted(GRID_KINDS), help="step grid")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance weight w (0 = conditional)")
+    p.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"), help="guidance only for LO<=logSNR<=HI")
+    p.add_argument("--rescale", type=float, help="guidance rescale phi in [0, 1]")
+    p.add_argument("--eta", type=float, help="DDIM eta")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--num", type=int, help="number of images")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="images per sampling batch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from simdiff.experiment import load_config, train
+
+    cfg = load_config(args.config, args.set or [])
+    run_dir = Path(args.run_dir or Path("runs") / cfg.name)
+    summary = train(cfg, run_dir, resume=not args.no_resume)
+    print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}, indent=1))
+    return 0
+
+
+def _parse_labels(text: str | None, num: int, num_classes: int) -> torch.Tensor | None:
+    if num_classes == 0:
+        if text:
+            raise ConfigError("--labels given but the model is unconditional")
+        return None
+    if not text:
+        return torch.arange(num) % num_classes
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--labels must be comma-separated integers, got {text!r}") from None
+    bad = [v for v in values if not 0 <= v < num_classes]
+    if bad:
+        raise ConfigError(f"--labels {bad[0]} out of range; the model has classes 0..{num_classes - 1}")
+    return torch.tensor(values).repeat((num + len(values) - 1) // len(values))[:num]
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from simdiff.experiment import describe, load_model
+    from simdiff.generate import generate
+    from simdiff.images import save_grid, save_images
+
+    loaded = load_model(_source(args.source), device=args.device)
+    if args.info:
+        print(describe(loaded))
+        return 0
+    scfg = _sample_overrides(args, loaded.config.sample)
+    labels = _parse_labels(args.labels, scfg.num, loaded.num_classes)
+    start = time.perf_counter()
+    with torch.no_grad():
+        x = generate(loaded.model, loaded.schedule, loaded.image_shape, scfg, labels=labels,
+                     num_classes=loaded.num_classes, device=args.device, progress=True)
+    secs = time.perf_counter() - start
+    if args.out_dir:
+        save_images(x, args.out_dir)
+        print(f"wrote {len(x)} images to {args.out_dir}")
+    if args.out or not args.out_dir:
+        out = Path(args.out or "samples.png")
+        nrow = loaded.num_classes if loaded.num_classes and args.labels is None and scfg.num % loaded.num_classes == 0 \
+            else None
+        save_grid(x, out, nrow=nrow, scale=max(1, 64 // loaded.image_shape[-1]))
+        print(f"wrote grid of {len(x)} images to {out}")
+    print(f"{scfg.sampler}, {scfg.steps} steps: {len(x) / secs:.1f} images/s")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from simdiff.experiment import evaluate_model, load_model
+
+    loaded = load_model(_source(args.source), device=args.device)
+    scfg = _sample_overrides(args, loaded.config.sample)
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    num = args.num or 1000
+    result = evaluate_model(loaded, scfg, num=num, metrics=metrics, device=args.device)
+    result = {"sampler": scfg.sampler, "steps": scfg.steps, "grid": scfg.grid, "num": num, **result}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from simdiff.train import export_inference
+
+    out = export_inference(args.source, args.out)
+    print(f"exported EMA weights with config to {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from simdiff.demo import run_demo
+
+    run_demo(minutes=args.minutes, run_dir=Path(args.run_dir), num_eval=args.num_eval)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="simdiff", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a diffusion model from a YAML config")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("--run-dir", help="output directory (default runs/<name>)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.steps=100")
+    p.add_argument("--no-resume", action="store_true", help="start fresh even if the run dir has checkpoints")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample images from a run, checkpoint, export or 'pretrained'")
+    p.add_argument("source")
+    _add_sampling_flags(p)
+    p.add_argument("--labels", help="comma-separated class labels (cycled); default: all classes in turn")
+    p.add_argument("--out", help="grid PNG path (default samples.png)")
+    p.add_argument("--out-dir", help="also write individual PNGs here")
+    p.add_argument("--info", action="store_true", help="print what the model is and exit")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="sample and score against the data set's test split")
+    p.add_argument("source")
+    _add_sampling_flags(p)
+    p.add_argument("--metrics", default="mnist_fd,fid,accuracy",
+                   help="comma-separated: mnist_fd, fid, kid, precision_recall, accuracy")
+    p.add_argument("--json", help="also write the scores to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write EMA weights + config to one .safetensors file")
+    p.add_argument("source", help="run directory or checkpoint directory")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="train a small MNIST model for a few minutes, sample a grid, print its score")
+    p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--num-eval", type=int, default=1000)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from simdiff.data import DataError
+    from simdiff.train import CheckpointError, NonFiniteError
+
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, DataError, NonFiniteError, ValueError, FileNotFoundError) as e:
+        print(f"simdiff: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("simdiff: interrupted (the last checkpoint is intact; rerun the same command to resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
