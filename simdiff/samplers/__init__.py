@@ -1,0 +1,68 @@
+"""Samplers over a denoiser callable, step grids, a reference ODE solver and tuned grids.
+
+All samplers share one signature (k-diffusion style, stateless):
+
+    sample_x(denoise, z, logsnrs, *, generator=None, callback=None, cond=None, **options) -> Tensor
+
+``logsnrs`` is a strictly increasing float64 grid (``make_grid``), last entry +inf = land on data. See
+``_common.py`` for the grid rules and ``nfe`` for network calls per run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from simdiff.configuration import get_registered
+from simdiff.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_3m
+from simdiff.samplers.first_order import sample_ddim, sample_ddpm
+from simdiff.samplers.grids import GRID_KINDS, make_grid
+from simdiff.samplers.ode import sample_euler, sample_heun, solve_reference
+from simdiff.samplers.stochastic import sample_dpmpp_2m_sde
+from simdiff.samplers.tuned import optimize_grid
+from simdiff.samplers.unipc import sample_unipc
+
+__all__ = [
+    "SAMPLERS",
+    "STOCHASTIC",
+    "GRID_KINDS",
+    "get_sampler",
+    "nfe",
+    "make_grid",
+    "solve_reference",
+    "optimize_grid",
+    "sample_ddpm",
+    "sample_ddim",
+    "sample_euler",
+    "sample_heun",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_3m",
+    "sample_unipc",
+    "sample_dpmpp_2m_sde",
+]
+
+SAMPLERS: dict[str, Callable] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_3m": sample_dpmpp_3m,
+    "unipc": sample_unipc,
+    "sde": sample_dpmpp_2m_sde,
+}
+
+STOCHASTIC: frozenset[str] = frozenset({"ddpm", "sde"})  # ("ddim" only with eta > 0)
+
+
+def get_sampler(name: str) -> Callable:
+    """The sampler registered as ``name``; unknown names raise a ValueError listing the valid ones."""
+    return get_registered(SAMPLERS, name, "sampler")
+
+
+def nfe(name: str, steps: int) -> int:
+    """Network evaluations for ``steps`` steps on a grid ending at +inf (``make_grid``): ``steps`` for every
+    sampler except Heun, ``2 steps - 1`` (its last step to +inf is an Euler step)."""
+    get_sampler(name)
+    if steps < 1:
+        raise ValueError(f"nfe: steps must be >= 1, got {steps}")
+    return 2 * steps - 1 if name == "heun" else steps

@@ -1,0 +1,112 @@
+"""First-order samplers: ancestral DDPM and DDIM with stochasticity ``eta``.
+
+DDPM: Ho et al. 2020, Alg. 2, written as the posterior q(z_s | z_t, x = x_hat) of Kingma et al. 2021 (VDM) eq. 26
+(``simdiff.process.ddpm_step``). DDIM: Song et al. 2021 eq. 12 / 16 in log-SNR form; with ``r = SNR_t / SNR_s``
+the added noise has variance ``eta^2 (1 - r) sigma_s^2`` (eq. 16's sigma_t(eta)) and the rest of ``sigma_s^2``
+goes to the predicted-eps direction, so ``eta = 1`` is exactly the small-variance ancestral step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from simdiff.process import alpha_sigma, ddpm_step, sigma_ratio
+from simdiff.samplers._common import Callback, Net, emit, prepare_grid, to_state
+
+__all__ = ["sample_ddpm", "sample_ddim", "ddim_coefficients"]
+
+
+def ddim_coefficients(lam: Tensor, eta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-step ``(c_z, c_x, c_noise)`` with ``z_s = c_z z_t + c_x x_hat + c_noise * noise`` (each ``[M]``).
+
+    ``lam``: finite log-SNRs ``[M + 1]``. Song et al. 2021 eq. 12: ``z_s = alpha_s x + sqrt(sigma_s^2 - c^2) eps_hat
+    + c noise`` with ``c^2 = eta^2 (1 - r) sigma_s^2``, ``r = exp(logsnr_t - logsnr_s)``.
+    """
+    ls, lt = lam[1:], lam[:-1]
+    a_s, s_s = alpha_sigma(ls)
+    a_t, _ = alpha_sigma(lt)
+    one_minus_r = -torch.expm1(lt - ls)
+    keep = (1 - eta**2 * one_minus_r).clamp_min(0).sqrt()  # fraction of sigma_s kept on the eps direction
+    c_z = sigma_ratio(logsnr_s=ls, logsnr_t=lt) * keep
+    c_x = a_s - a_t * c_z
+    c_n = s_s * (eta**2 * one_minus_r).clamp_min(0).sqrt()
+    return c_z, c_x, c_n
+
+
+def _randn(z: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+
+
+def sample_ddim(
+    denoise: Callable,
+    z: Tensor,
+    logsnrs: Tensor,
+    *,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    cond: dict | None = None,
+) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12; eta as in eq. 16). One network call per step.
+
+    Args:
+        denoise: ``denoise(z, logsnr[B], **cond) -> DenoiserOutput``.
+        z: ``[B, ...]`` state at ``logsnrs[0]`` (initial noise when sampling, data when inverting).
+        logsnrs: ``[N + 1]`` strictly increasing (sampling; last may be +inf, which returns x_hat) or, with
+            ``eta = 0``, strictly decreasing (DDIM inversion, finite).
+        eta: 0 deterministic ... 1 = ancestral small-variance DDPM (same random draws as :func:`sample_ddpm`).
+        generator, callback, cond: injectable randomness, per-step ``dict(i, z, x, logsnr)``, conditioning kwargs.
+
+    Returns:
+        ``[B, ...]`` in ``z.dtype``: the state at the last grid point (x_hat when it is +inf).
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"ddim: eta must be in [0, 1], got {eta}")
+    grid = prepare_grid(logsnrs, name="ddim", allow_decreasing=eta == 0.0)
+    net = Net(denoise, z, grid, cond)
+    c_z, c_x, c_n = (to_state(c, z) for c in ddim_coefficients(grid.lam, eta))
+    for i in range(grid.steps):
+        x = net.x(z, i)
+        z = c_z[i] * z + c_x[i] * x
+        if eta > 0:
+            z = z + c_n[i] * _randn(z, generator)
+        emit(callback, i, z, x, net.lam[i + 1])
+    if grid.final_inf:
+        z = net.x(z, grid.steps)
+        emit(callback, grid.steps, z, z, torch.full_like(net.lam[0], float("inf")))
+    return z
+
+
+def sample_ddpm(
+    denoise: Callable,
+    z: Tensor,
+    logsnrs: Tensor,
+    *,
+    variance: str = "small",
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    cond: dict | None = None,
+) -> Tensor:
+    """Ancestral sampling (Ho et al. 2020, Alg. 2): ``z_s ~ q(z_s | z_t, x = x_hat)``, VDM eq. 26-27.
+
+    ``variance``: "small" (true posterior, (1 - r) sigma_s^2) or "large" ((1 - r) sigma_t^2, DDPM's beta_t). A final
+    +inf step returns x_hat without noise (as DDPM's t = 1 step). Other args as :func:`sample_ddim`.
+    """
+    if variance not in ("small", "large"):
+        raise ValueError(f"ddpm: unknown variance {variance!r}; valid: small, large")
+    grid = prepare_grid(logsnrs, name="ddpm", allow_decreasing=False)
+    net = Net(denoise, z, grid, cond)
+    for i in range(grid.steps):
+        x = net.x(z, i)
+        noise = _randn(z, generator)
+        z = ddpm_step(
+            z_t=z, x=x, logsnr_s=net.lam[i + 1], logsnr_t=net.lam[i], noise=noise, variance=variance
+        ).to(z.dtype)
+        emit(callback, i, z, x, net.lam[i + 1])
+    if grid.final_inf:
+        z = net.x(z, grid.steps)
+        emit(callback, grid.steps, z, z, torch.full_like(net.lam[0], float("inf")))
+    return z
