@@ -1,0 +1,26 @@
+"""Evaluation metrics: FID / KID / precision-recall on offline Inception features, and MNIST-classifier
+Fréchet distance and accuracy (see :mod:`simdiff.eval.features` and :mod:`simdiff.eval.mnist` for the networks).
+"""
+
+from simdiff.eval.evaluate import FEATURE_SPACES, METRICS, evaluate_samples
+from simdiff.eval.features import InceptionFeatures
+from simdiff.eval.fid import feature_stats, frechet_distance, frechet_distance_features, kid
+from simdiff.eval.mnist import MNISTFeatures
+from simdiff.eval.prdc import precision_recall
+from simdiff.eval.refstats import ReferenceStats, RefStats, default_cache_dir
+
+__all__ = [
+    "FEATURE_SPACES",
+    "METRICS",
+    "InceptionFeatures",
+    "MNISTFeatures",
+    "RefStats",
+    "ReferenceStats",
+    "default_cache_dir",
+    "evaluate_samples",
+    "feature_stats",
+    "frechet_distance",
+    "frechet_distance_features",
+    "kid",
+    "precision_recall",
+]

@@ -1,0 +1,129 @@
+"""One call to score generated samples against a reference set (FID, MNIST-FD, KID, precision/recall, accuracy).
+
+Feature extraction happens once per (image set, network); reference statistics can be cached on disk under a
+``reference_key`` (see :mod:`simdiff.eval.refstats`), so repeated evaluations only extract sample features.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+from simdiff.eval.features import InceptionFeatures, check_images
+from simdiff.eval.fid import feature_stats, frechet_distance, kid
+from simdiff.eval.mnist import MNISTFeatures
+from simdiff.eval.prdc import precision_recall
+from simdiff.eval.refstats import ReferenceStats, RefStats
+
+__all__ = ["evaluate_samples", "METRICS", "FEATURE_SPACES"]
+
+METRICS = ("mnist_fd", "fid", "kid", "precision_recall", "accuracy")
+FEATURE_SPACES = ("inception", "mnist")
+
+
+def evaluate_samples(
+    samples: Tensor,
+    reference: Tensor | None = None,
+    *,
+    metrics: tuple[str, ...] | list[str] = METRICS,
+    labels: Tensor | None = None,
+    reference_key: str | None = None,
+    batch_size: int = 50,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    feature_space: str = "inception",
+    kid_subsets: int = 10,
+    kid_subset_size: int = 1000,
+    pr_k: int = 3,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Score ``samples`` against ``reference`` images.
+
+    Args:
+        samples: ``[N, C, H, W]`` generated images in ``[-1, 1]`` (C in {1, 3}).
+        reference: ``[M, C, H', W']`` real images in ``[-1, 1]``; may be ``None`` when ``reference_key`` names
+            statistics already in the cache, or when only ``"accuracy"`` is requested.
+        metrics: subset of ``METRICS``:
+            ``"fid"`` (Inception FID), ``"mnist_fd"`` (Fréchet distance of MNIST-classifier features),
+            ``"kid"`` (-> ``kid``, ``kid_std``), ``"precision_recall"`` (-> ``precision``, ``recall``) and
+            ``"accuracy"`` (fraction of samples the MNIST classifier assigns to the requested ``labels``).
+        labels: ``[N]`` requested class of each (class-conditional) sample; needed for ``"accuracy"``.
+        reference_key: dataset key (e.g. ``"mnist-test"``) under which reference stats are cached on disk; when
+            the cache has them, ``reference`` is not re-extracted (a warning flags a different image count).
+        batch_size: images per Inception forward pass (the MNIST network uses ``max(batch_size, 500)``).
+        cache_dir: reference-stats cache directory (default ``$SIMDIFF_CACHE/refstats`` or
+            ``~/.cache/simdiff/refstats``).
+        progress: tqdm bars during feature extraction.
+        device: device for the feature networks (default cuda if available, else cpu).
+        feature_space: features used by KID and precision/recall, one of ``FEATURE_SPACES``.
+        kid_subsets, kid_subset_size: KID subset sampling. pr_k: k of the k-NN manifolds.
+        generator: RNG for the KID subsets (default seeded with 0).
+
+    Returns:
+        ``dict`` with the keys produced by the requested metrics, all ``float``.
+    """
+    metrics = tuple(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"unknown metric(s) {unknown or metrics}; valid: {', '.join(METRICS)}")
+    if feature_space not in FEATURE_SPACES:
+        raise ValueError(f"unknown feature_space {feature_space!r}; valid: {', '.join(FEATURE_SPACES)}")
+    check_images(samples, name="samples")
+    if reference is not None:
+        check_images(reference, name="reference")
+
+    extractors = {
+        "inception": InceptionFeatures(device, batch_size=batch_size, progress=progress),
+        "mnist": MNISTFeatures(device, batch_size=max(batch_size, 500), progress=progress),
+    }
+    needs_ref = {m for m in metrics if m != "accuracy"}
+    spaces = {"fid": "inception", "mnist_fd": "mnist", "kid": feature_space, "precision_recall": feature_space}
+    used = {spaces[m] for m in needs_ref}
+    with_feats = {feature_space} if needs_ref & {"kid", "precision_recall"} else set()
+    if needs_ref and reference is None and reference_key is None:
+        raise ValueError(f"metrics {sorted(needs_ref)} need `reference` images or a cached `reference_key`")
+
+    results: dict[str, float] = {}
+    if "accuracy" in metrics:
+        if labels is None:
+            raise ValueError("metric 'accuracy' needs `labels` (the requested class of each sample)")
+        results["accuracy"] = extractors["mnist"].accuracy(samples, labels)
+
+    cache = ReferenceStats(cache_dir) if reference_key is not None else None
+    fake: dict[str, Tensor] = {}
+    real: dict[str, RefStats] = {}
+    for space in sorted(used):
+        ext = extractors[space]
+        fake[space] = ext(samples)
+
+        def compute(ext=ext) -> Tensor:
+            return ext(reference)
+
+        if cache is not None:
+            real[space] = cache.get(reference_key, ext.name, compute if reference is not None else None,
+                                    need_features=space in with_feats)
+            if reference is not None and real[space].n != reference.shape[0]:
+                warnings.warn(f"cached stats for {reference_key!r} were computed from {real[space].n} images, "
+                              f"but {reference.shape[0]} reference images were passed; using the cache "
+                              "(use another reference_key or delete the file to recompute)", stacklevel=2)
+        else:
+            feats = compute()
+            mu, sigma = feature_stats(feats)
+            real[space] = RefStats(mu, sigma, feats.shape[0], ext.name, "", feats)
+
+    for metric, out_key in (("fid", "fid"), ("mnist_fd", "mnist_fd")):
+        if metric in metrics:
+            space = spaces[metric]
+            mu, sigma = feature_stats(fake[space])
+            results[out_key] = frechet_distance(mu, sigma, real[space].mu, real[space].sigma)
+    if "kid" in metrics:
+        mean, std = kid(fake[feature_space], real[feature_space].features, subsets=kid_subsets,
+                        subset_size=kid_subset_size, generator=generator)
+        results["kid"], results["kid_std"] = mean, std
+    if "precision_recall" in metrics:
+        results.update(precision_recall(real[feature_space].features, fake[feature_space], k=pr_k))
+    return results

