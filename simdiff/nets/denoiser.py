@@ -1,0 +1,110 @@
+"""Backbone + parameterisation -> denoiser, and the backbone registry / builders.
+
+A backbone maps ``(z, logsnr, labels, context, context_mask)`` to a tensor shaped like ``z`` and never knows what
+it predicts; :class:`DiffusionModel` names the prediction ("eps", "x" or "v") and returns all three views through
+:func:`simdiff.process.to_output` (the one parameterisation layer; house rule 5, EDM's preconditioner/backbone split).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..configuration import ConfigError, from_dict, get_registered
+from ..process import PARAMETERISATIONS, DenoiserOutput, to_output
+from .unet import UNet, UNetConfig
+from .uvit import ResidualUViTConfig, UViT, UViTConfig
+
+__all__ = ["BACKBONES", "DiffusionModel", "build_backbone", "build_model", "count_parameters"]
+
+#: name -> (config dataclass, backbone class taking ``(cfg, *, image_channels, image_size, num_classes)``)
+BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {
+    "unet": (UNetConfig, UNet),
+    "uvit": (UViTConfig, UViT),
+    "residual_uvit": (ResidualUViTConfig, UViT),
+}
+
+
+def build_backbone(
+    name: str, cfg: dict[str, Any] | None, *, image_channels: int, image_size: int | tuple[int, int], num_classes: int
+) -> nn.Module:
+    """Build backbone ``name`` from a plain dict of its config fields (unknown keys / names raise ConfigError)."""
+    cfg_cls, net_cls = get_registered(BACKBONES, name, "backbone")
+    config = cfg if isinstance(cfg, cfg_cls) else from_dict(cfg_cls, cfg, where=name)
+    return net_cls(config, image_channels=image_channels, image_size=image_size, num_classes=num_classes)
+
+
+class DiffusionModel(nn.Module):
+    """A denoiser ``model(z, logsnr, **cond) -> DenoiserOutput(x, eps, v)`` around a backbone.
+
+    Args:
+        backbone: module with ``backbone(z, logsnr, labels=, context=, context_mask=) -> Tensor`` like ``z``.
+        parameterisation: what the backbone output estimates: "eps", "x" or "v" (Salimans & Ho 2022).
+        autocast_dtype: run the backbone under ``torch.autocast(device_type, dtype)`` (e.g. ``torch.bfloat16``);
+            the prediction is cast back to ``z.dtype`` and the x/eps/v conversion runs in ``z``'s precision.
+    """
+
+    def __init__(self, backbone: nn.Module, parameterisation: str = "v", *, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        if parameterisation not in PARAMETERISATIONS:
+            raise ConfigError(f"unknown parameterisation {parameterisation!r}; valid: {', '.join(PARAMETERISATIONS)}")
+        self.backbone = backbone
+        self.parameterisation = parameterisation
+        self.autocast_dtype = autocast_dtype
+
+    @property
+    def num_classes(self) -> int:
+        return self.backbone.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.backbone.image_shape
+
+    def predict(self, z: Tensor, logsnr: Tensor, **cond) -> Tensor:
+        """The raw backbone output (the ``parameterisation`` view), in ``z.dtype``."""
+        if self.autocast_dtype is None:
+            return self.backbone(z, logsnr, **cond).to(z.dtype)
+        with torch.autocast(device_type=z.device.type, dtype=self.autocast_dtype):
+            pred = self.backbone(z, logsnr, **cond)
+        return pred.to(z.dtype)
+
+    def forward(
+        self,
+        z: Tensor,
+        logsnr: Tensor,
+        labels: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> DenoiserOutput:
+        """``z`` ``[B, C, H, W]``, ``logsnr`` ``[B]`` or scalar -> :class:`DenoiserOutput` with fields like ``z``."""
+        pred = self.predict(z, logsnr, labels=labels, context=context, context_mask=context_mask)
+        out = to_output(self.parameterisation, pred, z=z, logsnr=torch.as_tensor(logsnr, device=z.device))
+        if out.x.dtype == z.dtype:
+            return out
+        return DenoiserOutput(x=out.x.to(z.dtype), eps=out.eps.to(z.dtype), v=out.v.to(z.dtype))
+
+
+def build_model(
+    arch: str,
+    parameterisation: str,
+    options: dict[str, Any] | None = None,
+    *,
+    image_channels: int,
+    image_size: int | tuple[int, int],
+    num_classes: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> DiffusionModel:
+    """``build_backbone(arch, options, ...)`` wrapped in a :class:`DiffusionModel` predicting ``parameterisation``."""
+    if parameterisation not in PARAMETERISATIONS:
+        raise ConfigError(f"unknown parameterisation {parameterisation!r}; valid: {', '.join(PARAMETERISATIONS)}")
+    backbone = build_backbone(
+        arch, options, image_channels=image_channels, image_size=image_size, num_classes=num_classes
+    )
+    return DiffusionModel(backbone, parameterisation, autocast_dtype=autocast_dtype)
+
+
+def count_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameter elements of ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
