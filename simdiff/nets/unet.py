@@ -133,7 +133,7 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(num_groups(cur), cur)
         self.conv_out = zero_init(nn.Conv2d(cur, image_channels, 3, padding=1))
 
-    def _apply(self, blocks: nn.ModuleList, h: Tensor, emb: Tensor, ctx, mask) -> Tensor:
+    def _run_blocks(self, blocks: nn.ModuleList, h: Tensor, emb: Tensor, ctx, mask) -> Tensor:
         for blk in blocks:
             if isinstance(blk, ResBlock):
                 h = blk(h, emb)
@@ -162,12 +162,12 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for blocks in self.down:
-            h = self._apply(blocks, h, emb, ctx, mask)
+            h = self._run_blocks(blocks, h, emb, ctx, mask)
             skips.append(h)
-        h = self._apply(self.mid, h, emb, ctx, mask)
+        h = self._run_blocks(self.mid, h, emb, ctx, mask)
         for blocks in self.up:
             if isinstance(blocks[0], ResBlock):
                 h = torch.cat([h, skips.pop()], dim=1)
-            h = self._apply(blocks, h, emb, ctx, mask)
+            h = self._run_blocks(blocks, h, emb, ctx, mask)
         out = self.conv_out(F.silu(self.norm_out(h)))
         return out[..., :h_in, :w_in] if (ph or pw) else out
