@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from simdiff.process import DenoiserOutput, ddim_step
+from simdiff.process import DenoiserOutput
+from simdiff.samplers import make_grid, sample_ddim
 from simdiff.schedules import Schedule
 from simdiff.weighting import get_weighting
 
@@ -119,15 +120,9 @@ def randint(high: Tensor | int, shape: tuple[int, ...], *, like: Tensor, generat
 
 
 def uniform_t_grid(schedule: Schedule, steps: int) -> Tensor:
-    """``[steps + 1]`` float64 increasing log-SNRs at ``t = 1, 1 - 1/steps, ..., 1/steps`` then ``+inf``.
-
-    The final ``+inf`` means "the last step lands on data" (the x-prediction at ``t = 1/steps``), the convention
-    of ``simdiff.samplers`` ``make_grid(..., kind="uniform_t")``.
-    """
-    steps = check_steps(steps, "steps")
-    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
-    lam = schedule.logsnr(t).to(torch.float64)
-    return torch.cat([lam, torch.full((1,), math.inf, dtype=torch.float64)])
+    """``[steps + 1]`` float64 increasing log-SNRs at ``t = 1, 1 - 1/steps, ..., 1/steps`` then ``+inf``
+    (``simdiff.samplers.make_grid(..., kind="uniform_t")``; the final ``+inf`` lands on data)."""
+    return make_grid(schedule, check_steps(steps, "steps"), kind="uniform_t")
 
 
 def check_grid(logsnrs: Tensor, name: str) -> Tensor:
@@ -142,38 +137,8 @@ def check_grid(logsnrs: Tensor, name: str) -> Tensor:
     return lam
 
 
-def ddim_sample(
-    denoise: Denoise,
-    z: Tensor,
-    logsnrs: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    callback: Callable[[dict], None] | None = None,
-    cond: dict | None = None,
-) -> Tensor:
-    """Deterministic DDIM (Song et al. 2021 eq. 12; MCM Algorithm 2) over an increasing log-SNR grid.
-
-    Same signature as the ``simdiff.samplers`` samplers; a final ``+inf`` returns the last x-prediction.
-    ``generator`` is accepted for the shared signature and unused (the sampler is deterministic).
-
-    Args:
-        denoise: ``denoise(z, logsnr[B], **cond) -> DenoiserOutput``.
-        z: ``[B, ...]`` noise at ``logsnrs[0]``.
-        logsnrs: ``[N + 1]`` strictly increasing log-SNRs.
-    """
-    lam = check_grid(logsnrs, "ddim_sample")
-    cond = dict(cond or {})
-    b = z.shape[0]
-    for i in range(lam.shape[0] - 1):
-        lt = lam[i].to(device=z.device, dtype=z.dtype).expand(b)
-        x = denoise(z, lt, **cond).x.to(z.dtype)
-        if math.isinf(float(lam[i + 1])):
-            z = x
-        else:
-            z = ddim_step(z_t=z, x=x, logsnr_s=lam[i + 1].to(device=z.device, dtype=z.dtype).expand(b), logsnr_t=lt)
-        if callback is not None:
-            callback({"i": i, "z": z, "x": x, "logsnr": lt})
-    return z
+#: Deterministic DDIM over an increasing log-SNR grid (the shared sampler; Song et al. 2021 eq. 12, MCM Alg. 2).
+ddim_sample = sample_ddim
 
 
 class DistillationLoss:
