@@ -1,0 +1,108 @@
+"""End to end through the CLI on the 8x8 digits: train, resume, sample, export, bad input gives one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from simdiff.cli import main
+from simdiff.experiment import load_config, load_model
+
+TINY = {
+    "name": "tiny",
+    "data": {"name": "digits", "image_size": 8},
+    "model": {"arch": "uvit", "parameterisation": "v",
+              "options": {"channels": [16], "dim": 32, "depth": 1, "num_heads": 2, "num_res_blocks": 1}},
+    "diffusion": {"schedule": {"name": "shifted_cosine", "image_size": 8, "noise_size": 32},
+                  "weighting": "sigmoid", "cond_drop_prob": 0.1},
+    "train": {"steps": 6, "batch_size": 16, "checkpoint_every": 3, "log_every": 1, "progress": False,
+              "ema_half_life_images": 100},
+    "sample": {"sampler": "dpmpp_2m", "steps": 4, "num": 10},
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("exp")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    assert main(["train", str(cfg), "--run-dir", str(root / "run")]) == 0
+    return root
+
+
+def test_train_writes_run_artifacts(run):
+    d = run / "run"
+    for name in ("config.yaml", "metrics.csv", "loss_curve.png", "samples/final.png"):
+        assert (d / name).is_file(), name
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
+    rows = (d / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 6
+
+
+def test_resume_extends_the_run(run, tmp_path):
+    cfg = run / "tiny.yaml"
+    assert main(["train", str(cfg), "--run-dir", str(run / "run"), "--set", "train.steps=8"]) == 0
+    rows = (run / "run" / "metrics.csv").read_text().strip().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, 9))
+
+
+def test_sample_export_and_reload(run, capsys):
+    out = run / "grid.png"
+    assert main(["sample", str(run / "run"), "--steps", "3", "--num", "6", "--labels", "1,2", "--out", str(out)]) == 0
+    assert out.is_file()
+    exported = run / "model.safetensors"
+    assert main(["export", str(run / "run"), str(exported)]) == 0
+    a, b = load_model(run / "run"), load_model(exported)
+    z = torch.randn(2, 1, 8, 8)
+    lam = torch.zeros(2)
+    torch.testing.assert_close(a.model(z, lam).x, b.model(z, lam).x)
+    assert b.num_classes == 10 and b.image_shape == (1, 8, 8)
+    assert main(["sample", str(exported), "--info"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["arch"] == "uvit"
+
+
+def _one_line_error(capsys, argv, pattern):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert pattern in err, err
+
+
+def test_bad_input_one_line(run, tmp_path, capsys):
+    cfg = run / "tiny.yaml"
+    _one_line_error(capsys, ["train", str(cfg), "--set", "train.stepz=3"], "unknown config key 'train.stepz'")
+    _one_line_error(capsys, ["train", str(cfg), "--set", "model.arch=vit"], "unknown backbone 'vit'")
+    _one_line_error(capsys, ["sample", str(tmp_path / "nope")], "no such run directory")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    _one_line_error(capsys, ["sample", str(bad)], "not a valid safetensors file")
+    _one_line_error(capsys, ["sample", str(run / "run"), "--labels", "12"], "out of range")
+    # a corrupt checkpoint in a copy of the run: loading falls back or names the file
+    broken = tmp_path / "broken"
+    (broken / "checkpoints" / "step_000001").mkdir(parents=True)
+    (broken / "checkpoints" / "step_000001" / "state.json").write_text("{not json")
+    _one_line_error(capsys, ["sample", str(broken)], "state.json")
+
+
+def test_corrupt_image_folder_one_line(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG garbage")
+    cfg = tmp_path / "folder.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "data": {"name": "folder", "root": str(tmp_path / "imgs"),
+                                                    "image_size": 8}}))
+    _one_line_error(capsys, ["train", str(cfg), "--run-dir", str(tmp_path / "r")], "broken.png")
+
+
+def test_shipped_configs_validate():
+    root = Path(__file__).parents[1] / "simdiff" / "configs"
+    names = sorted(p.name for p in root.glob("*.yaml"))
+    assert "mnist.yaml" in names and "demo.yaml" in names
+    for p in root.glob("*.yaml"):
+        if p.name.startswith("distill"):
+            continue
+        cfg = load_config(p)
+        assert cfg.train.steps > 0
