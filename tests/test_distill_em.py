@@ -23,17 +23,8 @@ def _batch(g: torch.Generator, n: int = 256) -> dict:
     return {"x": GM.sample(n, generator=g)[0].float()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny MLPs: intra-op threading only adds contention on the shared 2-core machine (measured 10x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
-def fitted(_one_thread) -> MLPDenoiser:
+def fitted() -> MLPDenoiser:
     """An MLP fitted to the exact mixture denoiser (the "pretrained teacher network" the generator starts from)."""
     torch.manual_seed(0)
     return fit_denoiser(MLPDenoiser(2, hidden=64, depth=2), GM.denoise, SCHED, _batch, steps=400, lr=3e-3)

@@ -22,17 +22,8 @@ def _batch(g: torch.Generator, n: int = 256) -> dict:
     return {"x": GM.sample(n, generator=g)[0].float()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny MLPs: intra-op threading only adds contention on the shared 2-core machine (measured 10x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
-def fitted(_one_thread) -> MLPDenoiser:
+def fitted() -> MLPDenoiser:
     """An MLP fitted to the exact mixture denoiser: stands in for "student/aux initialised from the teacher"."""
     torch.manual_seed(0)
     net = MLPDenoiser(2, hidden=64, depth=2)

@@ -10,15 +10,6 @@ from simdiff.samplers.tuned import error_balanced_grid
 from simdiff.schedules import get_schedule
 from simdiff.toy import GaussianMixture
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 SCHEDULES = [("cosine", {}), ("shifted_cosine", {"image_size": 256}), ("edm", {})]
 
 

@@ -232,3 +232,11 @@ def test_residual_uvit_has_no_concat_skips_and_counts_parameters():
     assert all(b.conv1.in_channels == b.conv1.out_channels for s in resid.up_blocks for b in s)
     assert count_parameters(resid) < count_parameters(plain)
     assert count_parameters(resid) == sum(p.numel() for p in resid.parameters())
+
+
+@pytest.mark.parametrize("arch", ["unet", "uvit", "residual_uvit"])
+def test_module_conversions_work(arch):
+    """``.to()`` / ``.double()`` go through nn.Module._apply: no backbone may shadow it."""
+    m = build_model(arch, "v", {}, image_channels=1, image_size=8, num_classes=0).to(torch.float64)
+    out = m(torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    assert out.x.dtype == torch.float64 and next(m.parameters()).dtype == torch.float64

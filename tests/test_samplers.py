@@ -14,14 +14,6 @@ from simdiff.toy import GaussianMixture, sliced_wasserstein
 LO, HI = -15.0, 8.0  # convergence grids: uniform in logsnr on [LO, HI], then +inf (= x_hat at HI, as the reference)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threading only adds overhead on the shared 2-core machine
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def gm():
     return GaussianMixture.random(2, 8, seed=0, std=0.4)

@@ -28,8 +28,6 @@ from simdiff.train.logging import read_metrics
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from tiny_train import TinyNet, make_data, noisy_loss  # noqa: E402
 
-torch.set_num_threads(1)
-
 
 def _cfg(**kw) -> TrainConfig:
     base = dict(steps=20, batch_size=8, seed=1, optim=OptimConfig(lr=1e-2, warmup_steps=0), ema_half_life_images=80.0,

@@ -111,3 +111,30 @@ def encode_context(
     if encoder is None:
         raise ValueError("context tokens were given but this backbone has context_dim=0 (no cross-attention)")
     return encoder(context, mask)
+
+
+class BackboneInputs(nn.Module):
+    """Shared front end of the backbones: input checks, conditioning embedding, context tokens, and zero-padding
+    to a multiple of the total downsampling factor (cropped back by :meth:`crop`).
+
+    Subclasses set ``self.cond`` (:class:`ConditionEmbedding`), ``self.context`` (:class:`ContextEncoder` or
+    ``None``), ``self.multiple`` and ``self.image_shape``.
+    """
+
+    def prepare(
+        self, z: Tensor, logsnr: Tensor, labels: Tensor | None, context: Tensor | None, context_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """-> ``(padded z, embedding [B, E], context tokens, context mask)``."""
+        if z.dim() != 4 or z.shape[1] != self.image_shape[0]:
+            raise ValueError(f"{type(self).__name__} expects [B, {self.image_shape[0]}, H, W], got {tuple(z.shape)}")
+        emb = self.cond(batch_logsnr(logsnr, z), labels)
+        ctx, mask = encode_context(self.context, context, context_mask)
+        ph, pw = (-z.shape[-2]) % self.multiple, (-z.shape[-1]) % self.multiple
+        x = F.pad(z, (0, pw, 0, ph)) if (ph or pw) else z
+        return x, emb, ctx, mask
+
+    @staticmethod
+    def crop(out: Tensor, like: Tensor) -> Tensor:
+        """Undo :meth:`prepare`'s padding: crop ``out`` to ``like``'s spatial size."""
+        h, w = like.shape[-2:]
+        return out if out.shape[-2:] == (h, w) else out[..., :h, :w]

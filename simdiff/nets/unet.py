@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .conditioning import ConditionEmbedding, ContextEncoder, batch_logsnr, encode_context
+from .conditioning import BackboneInputs, ConditionEmbedding, ContextEncoder
 from .layers import QK_NORMS, ResBlock, SpatialAttention, num_groups, zero_init
 
 __all__ = ["UNetConfig", "UNet"]
@@ -81,7 +81,7 @@ class _Up(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class UNet(nn.Module):
+class UNet(BackboneInputs):
     """``UNet(cfg, image_channels=, image_size=, num_classes=)``; ``forward(z, logsnr, labels, context, mask)``."""
 
     def __init__(self, cfg: UNetConfig, *, image_channels: int, image_size: int | tuple[int, int], num_classes: int):
@@ -152,13 +152,7 @@ class UNet(nn.Module):
         context_mask: Tensor | None = None,
     ) -> Tensor:
         """``z`` ``[B, C, H, W]``, ``logsnr`` ``[B]`` (or scalar) -> prediction ``[B, C, H, W]``."""
-        if z.dim() != 4 or z.shape[1] != self.image_shape[0]:
-            raise ValueError(f"UNet expects [B, {self.image_shape[0]}, H, W], got {tuple(z.shape)}")
-        emb = self.cond(batch_logsnr(logsnr, z), labels)
-        ctx, mask = encode_context(self.context, context, context_mask)
-        h_in, w_in = z.shape[-2:]
-        ph, pw = (-h_in) % self.multiple, (-w_in) % self.multiple
-        x = F.pad(z, (0, pw, 0, ph)) if (ph or pw) else z
+        x, emb, ctx, mask = self.prepare(z, logsnr, labels, context, context_mask)
         h = self.conv_in(x)
         skips = [h]
         for blocks in self.down:
@@ -170,4 +164,4 @@ class UNet(nn.Module):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = self._run_blocks(blocks, h, emb, ctx, mask)
         out = self.conv_out(F.silu(self.norm_out(h)))
-        return out[..., :h_in, :w_in] if (ph or pw) else out
+        return self.crop(out, z)

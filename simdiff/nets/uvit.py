@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .conditioning import ConditionEmbedding, ContextEncoder, batch_logsnr, encode_context
+from .conditioning import BackboneInputs, ConditionEmbedding, ContextEncoder
 from .layers import ResBlock, TransformerBlock, num_groups, sincos_2d, zero_init
 from .wavelets import Wavelet53
 
@@ -91,7 +91,7 @@ class ResidualUViTConfig(UViTConfig):
     residual: bool = True
 
 
-class UViT(nn.Module):
+class UViT(BackboneInputs):
     """``UViT(cfg, image_channels=, image_size=, num_classes=)``; ``forward(z, logsnr, labels, context, mask)``."""
 
     def __init__(self, cfg: UViTConfig, *, image_channels: int, image_size: int | tuple[int, int], num_classes: int):
@@ -169,13 +169,7 @@ class UViT(nn.Module):
         context_mask: Tensor | None = None,
     ) -> Tensor:
         """``z`` ``[B, C, H, W]``, ``logsnr`` ``[B]`` (or scalar) -> prediction ``[B, C, H, W]``."""
-        if z.dim() != 4 or z.shape[1] != self.image_shape[0]:
-            raise ValueError(f"UViT expects [B, {self.image_shape[0]}, H, W], got {tuple(z.shape)}")
-        emb = self.cond(batch_logsnr(logsnr, z), labels)
-        ctx, mask = encode_context(self.context, context, context_mask)
-        h_in, w_in = z.shape[-2:]
-        ph, pw = (-h_in) % self.multiple, (-w_in) % self.multiple
-        x = F.pad(z, (0, pw, 0, ph)) if (ph or pw) else z
+        x, emb, ctx, mask = self.prepare(z, logsnr, labels, context, context_mask)
         if self.wavelet is not None:
             x = self.wavelet(x)
         h = self.stem(x)
@@ -212,4 +206,4 @@ class UViT(nn.Module):
         out = self.head(F.silu(self.norm_out(h)))
         if self.wavelet is not None:
             out = self.wavelet.inverse(out)
-        return out[..., :h_in, :w_in] if (ph or pw) else out
+        return self.crop(out, z)
