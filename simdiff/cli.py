@@ -4,6 +4,7 @@
     simdiff sample SOURCE [--sampler S --steps N --grid G --guidance W --interval LO HI --labels 0,1 --num N ...]
     simdiff eval SOURCE [--num N --metrics mnist_fd,fid,kid,precision_recall,accuracy]
     simdiff export SOURCE OUT.safetensors
+    simdiff distill [CONFIG] --method NAME --teacher RUN [--steps K] [--run-dir DIR] [--set key.path=value ...]
     simdiff demo [--minutes M]
 
 SOURCE is a run directory, a checkpoint directory, an exported ``.safetensors`` file, or ``pretrained`` (the
@@ -65,6 +66,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
     summary = train(cfg, run_dir, resume=not args.no_resume)
     print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}, indent=1))
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from simdiff.distill.experiment import distill, load_distill_config
+
+    overrides = list(args.set or [])
+    for key in ("method", "steps"):
+        if getattr(args, key) is not None:
+            overrides.append(f"{key}={getattr(args, key)}")
+    cfg = load_distill_config(args.config, overrides)
+    teacher = args.teacher if args.teacher is not None else cfg.teacher
+    if teacher:
+        cfg = dataclasses.replace(cfg, teacher=str(_source(teacher)))
+    run_dir = Path(args.run_dir or Path("runs") / f"{cfg.name}_{cfg.method}")
+    summary = distill(cfg, run_dir, resume=not args.no_resume)
+    print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str, dict))}, indent=1))
     return 0
 
 
@@ -154,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.steps=100")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if the run dir has checkpoints")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="distil a trained teacher into a few-step student",
+                       description="Distil a trained simdiff diffusion model (the teacher) into a few-step student "
+                                   "with one of: progressive, guided, consistency, moment_matching, em. CONFIG is an "
+                                   "optional YAML of DistillConfig fields (see configs/distill_progressive.yaml).")
+    p.add_argument("config", nargs="?", help="optional YAML with DistillConfig fields")
+    p.add_argument("--method", help="progressive | guided | consistency | moment_matching | em")
+    p.add_argument("--teacher", help="teacher run directory, checkpoint directory or exported .safetensors")
+    p.add_argument("--steps", type=int, help="the student's sampling steps (progressive: the final count)")
+    p.add_argument("--run-dir", help="output directory (default runs/<name>_<method>)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. train.steps=100 or method_params.huber_c=0.01")
+    p.add_argument("--no-resume", action="store_true", help="start fresh even if the run dir has checkpoints")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("sample", help="sample images from a run, checkpoint, export or 'pretrained'")
     p.add_argument("source")

@@ -203,6 +203,11 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", ema: boo
     image_shape = tuple(int(v) for v in meta["image_shape"])
     num_classes = int(meta.get("num_classes", 0))
     model = build_network(cfg, image_shape=image_shape, num_classes=num_classes)
+    if meta.get("kind", "diffusion") != "diffusion":  # a distilled student: rewrap the network as recorded
+        from simdiff.distill.experiment import wrap_student
+
+        model = wrap_student(model, meta.get("student"))
+        meta = {**meta, "sampler_spec": meta.get("sampler_spec") or to_dict(cfg.sample)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(

@@ -41,6 +41,12 @@ class SampleConfig:
     batch_size: int = 256
 
 
+def _student_samplers() -> tuple[str, ...]:
+    from simdiff.distill.experiment import STUDENT_SAMPLERS
+
+    return STUDENT_SAMPLERS
+
+
 def generate(
     denoise,
     schedule: Schedule,
@@ -67,9 +73,18 @@ def generate(
         raise ValueError(f"labels must have shape ({num},), got {tuple(labels.shape)}")
     if cfg.guidance != 0.0 and num_classes == 0:
         raise ValueError("guidance needs a class-conditional model (this one has num_classes = 0)")
-    sampler = get_sampler(cfg.sampler)
+    # Distilled students: their own samplers (simdiff.distill.experiment) and, for guided students, w as an input.
+    guidance_input = bool(getattr(denoise, "guidance_input", False))
+    if cfg.sampler in _student_samplers():
+        from simdiff.distill.experiment import student_sampler
+
+        if cfg.sampler == "generator" and cfg.guidance != 0.0:
+            raise ValueError("guidance is not available for a one-step generator student (sampler 'generator')")
+        sampler = student_sampler(cfg.sampler, schedule, cfg.steps)
+    else:
+        sampler = get_sampler(cfg.sampler)
     logsnrs = make_grid(schedule, cfg.steps, kind=cfg.grid).to(device)
-    if cfg.guidance != 0.0:
+    if cfg.guidance != 0.0 and not guidance_input:
         denoise = classifier_free_guidance(
             denoise,
             weight=cfg.guidance,
@@ -91,6 +106,8 @@ def generate(
         cond = {}
         if labels is not None:
             cond["labels"] = labels[start : start + n].to(device)
+        if guidance_input:
+            cond["guidance"] = torch.full((n,), float(cfg.guidance), device=device)
         noise_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + start)
         x = sampler(denoise, z, logsnrs, generator=noise_gen, cond=cond, **extra)
         out.append(x.float().cpu())

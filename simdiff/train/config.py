@@ -21,6 +21,7 @@ from simdiff.configuration import ConfigError
 __all__ = ["OptimConfig", "TrainConfig", "lr_at", "ema_decay", "validate_train_config"]
 
 Decay = Literal["none", "cosine", "linear", "rsqrt"]
+Strategy = Literal["ddp", "fsdp"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class TrainConfig:
     ``bf16``: autocast the forward in bfloat16 (CPU or CUDA). ``compile``: ``torch.compile`` the model forward
     (CUDA only; refused on CPU). ``device``: "auto" (cuda:LOCAL_RANK if available, else cpu), "cpu", "cuda", ...
     ``num_workers``: reserved (the in-memory :class:`BatchIterator` needs no worker processes).
+    ``strategy``: multi-process strategy under torchrun: "ddp" (replicated model) or "fsdp" (FSDP2: parameters,
+    gradients, optimizer state and EMA sharded over ranks); ignored in a single process. Checkpoints are the
+    same full format either way, so a run may resume under the other strategy.
     """
 
     steps: int = 1000
@@ -72,6 +76,7 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     progress: bool = True
+    strategy: Strategy = "ddp"
 
 
 def validate_train_config(cfg: TrainConfig, world_size: int = 1) -> None:
@@ -93,6 +98,7 @@ def validate_train_config(cfg: TrainConfig, world_size: int = 1) -> None:
         (cfg.keep_last >= 1, f"keep_last must be >= 1, got {cfg.keep_last}"),
         (cfg.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {cfg.max_nonfinite}"),
         (min(cfg.checkpoint_every, cfg.log_every, cfg.sample_every) >= 0, "checkpoint/log/sample_every must be >= 0"),
+        (cfg.strategy in ("ddp", "fsdp"), f"unknown strategy {cfg.strategy!r}; valid: ddp, fsdp"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -1,14 +1,27 @@
-"""Plain multi-process data parallelism under ``torchrun`` (all distributed code lives here).
+"""Multi-process data parallelism under ``torchrun``: DDP and FSDP2 (all distributed code lives here).
 
 ``torchrun --nproc_per_node N script.py`` sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT;
 :func:`init_distributed` reads them and starts a process group (nccl on CUDA, gloo on CPU). Without those
 variables everything degrades to a single process: rank 0, world size 1, collectives are no-ops.
+
+Strategies (:func:`wrap_model`):
+
+* ``ddp``: :class:`~torch.nn.parallel.DistributedDataParallel`; every rank holds the full model and optimizer.
+* ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``, in place): each block (:func:`shard_model`) and the
+  root become :class:`FSDPModule`; parameters are ``DTensor`` s sharded on dim 0 over ranks, so parameters,
+  gradients and AdamW moments cost ``1 / world_size`` of the full size per rank. Works with gloo on CPU (tested)
+  and nccl on CUDA. Full (unsharded, CPU, rank-0-only) state dicts for checkpoints come from
+  :func:`full_model_state_dict` / :func:`full_optimizer_state_dict` (``torch.distributed.checkpoint.state_dict``
+  with ``full_state_dict=True, cpu_offload=True``); the optimizer's is re-keyed by parameter index so the file
+  format is exactly that of ``optimizer.state_dict()`` under DDP / one process (checkpoints move both ways).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -16,7 +29,9 @@ from torch import nn
 
 __all__ = [
     "DistInfo", "init_distributed", "cleanup", "is_distributed", "get_rank", "get_world_size", "is_main",
-    "barrier", "all_reduce_mean", "wrap_model", "unwrap_model", "STRATEGIES",
+    "barrier", "all_reduce_mean", "wrap_model", "unwrap_model", "STRATEGIES", "shard_model", "is_sharded",
+    "full_tensor", "shard_like", "full_model_state_dict", "full_optimizer_state_dict", "load_full_model_state_dict",
+    "load_full_optimizer_state_dict",
 ]
 
 STRATEGIES = ("ddp", "fsdp")
@@ -104,10 +119,9 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 def wrap_model(model: nn.Module, strategy: str = "ddp", *, find_unused_parameters: bool = False) -> nn.Module:
     """Wrap ``model`` (already on its device) for data parallelism; a single process returns it unchanged.
 
-    ``ddp``: DistributedDataParallel (gradients averaged over ranks in backward).
-    ``fsdp``: FullyShardedDataParallel with ``use_orig_params=True`` (parameters sharded). Note: the
-    :class:`~simdiff.train.trainer.Trainer`'s EMA and checkpoints need full (unsharded) parameters, so the trainer
-    currently accepts only ``ddp``; ``fsdp`` is here for callers that manage state themselves.
+    ``ddp``: returns a DistributedDataParallel wrapper (gradients averaged over ranks in backward).
+    ``fsdp``: shards ``model`` in place with :func:`shard_model` (FSDP2) and returns the same object;
+    gradients are reduce-scattered (averaged) over ranks in backward. ``find_unused_parameters`` is DDP-only.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown distributed strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
@@ -119,13 +133,122 @@ def wrap_model(model: nn.Module, strategy: str = "ddp", *, find_unused_parameter
         return nn.parallel.DistributedDataParallel(
             model, device_ids=ids, find_unused_parameters=find_unused_parameters
         )
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    return shard_model(model)
 
-    return FullyShardedDataParallel(model, use_orig_params=True, device_id=device if device.type == "cuda" else None)
+
+def _default_blocks(model: nn.Module) -> list[nn.Module]:
+    """Members of ``nn.ModuleList`` / ``nn.Sequential`` containers that own parameters (transformer / res blocks,
+    layers of an MLP); if there are none, the root's direct children that own parameters."""
+    blocks = [child for m in model.modules() if isinstance(m, (nn.ModuleList, nn.Sequential))
+              for child in m.children() if any(True for _ in child.parameters())]
+    if not blocks:
+        blocks = [c for c in model.children() if any(True for _ in c.parameters())]
+    return blocks
+
+
+def shard_model(model: nn.Module, *, blocks: Callable[[nn.Module], list[nn.Module]] | None = None,
+                reshard_after_forward: bool = True) -> nn.Module:
+    """Shard ``model`` in place with FSDP2 ``fully_shard``: each block, innermost first, then the root.
+
+    Each block is one all-gather unit in forward / reduce-scatter unit in backward, so at most about one block's
+    full parameters are materialised at a time. Buffers are not sharded (replicated on every rank).
+
+    Args:
+        model: the plain module, on its device, identical on every rank (same init seed).
+        blocks: ``blocks(model) -> modules`` to shard individually; default :func:`_default_blocks`.
+        reshard_after_forward: free gathered parameters after forward (re-gather in backward), ZeRO-3 style.
+    Returns:
+        ``model`` itself (its class becomes an ``FSDP<Name>`` subclass; parameter names are unchanged).
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(model, FSDPModule):
+        raise ValueError(f"{type(model).__name__} is already sharded")
+    chosen = blocks(model) if blocks is not None else _default_blocks(model)
+    order = {id(m): i for i, m in enumerate(model.modules())}
+    for m in sorted({id(m): m for m in chosen if m is not model}.values(), key=lambda m: -order[id(m)]):
+        fully_shard(m, reshard_after_forward=reshard_after_forward)  # children before their parents
+    fully_shard(model, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True if ``model`` was sharded with FSDP2 (:func:`shard_model`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor behind a ``DTensor`` (a collective: every rank must call it); plain tensors pass through."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``full`` (the same on every rank) laid out like ``ref``: this rank's shard as a DTensor with ``ref``'s mesh
+    and placements when ``ref`` is a DTensor (no communication), else ``full`` on ``ref``'s device/dtype."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(device=ref.device, dtype=ref.dtype)
+    if isinstance(ref, DTensor):
+        return distribute_tensor(full, ref.device_mesh, ref.placements, src_data_rank=None)
+    return full
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU state dict of an FSDP2 model on rank 0 (``{}`` on other ranks); every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options())
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Unsharded CPU optimizer state on rank 0 (``{}`` elsewhere), keyed by parameter *index* in
+    ``model.named_parameters()`` order, i.e. the layout of ``optimizer.state_dict()`` for an optimizer built
+    over ``model.parameters()`` in one process. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(model, optimizer, options=_full_options())
+    if not osd:
+        return {}
+    index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]
+    return {"state": {index[n]: entry for n, entry in osd["state"].items()}, "param_groups": groups}
+
+
+def load_full_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full (unsharded) state dict, present on every rank, into an FSDP2 model (each rank keeps its shard)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    # the load runs one collective per tensor in dict order, and a safetensors file's key order can differ between
+    # processes: put the keys in the model's own order on every rank
+    order = list(model.state_dict())
+    state = {k: state[k] for k in order if k in state} | {k: v for k, v in state.items() if k not in order}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Inverse of :func:`full_optimizer_state_dict`: an index-keyed full optimizer state (on every rank) into the
+    sharded optimizer of an FSDP2 model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [name for name, _ in model.named_parameters()]
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
+    entries = sorted(state["state"].items(), key=lambda kv: int(kv[0]))  # same order on every rank (see above)
+    osd = {"state": {names[int(i)]: dict(sorted(e.items())) for i, e in entries}, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP / FSDP / ``torch.compile`` wrappers."""
+    """The plain module inside DDP / ``torch.compile`` wrappers (FSDP2 shards in place: nothing to unwrap)."""
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module

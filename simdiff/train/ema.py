@@ -3,7 +3,12 @@
 ``shadow <- decay * shadow + (1 - decay) * param`` after every applied update; the decay comes from
 :func:`simdiff.train.config.ema_decay` (EDM2 half-life in images). Floating buffers are copied, not averaged
 (as in EDM's ``training_loop.py``); integer buffers are copied too. The state dict has the model's own keys,
-so EMA weights load straight into a fresh model (``model.load_state_dict(ema.state_dict())``).
+so EMA weights load straight into a fresh model (``model.load_state_dict(ema.full_state_dict())``).
+
+Under FSDP2 (:func:`simdiff.train.distributed.shard_model`) the parameters are ``DTensor`` shards and so is the
+shadow: each rank averages only its own shard (no communication, ``1 / world_size`` of the memory).
+:meth:`EMA.full_state_dict` gathers the full tensors (a collective) and :meth:`EMA.load_state_dict` takes full
+tensors and keeps this rank's shard, so the EMA on disk is the same unsharded file as under DDP / one process.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from simdiff.train.distributed import full_tensor, shard_like
 
 __all__ = ["EMA"]
 
@@ -49,12 +56,28 @@ class EMA:
         model.load_state_dict(self.shadow, strict=True)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The shadow tensors (float32 for floating entries), keyed like ``model.state_dict()``."""
+        """The shadow tensors (float32 for floating entries), keyed like ``model.state_dict()``; ``DTensor``
+        shards for an FSDP2 model (use :meth:`full_state_dict` for plain full tensors)."""
         return dict(self.shadow)
 
     @torch.no_grad()
+    def full_state_dict(self, *, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+        """The shadow as full (unsharded) tensors. With sharded (FSDP2) entries this is a collective: every rank
+        must call it. ``rank0_only``: other ranks get ``{}`` (they still take part in the gathers)."""
+        import torch.distributed as dist
+
+        keep = not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
+        out = {}
+        for name, t in self.shadow.items():
+            full = full_tensor(t)  # gather one tensor at a time: peak memory is one full tensor
+            if keep:
+                out[name] = full
+        return out
+
+    @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore the shadow; keys and shapes must match (one-line ValueError naming the first mismatch)."""
+        """Restore the shadow from full tensors (as on disk; each rank keeps its shard of sharded entries); keys
+        and shapes must match (one-line ValueError naming the first mismatch)."""
         missing = sorted(set(self.shadow) - set(state))
         extra = sorted(set(state) - set(self.shadow))
         if missing or extra:
@@ -62,7 +85,7 @@ class EMA:
         for name, t in state.items():
             if t.shape != self.shadow[name].shape:
                 raise ValueError(f"EMA state {name!r}: shape {tuple(t.shape)} != {tuple(self.shadow[name].shape)}")
-            self.shadow[name].copy_(t)
+            self.shadow[name].copy_(shard_like(t, self.shadow[name]))  # full -> this rank's shard if sharded
 
     @contextmanager
     def swapped(self, model: nn.Module) -> Iterator[nn.Module]:

@@ -11,10 +11,18 @@ user code that draws from them between steps.
 A step whose all-reduced loss or gradient norm is NaN/inf is skipped (no optimizer or EMA update, gradients
 dropped) and counted; ``max_nonfinite`` *consecutive* skips abort with :class:`NonFiniteError` and no
 checkpoint is written (checkpoints are also checked for finiteness before they are written).
+
+Strategies (``strategy`` / ``TrainConfig.strategy``; see :mod:`simdiff.train.distributed`): ``ddp`` replicates the
+model; ``fsdp`` shards parameters, gradients, AdamW moments and the EMA (FSDP2, one unit per block). Under FSDP
+every rank joins the gathers of full state dicts at checkpoint time and only rank 0 writes; the files are the
+same unsharded format as DDP / one process, so a run can resume under the other strategy (weights, EMA and
+AdamW state all carry over; only bitwise identity of the continuation is lost, reduction order differs).
+Hooks under FSDP run on rank 0 on an unsharded copy of the model holding the gathered EMA (or live) weights.
 """
 
 from __future__ import annotations
 
+import copy
 import logging as pylogging
 import math
 import random
@@ -53,7 +61,8 @@ class Trainer:
     """Train ``model`` on ``loss_fn`` over batches from ``data`` for ``cfg.steps`` optimizer steps.
 
     Args:
-        model: the plain module (moved to the device; wrapped in DDP under torchrun, compiled if asked).
+        model: the plain module (moved to the device; under torchrun wrapped in DDP or sharded in place by
+            FSDP2, compiled if asked).
         loss_fn: ``loss_fn(model, batch, generator) -> Tensor[B]`` per-example losses.
         data: a :class:`BatchIterator` whose ``batch_size`` is ``cfg.batch_size`` and whose rank / world_size
             match the process group.
@@ -61,20 +70,24 @@ class Trainer:
         config_dict: the full experiment config, saved in every checkpoint and in inference exports.
         hooks: ``hook(trainer, step)`` called on rank 0 every ``cfg.sample_every`` steps with the EMA weights
             swapped in, the model in eval mode, under ``torch.no_grad()`` (use ``torch.enable_grad()`` inside a
-            hook that needs gradients); hooks must not run collectives (other ranks do not call them).
+            hook that needs gradients); hooks must not run collectives (other ranks do not call them). Under
+            FSDP ``trainer.model`` is, during hooks, an unsharded copy (kept on rank 0's device for the whole run:
+            one full model of memory there) loaded with the gathered weights; pass the same hooks on every rank
+            (the gather is collective).
         resume: continue from the newest loadable checkpoint in ``run_dir`` if there is one.
-        strategy: distributed strategy (only "ddp" for now). find_unused_parameters: passed to DDP.
+        strategy: "ddp" or "fsdp" (default: ``cfg.strategy``); irrelevant in a single process.
+        find_unused_parameters: passed to DDP.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: BatchIterator, cfg: TrainConfig,
                  run_dir: str | Path, *, config_dict: dict[str, Any] | None = None, hooks: Sequence[Hook] = (),
-                 resume: bool = True, strategy: str = "ddp", find_unused_parameters: bool = False):
+                 resume: bool = True, strategy: str | None = None, find_unused_parameters: bool = False):
         self.dist = D.init_distributed(cfg.device)
         self.device, self.rank, self.world_size = self.dist.device, self.dist.rank, self.dist.world_size
         validate_train_config(cfg, self.world_size)
-        if strategy != "ddp":
-            raise ValueError(f"Trainer supports strategy 'ddp' only (EMA/checkpoints need full parameters), got "
-                             f"{strategy!r}")
+        strategy = cfg.strategy if strategy is None else strategy
+        if strategy not in D.STRATEGIES:
+            raise ValueError(f"unknown distributed strategy {strategy!r}; valid: {', '.join(D.STRATEGIES)}")
         if cfg.compile and self.device.type != "cuda":
             raise ValueError(f"compile=True is supported on CUDA only (device is {self.device}); set compile=False")
         got = (data.batch_size, data.rank, data.world_size)
@@ -86,7 +99,11 @@ class Trainer:
         self.is_main, self.resume = self.rank == 0, resume
         self.model = model.to(self.device)
         self.model.train()
+        fsdp = strategy == "fsdp" and self.world_size > 1
+        # hooks need full weights: under FSDP rank 0 keeps an unsharded copy, taken before sharding
+        self._hook_model = copy.deepcopy(self.model) if fsdp and self.is_main and self.hooks else None
         self.train_model = D.wrap_model(self.model, strategy, find_unused_parameters=find_unused_parameters)
+        self.sharded = D.is_sharded(self.model)
         self._ddp = self.train_model if self.train_model is not self.model else None  # for no_sync()
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
@@ -156,6 +173,8 @@ class Trainer:
         for i, mb in enumerate(micro):
             self.generator.manual_seed(mix_seed("loss", self.cfg.seed, self.rank, step, i))
             sync = self._ddp.no_sync() if (self._ddp is not None and i < n - 1) else nullcontext()
+            if self.sharded:  # FSDP: accumulate unsharded grads locally, reduce-scatter after the last micro-batch
+                self.model.set_requires_gradient_sync(i == n - 1)
             with sync:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
                     losses = self.loss_fn(self.train_model, mb, self.generator)
@@ -173,7 +192,7 @@ class Trainer:
 
         Returns ``(grad_norm before clipping, applied)``; gradients are cleared either way."""
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        grad_norm = float(D.full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)))
         applied = math.isfinite(loss) and math.isfinite(grad_norm)
         if applied:
             for group in self.optimizer.param_groups:
@@ -188,6 +207,9 @@ class Trainer:
 
     def run_hooks(self) -> None:
         """Call every hook (rank 0 only) with the EMA weights swapped in, eval mode, no grad."""
+        if self.sharded:
+            self._run_hooks_sharded()
+            return
         if not self.is_main or not self.hooks:
             return
         swap = self.ema.swapped(self.model) if self.ema is not None else nullcontext()
@@ -199,13 +221,53 @@ class Trainer:
         finally:
             self.model.train()
 
+    def full_state_dict(self, *, ema: bool = True) -> dict[str, torch.Tensor]:
+        """Full (unsharded) weights on rank 0: the EMA's if ``ema`` and there is one, else the live model's.
+
+        Under FSDP this gathers (every rank must call it; other ranks get ``{}``); otherwise a plain copy on
+        every rank. Load it into a fresh unsharded model for sampling after ``fit()``."""
+        if self.sharded:
+            if ema and self.ema is not None:
+                return self.ema.full_state_dict(rank0_only=True)
+            return D.full_model_state_dict(self.model)
+        if ema and self.ema is not None:
+            return {k: v.clone() for k, v in self.ema.state_dict().items()}
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def _run_hooks_sharded(self) -> None:
+        """FSDP: every rank joins the gather of the EMA (or live) weights; rank 0 loads them into its unsharded
+        copy and runs the hooks with ``self.model`` pointing at that copy."""
+        if not self.hooks:
+            return
+        full = self.full_state_dict(ema=True)
+        if not self.is_main:
+            return
+        self._hook_model.load_state_dict(full)
+        self._hook_model.eval()
+        sharded, self.model = self.model, self._hook_model
+        try:
+            with torch.no_grad():
+                for hook in self.hooks:
+                    hook(self, self.step)
+        finally:
+            self.model = sharded
+
     # ----------------------------------------------------------------------------------- checkpoints
     def save(self) -> Path | None:
-        """Write a checkpoint of the current step (rank 0), then synchronise all ranks."""
+        """Write a checkpoint of the current step (rank 0), then synchronise all ranks.
+
+        Under FSDP every rank first takes part in gathering the full model / optimizer / EMA state dicts."""
+        ema = None
+        if self.sharded:
+            model, optim = D.full_model_state_dict(self.model), D.full_optimizer_state_dict(self.model, self.optimizer)
+            if self.ema is not None:
+                ema = self.ema.full_state_dict(rank0_only=True)
+        elif self.is_main:
+            model, optim = self.model.state_dict(), self.optimizer.state_dict()
+            ema = self.ema.state_dict() if self.ema is not None else None
         if self.is_main:
             self.last_checkpoint = ckpt_io.save_checkpoint(
-                self.run_dir, self.step, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                ema=self.ema.state_dict() if self.ema is not None else None, rng=_rng_tensors(),
+                self.run_dir, self.step, model=model, optimizer=optim, ema=ema, rng=_rng_tensors(),
                 state=self._state_doc(), keep_last=self.cfg.keep_last)
         else:
             self.last_checkpoint = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
@@ -235,9 +297,16 @@ class Trainer:
         if changed:
             warnings.warn(f"resuming {ck.path} with changed config keys {changed}; the run will not be "
                           "identical to an uninterrupted one", stacklevel=2)
-        self.model.load_state_dict(ck.model)
+        if self.sharded:  # every rank reads the full checkpoint and keeps its shard
+            D.load_full_model_state_dict(self.model, ck.model)
+        else:
+            self.model.load_state_dict(ck.model)
         if ck.optimizer is not None:
-            self.optimizer.load_state_dict(ckpt_io.merge_param_groups(ck.optimizer, self.optimizer.state_dict()))
+            optim = ckpt_io.merge_param_groups(ck.optimizer, self.optimizer.state_dict())
+            if self.sharded:
+                D.load_full_optimizer_state_dict(self.model, self.optimizer, optim)
+            else:
+                self.optimizer.load_state_dict(optim)
         if self.ema is not None and ck.ema is not None:
             self.ema.load_state_dict(ck.ema)
         self.data.load_state_dict(st["data"])

@@ -1,0 +1,348 @@
+"""Distillation runs: a trained simdiff teacher + a distillation loss object -> a few-step student, via the Trainer.
+
+``simdiff distill --method NAME --teacher RUN [--steps K] CONFIG`` calls :func:`distill`. The teacher is loaded with
+:func:`simdiff.experiment.load_model` (EMA weights, frozen); the student is a copy of the teacher network (students
+start from the teacher in all of Salimans & Ho 2022, Meng et al. 2023, Heek et al. 2024, Salimans et al. 2024 and
+Xie et al. 2024), wrapped where the method needs it:
+
+* ``guided`` (Meng et al. 2023, stage one): :class:`GuidanceConditioned` adds a Fourier embedding of the guidance
+  weight ``w`` to the network's log-SNR embedding, zero-initialised so the student starts as the teacher;
+* ``em`` (EMD, Xie et al. 2024): :class:`~simdiff.distill.em.DenoiserGenerator` ``g(z) = x_hat(z, lambda*)``;
+  its score network is another copy of the teacher;
+* ``moment_matching``: its auxiliary denoiser is another copy of the teacher (the loss object's default).
+
+Checkpoints record ``kind = <method>``, the teacher's experiment config (with ``sample`` set to the student's
+sampler, so ``simdiff sample RUN`` uses it by default), ``image_shape``, ``num_classes``, ``sampler_spec`` (from
+``loss.sampler_spec()``) and ``student`` (how to rewrap the rebuilt network, :func:`wrap_student`). Loss-owned
+auxiliary state (moment matching, EMD) is written to ``run_dir/aux_state.safetensors`` at the end of the run and
+reloaded on resume; the trainer does not checkpoint it, so a resume from an intermediate checkpoint restores the
+aux state of the *end* of the previous run (not exact).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from simdiff.configuration import ConfigError, apply_overrides, from_dict, get_registered, load_yaml, to_dict
+from simdiff.data import DataConfig
+from simdiff.distill.consistency import MultistepConsistency
+from simdiff.distill.em import DenoiserGenerator, EMDistillation
+from simdiff.distill.guided import GuidanceDistillation, sample_stochastic
+from simdiff.distill.moment_matching import MomentMatching
+from simdiff.distill.progressive import ProgressiveDistillation, ProgressiveSchedule
+from simdiff.generate import SampleConfig
+from simdiff.nets.conditioning import LogSNREmbedding
+from simdiff.process import ddpm_step
+from simdiff.train import TrainConfig
+
+__all__ = ["DistillConfig", "METHODS", "STUDENT_SAMPLERS", "GuidanceConditioned", "load_distill_config", "distill",
+           "build_loss", "wrap_student", "student_sampler"]
+
+#: method name -> loss class.
+METHODS: dict[str, type] = {
+    "progressive": ProgressiveDistillation,
+    "guided": GuidanceDistillation,
+    "consistency": MultistepConsistency,
+    "moment_matching": MomentMatching,
+    "em": EMDistillation,
+}
+#: constructor arguments the glue sets itself (not allowed in ``method_params``).
+_GLUE_SET = {"student_steps", "curriculum", "segments", "steps", "sample_steps", "score_net", "aux", "param_teacher"}
+#: extra ``method_params`` the glue understands per method.
+_GLUE_PARAMS = {"progressive": {"start_steps", "steps_per_round"}, "em": {"logsnr_star"}}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """One distillation run (``simdiff distill``; validated with ``configuration.from_dict``).
+
+    Attributes:
+        method: one of :data:`METHODS`. teacher: run dir / checkpoint dir / exported ``.safetensors``.
+        steps: the student's sampling steps (progressive: the *final* count; the rounds halve from
+            ``method_params.start_steps``, default ``2 * steps``, every ``method_params.steps_per_round`` trainer
+            steps, default ``train.steps // rounds``). consistency: the segment count K; em: must be 1.
+        method_params: keyword options of the method's loss class (unknown keys are an error naming them).
+        train: the trainer config (the student is the trained model). data: default: the teacher's data config.
+        sample: ``num``/``seed``/``batch_size``/``guidance`` of the final grid (sampler/steps/grid come from the
+            method's sampler spec).
+    """
+
+    name: str = "distill"
+    method: str = "progressive"
+    teacher: str = ""
+    steps: int = 4
+    method_params: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig | None = None
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(num=64))
+
+
+def load_distill_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DistillConfig:
+    """YAML file (or defaults) + ``a.b=value`` overrides -> validated :class:`DistillConfig`."""
+    data = load_yaml(path) if path is not None else {}
+    return from_dict(DistillConfig, apply_overrides(data, list(overrides)))
+
+
+class GuidanceConditioned(nn.Module):
+    """A denoiser that takes the guidance weight ``w`` ``[B]`` as an input (Meng et al. 2023, sec. 4.1).
+
+    ``emb(w)`` (Fourier features + MLP, last layer zero-initialised) is added to the wrapped network's log-SNR
+    embedding (``backbone.cond.logsnr``) through a forward hook, so with ``w``'s embedding at zero the student is
+    exactly the teacher. ``model(z, logsnr, guidance=None, **cond)``; ``guidance=None`` means ``w = 0``.
+    """
+
+    guidance_input = True
+
+    def __init__(self, model: nn.Module, *, max_guidance: float = 8.0) -> None:
+        super().__init__()
+        target = getattr(getattr(getattr(model, "backbone", None), "cond", None), "logsnr", None)
+        if not isinstance(target, LogSNREmbedding):
+            raise ValueError(f"guided students need a simdiff backbone with cond.logsnr, got {type(model).__name__}")
+        self.model = model
+        self.w_embed = LogSNREmbedding(target.mlp[-1].out_features, clamp=max_guidance)
+        nn.init.zeros_(self.w_embed.mlp[-1].weight)
+        nn.init.zeros_(self.w_embed.mlp[-1].bias)
+        self._w: Tensor | None = None
+        target.register_forward_hook(self._add_w)
+
+    def _add_w(self, _module: nn.Module, _inputs: Any, out: Tensor) -> Tensor:
+        return out if self._w is None else out + self.w_embed(self._w.to(out.device)).to(out.dtype)
+
+    def forward(self, z: Tensor, logsnr: Tensor, guidance: Tensor | None = None, **cond: Any):
+        w = torch.zeros(z.shape[0], device=z.device) if guidance is None else torch.as_tensor(guidance, device=z.device)
+        self._w = w.float().reshape(-1).expand(z.shape[0])
+        try:
+            return self.model(z, logsnr, **cond)
+        finally:
+            self._w = None
+
+
+def wrap_student(net: nn.Module, student: dict[str, Any] | None) -> nn.Module:
+    """Rewrap a rebuilt teacher-architecture network as the student recorded in a checkpoint's ``student`` entry."""
+    kind = (student or {}).get("wrapper", "none")
+    if kind == "none":
+        return net
+    if kind == "guidance":
+        return GuidanceConditioned(net)
+    if kind == "generator":
+        return DenoiserGenerator(net, float(student.get("logsnr_star", 0.0)))
+    raise ValueError(f"unknown student wrapper {kind!r}; valid: none, guidance, generator")
+
+
+def _sample_moment_matching(variance: str) -> Callable:
+    def sample(denoise, z: Tensor, logsnrs: Tensor, *, generator=None, cond=None, **_: Any) -> Tensor:
+        """Salimans et al. 2024 sec. 3.1: ``x = g(z_t)``, ``z_s ~ q(z_s | z_t, x)`` down the grid; last ``x``."""
+        cond, lam = dict(cond or {}), logsnrs.to(device=z.device, dtype=z.dtype)
+        x = z
+        for i in range(lam.shape[0] - 1):
+            lt = lam[i].expand(z.shape[0])
+            x = denoise(z, lt, **cond).x.to(z.dtype)
+            if i + 2 < lam.shape[0]:
+                noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+                z = ddpm_step(z_t=z, x=x, logsnr_s=lam[i + 1].expand(z.shape[0]), logsnr_t=lt, noise=noise,
+                              variance=variance)
+        return x
+
+    return sample
+
+
+def _sample_generator(denoise, z: Tensor, logsnrs: Tensor, *, generator=None, cond=None, **_: Any) -> Tensor:
+    """EMD's one-step generator: ``x = g(z)``."""
+    return denoise(z, **dict(cond or {}))
+
+
+#: sampler names recorded by distilled students that ``simdiff.generate`` does not have in ``samplers.SAMPLERS``.
+STUDENT_SAMPLERS = ("moment_matching", "moment_matching_large", "generator", "guided_stochastic")
+
+
+def student_sampler(name: str, schedule, steps: int) -> Callable:
+    """A student sampler with the shared signature ``f(denoise, z, logsnrs, *, generator, cond)``."""
+    if name == "moment_matching":
+        return _sample_moment_matching("small")
+    if name == "moment_matching_large":
+        return _sample_moment_matching("large")
+    if name == "generator":
+        return _sample_generator
+    if name == "guided_stochastic":
+        return lambda denoise, z, logsnrs, *, generator=None, cond=None, **_: sample_stochastic(
+            denoise, z, schedule, steps, generator=generator, cond=cond)
+    raise ValueError(f"unknown student sampler {name!r}; valid: {', '.join(STUDENT_SAMPLERS)}")
+
+
+def _check_params(method: str, params: dict[str, Any]) -> None:
+    cls = METHODS[method]
+    sig = inspect.signature(cls.__init__)
+    allowed = {n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY} - _GLUE_SET
+    allowed |= _GLUE_PARAMS.get(method, set())
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown method_params {unknown} for method {method!r}; valid: {', '.join(sorted(allowed))}")
+
+
+def _progressive_curriculum(cfg: DistillConfig) -> ProgressiveSchedule:
+    start = cfg.method_params.get("start_steps", 2 * cfg.steps)
+    ratio = start // cfg.steps if isinstance(start, int) and cfg.steps >= 1 else 0
+    rounds = max(ratio.bit_length() - 1, 1)
+    per_round = cfg.method_params.get("steps_per_round", max(cfg.train.steps // rounds, 1))
+    sched = ProgressiveSchedule(start_steps=start, end_steps=cfg.steps, steps_per_round=per_round)
+    need = (sched.num_rounds - 1) * per_round
+    if cfg.train.steps <= need:
+        raise ConfigError(f"progressive: train.steps={cfg.train.steps} never reaches the last of {sched.num_rounds} "
+                          f"rounds (steps_per_round={per_round}); need train.steps > {need}")
+    return sched
+
+
+def build_loss(cfg: DistillConfig, student: nn.Module, teacher: nn.Module, schedule, num_classes: int):
+    """The method's loss object for ``student`` (a module the trainer will train) and the frozen ``teacher``."""
+    method = cfg.method
+    _check_params(method, cfg.method_params)
+    params = {k: v for k, v in cfg.method_params.items() if k not in _GLUE_PARAMS.get(method, set())}
+    null = {"labels": num_classes}
+    if method == "progressive":
+        return ProgressiveDistillation(student, teacher, schedule, curriculum=_progressive_curriculum(cfg), **params)
+    if method == "guided":
+        if num_classes == 0:
+            raise ConfigError("guided distillation needs a class-conditional teacher (this one has num_classes = 0)")
+        params.setdefault("null_cond", null)
+        return GuidanceDistillation(student, teacher, schedule, sample_steps=cfg.steps, **params)
+    if method == "consistency":
+        return MultistepConsistency(student, teacher, schedule, segments=cfg.steps, **params)
+    if method == "moment_matching":
+        if params.get("guidance_weight", 0.0) != 0.0:
+            if num_classes == 0:
+                raise ConfigError("moment_matching guidance_weight needs a class-conditional teacher")
+            params.setdefault("null_cond", null)
+        extra = {"param_teacher": teacher} if params.get("variant") == "parameter" else {}
+        return MomentMatching(student, teacher, schedule, steps=cfg.steps, **extra, **params)
+    if cfg.steps != 1:
+        raise ConfigError(f"em distils a one-step generator: steps must be 1, got {cfg.steps}")
+    return EMDistillation(student, teacher, schedule, **params)
+
+
+def _make_student(cfg: DistillConfig, teacher_net: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    net = copy.deepcopy(teacher_net).train().requires_grad_(True)
+    if cfg.method == "guided":
+        info: dict[str, Any] = {"wrapper": "guidance"}
+    elif cfg.method == "em":
+        info = {"wrapper": "generator", "logsnr_star": float(cfg.method_params.get("logsnr_star", 0.0))}
+        if not math.isfinite(info["logsnr_star"]):
+            raise ConfigError(f"em: logsnr_star must be finite, got {info['logsnr_star']}")
+    else:
+        info = {"wrapper": "none"}
+    return wrap_student(net, info), info
+
+
+def _student_sample_config(spec: dict[str, Any], base: SampleConfig) -> SampleConfig:
+    name = spec["sampler"]
+    if name == "moment_matching" and spec.get("posterior_variance") == "large":
+        name = "moment_matching_large"
+    return dataclasses.replace(base, sampler=name, steps=int(spec["steps"]), grid=spec.get("grid", "uniform_t"),
+                               eta=0.0, interval=None, rescale=0.0)
+
+
+class _RecordingLoss:
+    """Forwards to the loss object and keeps the trainer's checkpoint config in step with its sampler spec
+    (progressive rounds change the student's step count)."""
+
+    def __init__(self, loss, config_dict: dict[str, Any], base: SampleConfig) -> None:
+        self.loss, self.config_dict, self.base, self.trainer = loss, config_dict, base, None
+
+    def record(self) -> None:
+        spec = self.loss.sampler_spec()
+        for doc in (self.config_dict, getattr(self.trainer, "config_dict", None)):
+            if doc is not None:
+                doc["sampler_spec"] = spec
+                doc["experiment"]["sample"] = to_dict(_student_sample_config(spec, self.base))
+
+    def set_step(self, step: int) -> None:
+        self.loss.set_step(step)
+        self.record()
+
+    def __call__(self, model, batch, generator):
+        return self.loss(model, batch, generator)
+
+
+def _load_teacher(path: str, device: torch.device):
+    from simdiff.experiment import load_model
+    from simdiff.train import CheckpointError
+
+    if not path:
+        raise ConfigError("distill needs a teacher (--teacher RUN_DIR | CHECKPOINT | FILE.safetensors)")
+    try:
+        loaded = load_model(path, device=device)
+    except CheckpointError as e:
+        raise CheckpointError(f"teacher: {e}") from None
+    kind = loaded.meta.get("kind", "diffusion")
+    if kind != "diffusion":
+        raise CheckpointError(f"teacher: {path} is a distilled {kind!r} student, not a simdiff diffusion model")
+    return loaded
+
+
+def distill(cfg: DistillConfig, run_dir: str | Path, *, resume: bool = True) -> dict[str, Any]:
+    """Distil ``cfg.teacher`` with ``cfg.method`` into ``run_dir``; returns the trainer's summary (+ ``sample_grid``).
+
+    Raises:
+        ConfigError / CheckpointError / ValueError: one-line messages for a bad teacher, method or step count.
+    """
+    from simdiff.data import build_dataset
+    from simdiff.experiment import _transform, sample_grid
+    from simdiff.train import BatchIterator, Trainer
+    from simdiff.train import distributed as D
+
+    get_registered(METHODS, cfg.method, "distillation method")
+    _check_params(cfg.method, cfg.method_params)
+    if isinstance(cfg.steps, bool) or cfg.steps < 1:
+        raise ConfigError(f"steps must be an integer >= 1, got {cfg.steps}")
+    info = D.init_distributed(cfg.train.device)
+    teacher = _load_teacher(cfg.teacher, info.device)
+    student, student_info = _make_student(cfg, teacher.model)
+    student.to(info.device)
+    loss = build_loss(cfg, student, teacher.model, teacher.schedule, teacher.num_classes)
+    data_cfg = cfg.data if cfg.data is not None else teacher.config.data
+    dataset = build_dataset(data_cfg)
+    if tuple(dataset.images.shape[1:]) != teacher.image_shape:
+        raise ConfigError(f"data images have shape {tuple(dataset.images.shape[1:])} but the teacher was trained on "
+                          f"{teacher.image_shape}")
+    run_dir = Path(run_dir)
+    exp = dataclasses.replace(teacher.config, name=cfg.name, data=data_cfg, train=cfg.train)
+    config_dict = {"kind": cfg.method, "experiment": to_dict(exp), "image_shape": list(teacher.image_shape),
+                   "num_classes": teacher.num_classes, "student": student_info, "distill": to_dict(cfg),
+                   "teacher_kind": teacher.meta.get("kind", "diffusion")}
+    recording = _RecordingLoss(loss, config_dict, cfg.sample)
+    recording.record()
+    data = BatchIterator(dataset, cfg.train.batch_size, seed=cfg.train.seed, rank=info.rank,
+                         world_size=info.world_size, transform=_transform(dataset))
+    if info.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "distill.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    aux_path = run_dir / "aux_state.safetensors"
+    if resume and aux_path.is_file() and hasattr(loss, "load_aux_state_dict"):
+        loss.load_aux_state_dict({k: v.to(info.device) for k, v in load_file(str(aux_path)).items()})
+    trainer = Trainer(student, recording, data, cfg.train, run_dir, config_dict=config_dict, resume=resume)
+    recording.trainer = trainer
+    summary = trainer.fit()
+    summary["sampler_spec"] = loss.sampler_spec()
+    if info.rank == 0:
+        if hasattr(loss, "aux_state_dict"):
+            save_file({k: v.detach().cpu().contiguous() for k, v in loss.aux_state_dict().items()}, str(aux_path),
+                      metadata={"step": str(trainer.step), "method": cfg.method})
+        student.eval()
+        if trainer.ema is not None:
+            trainer.ema.copy_to(student)
+        scfg = _student_sample_config(loss.sampler_spec(), cfg.sample)
+        path = sample_grid(student, teacher.schedule, scfg, image_shape=teacher.image_shape,
+                           num_classes=teacher.num_classes, out=run_dir / "samples" / "final.png", device=info.device)
+        summary["sample_grid"] = str(path)
+    return summary

@@ -1,0 +1,185 @@
+"""``simdiff distill`` end to end on the 8x8 digits: a tiny uvit teacher, every method for a few steps through the CLI,
+``simdiff sample`` on the students (their recorded sampler and step count), and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+import simdiff.experiment as experiment
+from simdiff.cli import main
+from simdiff.configuration import from_dict
+from simdiff.distill.experiment import GuidanceConditioned, load_distill_config
+
+TEACHER = {
+    "name": "tiny_teacher",
+    "data": {"name": "digits", "image_size": 8},
+    "model": {"arch": "uvit", "parameterisation": "v",
+              "options": {"channels": [16], "dim": 32, "depth": 1, "num_heads": 2, "num_res_blocks": 1}},
+    "diffusion": {"schedule": {"name": "shifted_cosine", "image_size": 8, "noise_size": 32},
+                  "weighting": "sigmoid", "cond_drop_prob": 0.1},
+    "train": {"steps": 20, "batch_size": 16, "checkpoint_every": 0, "log_every": 5, "progress": False,
+              "ema_half_life_images": 100},
+    "sample": {"sampler": "ddim", "steps": 2, "num": 4},
+}
+FAST = ["--set", "train.steps=3", "--set", "train.batch_size=8", "--set", "train.progress=false",
+        "--set", "train.log_every=1", "--set", "train.ema_half_life_images=0", "--set", "sample.num=4",
+        "--set", "train.optim.warmup_steps=0", "--set", "train.optim.lr=1e-3"]
+#: method -> (student steps, extra flags, expected sampler name, network calls per sampling batch)
+METHOD_CASES = {
+    "progressive": (2, ["--set", "method_params.start_steps=8"], "ddim", 2),
+    "guided": (2, [], "ddim", 2),
+    "consistency": (2, ["--set", "method_params.teacher_steps=8"], "ddim", 2),
+    "moment_matching": (2, [], "moment_matching", 2),
+    "em": (1, ["--set", "method_params.langevin_steps=1"], "generator", 1),
+}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("distill")
+    cfg = from_dict(experiment.ExperimentConfig, TEACHER)
+    experiment.train(cfg, root / "teacher")
+    return root
+
+
+@pytest.fixture(scope="module")
+def students(root) -> dict[str, Path]:
+    out = {}
+    for method, (steps, extra, _, _) in METHOD_CASES.items():
+        run = root / method
+        assert main(["distill", "--method", method, "--teacher", str(root / "teacher"), "--steps", str(steps),
+                     "--run-dir", str(run), *FAST, *extra]) == 0
+        out[method] = run
+    return out
+
+
+def _state(run: Path) -> dict:
+    ckpts = sorted((run / "checkpoints").iterdir())
+    assert [p.name for p in ckpts] == ["step_000003"]
+    return json.loads((ckpts[-1] / "state.json").read_text())
+
+
+@pytest.mark.parametrize("method", list(METHOD_CASES))
+def test_each_method_distils_and_samples_with_its_spec(students, method, monkeypatch, capsys):
+    steps, _, sampler, calls = METHOD_CASES[method]
+    run = students[method]
+    doc = _state(run)["config"]
+    assert doc["kind"] == method and doc["image_shape"] == [1, 8, 8] and doc["num_classes"] == 10
+    assert doc["sampler_spec"]["sampler"] == sampler and doc["sampler_spec"]["steps"] == steps
+    assert doc["experiment"]["model"]["arch"] == "uvit"
+    assert (run / "samples" / "final.png").is_file()
+    assert (run / "aux_state.safetensors").is_file() == (method in ("moment_matching", "em"))
+    rows = (run / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 3 and all("nan" not in r.split(",")[1].lower() for r in rows[1:])
+
+    counts = []
+    real_load = experiment.load_model
+
+    def counting_load(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        loaded.model.register_forward_hook(lambda *_: counts.append(1))
+        return loaded
+
+    monkeypatch.setattr(experiment, "load_model", counting_load)
+    out = run / "grid.png"
+    capsys.readouterr()
+    assert main(["sample", str(run), "--num", "4", "--out", str(out)]) == 0
+    assert out.is_file()
+    assert f"{sampler}, {steps} steps" in capsys.readouterr().out
+    assert len(counts) == calls  # one sampling batch of 4 images: the student's step count in network calls
+
+
+def test_loaded_student_exposes_spec_and_export_roundtrip(students, root):
+    loaded = experiment.load_model(students["moment_matching"])
+    assert loaded.meta["kind"] == "moment_matching" and loaded.meta["sampler_spec"]["steps"] == 2
+    assert loaded.config.sample.sampler == "moment_matching"
+    exported = root / "em.safetensors"
+    assert main(["export", str(students["em"]), str(exported)]) == 0
+    gen = experiment.load_model(exported)
+    z = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(gen.model(z, labels=torch.tensor([0, 1, 2])),
+                               experiment.load_model(students["em"]).model(z, labels=torch.tensor([0, 1, 2])))
+
+
+def test_guided_student_starts_as_teacher_and_takes_w(root, students):
+    teacher = experiment.load_model(root / "teacher").model
+    student = GuidanceConditioned(copy.deepcopy(teacher))
+    z, lam, labels = torch.randn(4, 1, 8, 8), torch.linspace(-3, 3, 4), torch.arange(4)
+    ref = teacher(z, lam, labels=labels).x
+    torch.testing.assert_close(student(z, lam, labels=labels, guidance=torch.full((4,), 3.0)).x, ref)
+    trained = experiment.load_model(students["guided"]).model
+    a = trained(z, lam, labels=labels, guidance=torch.zeros(4)).x
+    b = trained(z, lam, labels=labels, guidance=torch.full((4,), 4.0)).x
+    assert (a - b).abs().max() > 0  # the w-embedding was trained away from zero
+
+
+def test_progressive_rounds_recorded(root, tmp_path):
+    cfg = load_distill_config(Path(__file__).parents[1] / "simdiff" / "configs" / "distill_progressive.yaml")
+    assert cfg.method == "progressive" and cfg.steps == 4 and cfg.method_params["start_steps"] == 16
+    run = tmp_path / "prog"
+    assert main(["distill", "--method", "progressive", "--teacher", str(root / "teacher"), "--steps", "1",
+                 "--run-dir", str(run), *FAST, "--set", "train.steps=4", "--set", "method_params.start_steps=4",
+                 "--set", "method_params.steps_per_round=2"]) == 0
+    doc = json.loads(sorted((run / "checkpoints").iterdir())[-1].joinpath("state.json").read_text())["config"]
+    assert doc["sampler_spec"]["steps"] == 1 and doc["experiment"]["sample"]["steps"] == 1
+
+
+def _one_line_error(capsys, argv, pattern):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert pattern in err, err
+
+
+def test_bad_input_one_line(root, students, tmp_path, capsys):
+    teacher = str(root / "teacher")
+    base = ["distill", "--run-dir", str(tmp_path / "x"), *FAST]
+    _one_line_error(capsys, [*base, "--method", "progressive", "--teacher", str(tmp_path / "nope")],
+                    "no such run directory")
+    bad = tmp_path / "random.safetensors"
+    save_file({"w": torch.zeros(3)}, str(bad))
+    _one_line_error(capsys, [*base, "--method", "progressive", "--teacher", str(bad)], "not a simdiff-inference-v1")
+    _one_line_error(capsys, [*base, "--method", "progressive", "--teacher", str(students["progressive"])],
+                    "distilled 'progressive' student")
+    _one_line_error(capsys, [*base, "--method", "progressive", "--teacher", teacher, "--steps", "3",
+                             "--set", "method_params.start_steps=8"], "progressive rounds must halve")
+    _one_line_error(capsys, [*base, "--method", "consistency", "--teacher", teacher, "--steps", "0"], ">= 1")
+    _one_line_error(capsys, [*base, "--method", "em", "--teacher", teacher, "--steps", "2"], "steps must be 1")
+    _one_line_error(capsys, [*base, "--method", "distil", "--teacher", teacher], "valid: consistency, em, guided")
+    _one_line_error(capsys, [*base, "--method", "consistency", "--teacher", teacher, "--set", "method_params.huberc=1"],
+                    "unknown method_params ['huberc']")
+    _one_line_error(capsys, [*base, "--method", "consistency"], "needs a teacher")
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text(yaml.safe_dump({"method": "em", "stepz": 1}))
+    _one_line_error(capsys, ["distill", str(cfg), "--teacher", teacher], "unknown config key 'stepz'")
+    assert not (tmp_path / "x").exists()
+
+
+def test_generate_student_samplers_match_the_loss_objects(root, students):
+    from simdiff.distill.experiment import student_sampler
+    from simdiff.distill.moment_matching import MomentMatching
+    from simdiff.generate import SampleConfig, generate
+    from simdiff.samplers import make_grid
+
+    loaded = experiment.load_model(students["moment_matching"])
+    mm = MomentMatching(loaded.model, loaded.model, loaded.schedule, steps=2)
+    z, labels = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
+    ref = mm.sample(loaded.model, z, generator=torch.Generator().manual_seed(5), cond={"labels": labels})
+    got = student_sampler("moment_matching", loaded.schedule, 2)(
+        loaded.model, z, make_grid(loaded.schedule, 2, kind="uniform_t"), generator=torch.Generator().manual_seed(5),
+        cond={"labels": labels})
+    torch.testing.assert_close(got, ref)
+    guided = experiment.load_model(students["guided"])
+    calls = []
+    guided.model.register_forward_hook(lambda *_: calls.append(1))
+    cfg = SampleConfig(sampler="guided_stochastic", steps=3, grid="uniform_t", num=2, guidance=1.5)
+    x = generate(guided.model, guided.schedule, (1, 8, 8), cfg, labels=torch.tensor([0, 1]), num_classes=10)
+    assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all() and len(calls) == 3
