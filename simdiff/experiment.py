@@ -158,11 +158,12 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = True) ->
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     trainer = Trainer(model, loss, data, cfg.train, run_dir, config_dict=config_dict, hooks=hooks, resume=resume)
     summary = trainer.fit()
+    weights = trainer.full_state_dict(ema=True)  # a collective under FSDP: every rank calls it
     if info.rank == 0:
-        model.eval()
-        if trainer.ema is not None:
-            trainer.ema.copy_to(model)
-        path = sample_grid(model, loss.schedule, cfg.sample, image_shape=image_shape, num_classes=num_classes,
+        final = build_network(cfg, image_shape=image_shape, num_classes=num_classes)
+        final.load_state_dict(weights)
+        final.to(trainer.device).eval()
+        path = sample_grid(final, loss.schedule, cfg.sample, image_shape=image_shape, num_classes=num_classes,
                            out=run_dir / "samples" / "final.png", device=trainer.device)
         summary["sample_grid"] = str(path)
     return summary
