@@ -151,7 +151,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = True) ->
     config_dict = {"kind": "diffusion", "experiment": to_dict(cfg), "image_shape": list(image_shape),
                    "num_classes": num_classes}
     hooks = []
-    if cfg.sample.every > 0:
+    if cfg.train.sample_every > 0:  # the trainer calls hooks every train.sample_every steps
         hooks.append(_sample_hook(cfg, loss.schedule, run_dir, num_classes, image_shape))
     if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,6 @@ class SampleConfig:
     eta: float = 0.0
     num: int = 64
     seed: int = 0
-    every: int = 0
     batch_size: int = 256
 
 

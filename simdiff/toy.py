@@ -113,7 +113,10 @@ class GaussianMixture:
         zf = z.reshape(shape[0], -1).to(self.means.dtype)
         if zf.shape[1] != self.dim:
             raise ValueError(f"z has {zf.shape[1]} features per example, the mixture has dim {self.dim}")
-        lam = expand(torch.as_tensor(logsnr, dtype=zf.dtype), zf[:, :1])  # [B, 1] or [1, 1]
+        lam_t = torch.as_tensor(logsnr, dtype=zf.dtype)
+        if lam_t.numel() == 1 or (lam_t.dim() == 1 and lam_t.shape[0] == shape[0] and lam_t.stride(0) == 0):
+            return self._posterior_mean_shared(zf, lam_t.reshape(-1)[:1], labels).reshape(shape).to(z.dtype)
+        lam = expand(lam_t, zf[:, :1])  # [B, 1] or [1, 1]
         a, s = alpha_sigma(lam)
         a, s = a[:, :, None], s[:, :, None]  # [B, 1, 1]
         mu, var = self.means[None], self.variances[None]  # [1, K, D]
@@ -127,6 +130,23 @@ class GaussianMixture:
         cond_mean = mu + a * var / tot * diff  # [B, K, D]
         x = (resp[:, :, None] * cond_mean).sum(1)
         return x.reshape(shape).to(z.dtype)
+
+    def _posterior_mean_shared(self, zf: Tensor, lam: Tensor, labels: Tensor | None) -> Tensor:
+        """``posterior_mean`` when every example shares one log-SNR ``lam [1]`` (a scalar or a stride-0
+        ``expand``, as samplers pass it, so the gradient through ``lam[0]`` is the exact summed one): the
+        ``[K, D]`` variance terms are computed once and the mixture of conditional means
+        ``sum_k r_k (mu_k + g_k (z - a mu_k))``, ``g = a var / tot``, is two ``[B, K] @ [K, D]`` products."""
+        a, s = alpha_sigma(lam.reshape(1, 1))
+        mu, var = self.means, self.variances  # [K, D]
+        tot = a**2 * var + s**2  # [K, D]
+        diff = zf[:, None, :] - (a * mu)[None]  # [B, K, D]
+        loglik = -0.5 * (diff**2 / tot).sum(-1) - 0.5 * torch.log(2 * math.pi * tot).sum(-1)  # [B, K]
+        logits = self.log_weights[None] + loglik
+        if labels is not None:
+            logits = self._mask(logits, labels)
+        resp = torch.softmax(logits, dim=-1)  # [B, K]
+        g = a * var / tot  # [K, D]
+        return resp @ (mu - a * g * mu) + (resp @ g) * zf
 
     def denoise(self, z: Tensor, logsnr: Tensor, labels: Tensor | None = None, **_: object) -> DenoiserOutput:
         """The optimal denoiser as a simdiff denoiser callable."""
