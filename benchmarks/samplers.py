@@ -201,16 +201,14 @@ def bench_dim(dim: int, args: argparse.Namespace, S: Any | None, notes: list[str
     n = args.n if args.n else (2000 if dim <= 2 else 1000)
     if args.quick:
         n = min(n, 300)
-    n_cal = 256 if dim <= 2 else 128
     projections = 256
     gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
     z = torch.randn(n, dim, dtype=F64, generator=gen(1))
-    z_cal = torch.randn(n_cal, dim, dtype=F64, generator=gen(2))
     data, data2 = gm.sample(n, generator=gen(3))[0], gm.sample(n, generator=gen(4))[0]
     lam0 = float(schedule.logsnr_from_timestep(torch.tensor(float(T_START), dtype=F64)))
     ref, ref_how = reference(S, gm, z, lam0)
     res: dict[str, Any] = {
-        "dim": dim, "n_eval": n, "n_calibration": n_cal, "logsnr_start": lam0, "logsnr_max": schedule.logsnr_max,
+        "dim": dim, "n_eval": n, "logsnr_start": lam0, "logsnr_max": schedule.logsnr_max,
         "reference": ref_how, "sw2_noise_floor": sw2(data2, data, projections),
         "sw2_reference": sw2(ref, data, projections), "methods": {},
     }
@@ -237,49 +235,58 @@ def bench_dim(dim: int, args: argparse.Namespace, S: Any | None, notes: list[str
                     "library": "simdiff", "sampler": name, "grid": kind, "stochastic": stochastic,
                     "results": evaluate(run, plan, gm.denoise, z, ref, data, projections, stochastic)}
         if hasattr(S, "optimize_grid") and not args.no_tune:
-            tune(S, gm, schedule, z, z_cal, lam0, ref, data, projections, targets, res, args)
+            tune(S, gm, schedule, z, lam0, ref, data, projections, targets, res, args)
         elif not hasattr(S, "optimize_grid"):
             notes.append("simdiff.samplers.optimize_grid missing: no tuned-grid rows")
     res["seconds"] = time.time() - t0
     return res
 
 
-def _geo_mean(vals: list[float]) -> float:
-    vals = [v for v in vals if v > 0 and math.isfinite(v)]
-    return math.exp(sum(map(math.log, vals)) / len(vals)) if vals else math.inf
+def tune(S: Any, gm: GaussianMixture, schedule: Any, z: Tensor, lam0: float, ref: Tensor, data: Tensor,
+         projections: int, targets: tuple[int, ...], res: dict[str, Any], args: argparse.Namespace) -> None:
+    """Tuned grids, selected without ever looking at the reported (test) batch.
 
-
-def tune(S: Any, gm: GaussianMixture, schedule: Any, z: Tensor, z_cal: Tensor, lam0: float, ref: Tensor,
-         data: Tensor, projections: int, targets: tuple[int, ...], res: dict[str, Any],
-         args: argparse.Namespace) -> None:
-    """Tuned grids (``optimize_grid`` on a calibration batch, evaluated on the held-out batch) for the best
-    ``args.tune_top`` deterministic simdiff samplers, per target NFE, starting from that sampler's best fixed grid."""
-    rows = {k: v for k, v in res["methods"].items() if v["library"] == "simdiff" and not v["stochastic"]}
-    by_sampler: dict[str, list[float]] = {}
-    for v in rows.values():
-        score = _geo_mean([r["rmse"] for r in v["results"].values()])
-        by_sampler[v["sampler"]] = min(by_sampler.get(v["sampler"], math.inf), score)
-    top = sorted(by_sampler, key=by_sampler.get)[: args.tune_top]
-    ref_cal, _ = reference(S, gm, z_cal, lam0)
-    for name in top:
-        fixed = {k: v for k, v in rows.items() if v["sampler"] == name}
+    Three disjoint noise batches: calibration (``optimize_grid``'s regression target), validation (picks each
+    sampler's init among the fixed grid kinds, early-stops the tuning, and picks the sampler for the
+    ``best-on-val / tuned`` row) and the test batch ``z`` (only evaluated). One row per tuned sampler, plus the
+    validation-selected one."""
+    dim = z.shape[1]
+    gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    n_cal = args.n_cal or (2048 if dim <= 2 else 1024)
+    n_val = args.n_val or (1000 if dim <= 2 else 500)
+    z_cal = torch.randn(n_cal, dim, dtype=F64, generator=gen(2))
+    z_val = torch.randn(n_val, dim, dtype=F64, generator=gen(5))
+    ref_cal, ref_val = reference(S, gm, z_cal, lam0)[0], reference(S, gm, z_val, lam0)[0]
+    res.update(n_calibration=n_cal, n_validation=n_val)
+    names = [n for n in args.tune_samplers if n in S.SAMPLERS]
+    kinds = list(getattr(S, "GRID_KINDS", ("uniform_t",)))
+    chosen: dict[int, dict[str, float]] = {}
+    for name in names:
+        fn = S.get_sampler(name)
         out: dict[int, dict[str, float]] = {}
         for target in (t for t in targets if t <= args.tune_max_nfe):
-            cands = [(v["results"][target]["rmse"], v["grid"], v["results"][target]["steps"])
-                     for v in fixed.values() if target in v["results"]]
-            if not cands:
+            fixed = res["methods"].get(f"{name} / {kinds[0]}", {}).get("results", {})
+            if target not in fixed or fixed[target]["nfe"] != target:
                 continue
-            _, init, steps = min(cands)
+            steps = fixed[target]["steps"]
             t1 = time.time()
+            val_fixed = {k: rmse(fn(gm.denoise, z_val, S.make_grid(schedule, steps, kind=k)), ref_val) for k in kinds}
+            init = min(val_fixed, key=lambda k: val_fixed[k] if math.isfinite(val_fixed[k]) else math.inf)
             grid = S.optimize_grid(gm.denoise, name, schedule, steps, z=z_cal, reference=ref_cal,
-                                   iters=args.tune_iters, init=init)
+                                   iters=args.tune_iters, init=init, val_z=z_val, val_reference=ref_val)
+            val = rmse(fn(gm.denoise, z_val, grid), ref_val)
             run = simdiff_runner(S, name, lambda k, g=grid: g)
-            plan = {target: (steps, None)}
-            r = evaluate(run, plan, gm.denoise, z, ref, data, projections)[target]
-            r.update(init=init, tune_seconds=time.time() - t1, grid=[float(g) for g in grid])
+            r = evaluate(run, {target: (steps, None)}, gm.denoise, z, ref, data, projections)[target]
+            r.update(init=init, val_rmse=val, val_rmse_init=val_fixed[init], tune_seconds=time.time() - t1,
+                     grid=[float(g) for g in grid])
             out[target] = r
+            if target not in chosen or val < chosen[target]["val_rmse"]:
+                chosen[target] = dict(r, sampler=name)
         res["methods"][f"{name} / tuned"] = {"library": "simdiff", "sampler": name, "grid": "tuned",
                                             "stochastic": False, "results": out}
+    if len(names) > 1:
+        res["methods"]["best-on-val / tuned"] = {"library": "simdiff", "sampler": "validation-selected",
+                                                 "grid": "tuned", "stochastic": False, "results": chosen}
 
 
 def summarize(res: dict[str, Any], targets: tuple[int, ...]) -> list[list[Any]]:
@@ -333,10 +340,14 @@ def render(results: list[dict[str, Any]], targets: tuple[int, ...], info: dict[s
           "own sigma). NFE = counted denoiser calls; a number in parentheses is the actual NFE where a method "
           "cannot hit the target exactly (Heun: 2 steps - 1; PLMS: steps + 1). RMSE = root mean squared error per "
           "coordinate vs a DOP853 solution of the PF-ODE from the same z_T to logsnr 30 (the data end). simdiff "
-          "`tuned` grids are fitted on a separate calibration batch and evaluated on the held-out batch.", ""]
+          "`tuned` grids (NFE <= 10) are fitted by `optimize_grid` on a calibration batch, with the init (best "
+          "fixed grid kind), early stopping and the `best-on-val` sampler chosen on a separate validation batch; "
+          "all three noise batches are disjoint and the reported (test) batch is never used for any choice. "
+          "The summary's \"best\" columns take the minimum over rows on the test batch for both libraries.", ""]
     for res in results:
         d = res["dim"]
-        md += [f"### {d}-D (N = {res['n_eval']}, calibration N = {res['n_calibration']})", "",
+        md += [f"### {d}-D (N = {res['n_eval']}, calibration N = {res.get('n_calibration', '-')}, validation N = "
+               f"{res.get('n_validation', '-')})", "",
                f"Reference: {res['reference']}. SW2 noise floor (fresh vs fresh data): "
                f"{fmt_num(res['sw2_noise_floor'])}; SW2 of the reference ODE samples: {fmt_num(res['sw2_reference'])}."]
         if "rmse_landing_from_logsnr_max" in res:
@@ -363,14 +374,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=0, help="evaluation points (default 2000 in 2-D, 1000 otherwise)")
     p.add_argument("--quick", action="store_true", help="smoke mode: 300 points, NFE 5 and 10, short tuning")
     p.add_argument("--no-tune", action="store_true", help="skip optimize_grid rows")
-    p.add_argument("--tune-top", type=int, default=1, help="tune grids for this many best simdiff samplers")
+    p.add_argument("--tune-samplers", nargs="+", default=["unipc", "dpmpp_3m"], help="samplers to tune grids for")
     p.add_argument("--tune-iters", type=int, default=150, help="Adam iterations of optimize_grid")
-    p.add_argument("--tune-max-nfe", type=int, default=20, help="tune grids only up to this NFE")
+    p.add_argument("--tune-max-nfe", type=int, default=10, help="tune grids only up to this NFE")
+    p.add_argument("--n-cal", type=int, default=0, help="calibration points (default 2048 in 2-D, 1024 otherwise)")
+    p.add_argument("--n-val", type=int, default=0, help="validation points (default 1000 in 2-D, 500 otherwise)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default="samplers", help="results file stem under benchmarks/results/")
     args = p.parse_args(argv)
     if args.quick:
-        args.nfe, args.tune_iters, args.tune_top = [5, 10], min(args.tune_iters, 20), 1
+        args.nfe, args.tune_iters, args.tune_samplers = [5, 10], min(args.tune_iters, 20), args.tune_samplers[:1]
+        args.n_cal, args.n_val = args.n_cal or 256, args.n_val or 200
     # one thread: these are small float64 tensors; on a shared 2-core box 2 threads were 2-50x slower per call
     torch.set_num_threads(args.threads)
     targets = tuple(sorted(set(args.nfe)))

@@ -75,3 +75,15 @@ def test_bad_input():
     with pytest.raises(ValueError, match="features per example"):
         gm.posterior_mean(torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4))
     assert math.isclose(float(gm.log_weights.exp().sum()), 1.0)
+
+
+def test_shared_logsnr_fast_path_matches_general_path():
+    gm = GaussianMixture.random(5, 6, num_classes=3, seed=4)
+    z = torch.randn(40, 5, dtype=torch.float64)
+    labels = torch.arange(40) % 3
+    for lam in (-6.0, 0.5, 9.0):
+        shared = torch.tensor(lam, dtype=torch.float64).expand(40)  # stride 0: the fast path
+        general = torch.full((40,), lam, dtype=torch.float64)  # contiguous: the general path
+        for lab in (None, labels):
+            torch.testing.assert_close(gm.posterior_mean(z, shared, lab), gm.posterior_mean(z, general, lab),
+                                       rtol=0, atol=1e-12)
