@@ -150,7 +150,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from simdiff.train import export_inference
 
-    out = export_inference(args.source, args.out)
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    out = export_inference(args.source, args.out, dtype=dtypes[args.dtype])
     print(f"exported EMA weights with config to {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -207,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write EMA weights + config to one .safetensors file")
     p.add_argument("source", help="run directory or checkpoint directory")
     p.add_argument("out")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="weight precision in the file (float16 halves its size)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="train a small MNIST model for a few minutes, sample a grid, print its score")

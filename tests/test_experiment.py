@@ -61,6 +61,10 @@ def test_sample_export_and_reload(run, capsys):
     lam = torch.zeros(2)
     torch.testing.assert_close(a.model(z, lam).x, b.model(z, lam).x)
     assert b.num_classes == 10 and b.image_shape == (1, 8, 8)
+    half = run / "model16.safetensors"
+    assert main(["export", str(run / "run"), str(half), "--dtype", "float16"]) == 0
+    assert half.stat().st_size < 0.6 * exported.stat().st_size
+    torch.testing.assert_close(load_model(half).model(z, lam).x, b.model(z, lam).x, rtol=0, atol=2e-2)
     assert main(["sample", str(exported), "--info"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["arch"] == "uvit"
 

@@ -272,14 +272,19 @@ def load_latest(run_dir: str | Path, *, fallback: bool = False) -> Checkpoint | 
     return None
 
 
-def export_inference(src: str | Path, out_path: str | Path) -> Path:
+def export_inference(src: str | Path, out_path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
     """Write the EMA weights (model weights if no EMA) of a run dir's latest checkpoint, or of one checkpoint
-    directory, to one ``.safetensors`` file; the config JSON goes in its metadata under ``"config"``."""
+    directory, to one ``.safetensors`` file; the config JSON goes in its metadata under ``"config"``.
+
+    ``dtype`` (e.g. ``torch.float16``) casts floating-point weights for a smaller file; loading casts them back
+    to the model's dtype."""
     src = Path(src)
     ckpt = load_checkpoint(src) if (src / "state.json").exists() else load_latest(src)
     if ckpt is None:
         raise CheckpointError(f"{src}: no checkpoint to export")
     weights = ckpt.ema if ckpt.ema is not None else ckpt.model
+    if dtype is not None:
+        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     meta = {
         "format": INFERENCE_FORMAT,
         "config": json.dumps(ckpt.state.get("config") or {}),
