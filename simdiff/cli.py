@@ -159,7 +159,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from simdiff.demo import run_demo
 
-    run_demo(minutes=args.minutes, run_dir=Path(args.run_dir), num_eval=args.num_eval)
+    run_demo(minutes=args.minutes, run_dir=Path(args.run_dir), num_eval=args.num_eval, num_fid=args.num_fid)
     return 0
 
 
@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a small MNIST model for a few minutes, sample a grid, print its score")
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--run-dir", default="runs/demo")
-    p.add_argument("--num-eval", type=int, default=1000)
+    p.add_argument("--num-eval", type=int, default=1000, help="samples for MNIST Fréchet distance and accuracy")
+    p.add_argument("--num-fid", type=int, default=300, help="samples for Inception FID (slow on CPU; 0 skips)")
     p.set_defaults(func=cmd_demo)
     return parser
 

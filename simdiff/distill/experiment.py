@@ -7,6 +7,9 @@ Xie et al. 2024), wrapped where the method needs it:
 
 * ``guided`` (Meng et al. 2023, stage one): :class:`GuidanceConditioned` adds a Fourier embedding of the guidance
   weight ``w`` to the network's log-SNR embedding, zero-initialised so the student starts as the teacher;
+* ``guided_progressive`` (Meng et al. 2023, stage two): progressive distillation of a *guided* student (the teacher
+  must be a run of kind ``guided`` or ``guided_progressive``), ``w`` kept as an input; the student is a copy of the
+  w-conditioned teacher, ``w_min``/``w_max`` default to the stage-one run's;
 * ``em`` (EMD, Xie et al. 2024): :class:`~simdiff.distill.em.DenoiserGenerator` ``g(z) = x_hat(z, lambda*)``;
   its score network is another copy of the teacher;
 * ``moment_matching``: its auxiliary denoiser is another copy of the teacher (the loss object's default).
@@ -39,7 +42,7 @@ from simdiff.configuration import ConfigError, apply_overrides, from_dict, get_r
 from simdiff.data import DataConfig
 from simdiff.distill.consistency import MultistepConsistency
 from simdiff.distill.em import DenoiserGenerator, EMDistillation
-from simdiff.distill.guided import GuidanceDistillation, sample_stochastic
+from simdiff.distill.guided import GuidanceDistillation, GuidedProgressiveDistillation, sample_stochastic
 from simdiff.distill.moment_matching import MomentMatching
 from simdiff.distill.progressive import ProgressiveDistillation, ProgressiveSchedule
 from simdiff.generate import SampleConfig
@@ -47,8 +50,8 @@ from simdiff.nets.conditioning import LogSNREmbedding
 from simdiff.process import ddpm_step
 from simdiff.train import TrainConfig
 
-__all__ = ["DistillConfig", "METHODS", "STUDENT_SAMPLERS", "GuidanceConditioned", "load_distill_config", "distill",
-           "build_loss", "wrap_student", "student_sampler"]
+__all__ = ["DistillConfig", "METHODS", "TEACHER_KINDS", "STUDENT_SAMPLERS", "GuidanceConditioned",
+           "load_distill_config", "distill", "build_loss", "wrap_student", "student_sampler"]
 
 #: method name -> loss class.
 METHODS: dict[str, type] = {
@@ -57,11 +60,15 @@ METHODS: dict[str, type] = {
     "consistency": MultistepConsistency,
     "moment_matching": MomentMatching,
     "em": EMDistillation,
+    "guided_progressive": GuidedProgressiveDistillation,
 }
+#: method -> the checkpoint kinds it accepts as a teacher (default: a diffusion model).
+TEACHER_KINDS: dict[str, tuple[str, ...]] = {"guided_progressive": ("guided", "guided_progressive")}
 #: constructor arguments the glue sets itself (not allowed in ``method_params``).
 _GLUE_SET = {"student_steps", "curriculum", "segments", "steps", "sample_steps", "score_net", "aux", "param_teacher"}
 #: extra ``method_params`` the glue understands per method.
-_GLUE_PARAMS = {"progressive": {"start_steps", "steps_per_round"}, "em": {"logsnr_star"}}
+_GLUE_PARAMS = {"progressive": {"start_steps", "steps_per_round"}, "em": {"logsnr_star"},
+                "guided_progressive": {"start_steps", "steps_per_round"}}
 
 
 @dataclass(frozen=True)
@@ -70,9 +77,9 @@ class DistillConfig:
 
     Attributes:
         method: one of :data:`METHODS`. teacher: run dir / checkpoint dir / exported ``.safetensors``.
-        steps: the student's sampling steps (progressive: the *final* count; the rounds halve from
-            ``method_params.start_steps``, default ``2 * steps``, every ``method_params.steps_per_round`` trainer
-            steps, default ``train.steps // rounds``). consistency: the segment count K; em: must be 1.
+        steps: the student's sampling steps (progressive, guided_progressive: the *final* count; the rounds
+            halve from ``method_params.start_steps``, default ``2 * steps``, every ``method_params.steps_per_round``
+            trainer steps, default ``train.steps // rounds``). consistency: the segment count K; em: must be 1.
         method_params: keyword options of the method's loss class (unknown keys are an error naming them).
         train: the trainer config (the student is the trained model). data: default: the teacher's data config.
         sample: ``num``/``seed``/``batch_size``/``guidance`` of the final grid (sampler/steps/grid come from the
@@ -226,6 +233,11 @@ def build_loss(cfg: DistillConfig, student: nn.Module, teacher: nn.Module, sched
             params.setdefault("null_cond", null)
         extra = {"param_teacher": teacher} if params.get("variant") == "parameter" else {}
         return MomentMatching(student, teacher, schedule, steps=cfg.steps, **extra, **params)
+    if method == "guided_progressive":
+        if not getattr(teacher, "guidance_input", False):
+            raise ConfigError("guided_progressive needs a w-conditioned teacher (a 'guided' student)")
+        return GuidedProgressiveDistillation(student, teacher, schedule, curriculum=_progressive_curriculum(cfg),
+                                             **params)
     if cfg.steps != 1:
         raise ConfigError(f"em distils a one-step generator: steps must be 1, got {cfg.steps}")
     return EMDistillation(student, teacher, schedule, **params)
@@ -233,6 +245,8 @@ def build_loss(cfg: DistillConfig, student: nn.Module, teacher: nn.Module, sched
 
 def _make_student(cfg: DistillConfig, teacher_net: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
     net = copy.deepcopy(teacher_net).train().requires_grad_(True)
+    if cfg.method == "guided_progressive":  # the teacher is already w-conditioned: copy it as it is
+        return net, {"wrapper": "guidance"}
     if cfg.method == "guided":
         info: dict[str, Any] = {"wrapper": "guidance"}
     elif cfg.method == "em":
@@ -274,7 +288,7 @@ class _RecordingLoss:
         return self.loss(model, batch, generator)
 
 
-def _load_teacher(path: str, device: torch.device):
+def _load_teacher(path: str, device: torch.device, kinds: tuple[str, ...] = ("diffusion",)):
     from simdiff.experiment import load_model
     from simdiff.train import CheckpointError
 
@@ -285,8 +299,10 @@ def _load_teacher(path: str, device: torch.device):
     except CheckpointError as e:
         raise CheckpointError(f"teacher: {e}") from None
     kind = loaded.meta.get("kind", "diffusion")
-    if kind != "diffusion":
-        raise CheckpointError(f"teacher: {path} is a distilled {kind!r} student, not a simdiff diffusion model")
+    if kind not in kinds:
+        if kinds == ("diffusion",):
+            raise CheckpointError(f"teacher: {path} is a distilled {kind!r} student, not a simdiff diffusion model")
+        raise CheckpointError(f"teacher: {path} is of kind {kind!r}; this method needs one of: {', '.join(kinds)}")
     return loaded
 
 
@@ -306,7 +322,11 @@ def distill(cfg: DistillConfig, run_dir: str | Path, *, resume: bool = True) -> 
     if isinstance(cfg.steps, bool) or cfg.steps < 1:
         raise ConfigError(f"steps must be an integer >= 1, got {cfg.steps}")
     info = D.init_distributed(cfg.train.device)
-    teacher = _load_teacher(cfg.teacher, info.device)
+    teacher = _load_teacher(cfg.teacher, info.device, TEACHER_KINDS.get(cfg.method, ("diffusion",)))
+    if cfg.method == "guided_progressive":  # keep the stage-one guidance range unless overridden
+        stage_one = (teacher.meta.get("distill") or {}).get("method_params") or {}
+        inherited = {k: stage_one[k] for k in ("w_min", "w_max") if k in stage_one}
+        cfg = dataclasses.replace(cfg, method_params={**inherited, **cfg.method_params})
     student, student_info = _make_student(cfg, teacher.model)
     student.to(info.device)
     loss = build_loss(cfg, student, teacher.model, teacher.schedule, teacher.num_classes)
