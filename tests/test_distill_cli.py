@@ -183,3 +183,43 @@ def test_generate_student_samplers_match_the_loss_objects(root, students):
     cfg = SampleConfig(sampler="guided_stochastic", steps=3, grid="uniform_t", num=2, guidance=1.5)
     x = generate(guided.model, guided.schedule, (1, 8, 8), cfg, labels=torch.tensor([0, 1]), num_classes=10)
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all() and len(calls) == 3
+
+
+def test_guided_stage_two_distils_the_w_conditioned_student(root, tmp_path, monkeypatch, capsys):
+    """Meng et al. 2023 stage two: teacher -> guided (stage one, w in [0, 2.5]) -> guided_progressive (4 -> 2 steps)."""
+    one, two = tmp_path / "stage1", tmp_path / "stage2"
+    assert main(["distill", "--method", "guided", "--teacher", str(root / "teacher"), "--steps", "4",
+                 "--run-dir", str(one), *FAST, "--set", "method_params.w_max=2.5"]) == 0
+    assert main(["distill", "--method", "guided_progressive", "--teacher", str(one), "--steps", "2",
+                 "--run-dir", str(two), *FAST]) == 0
+    doc = _state(two)["config"]
+    assert doc["kind"] == "guided_progressive" and doc["teacher_kind"] == "guided"
+    assert doc["student"] == {"wrapper": "guidance"}
+    assert doc["sampler_spec"]["sampler"] == "ddim" and doc["sampler_spec"]["steps"] == 2
+    assert doc["distill"]["method_params"]["w_max"] == 2.5  # the stage-one guidance range is kept
+    loaded = experiment.load_model(two)
+    assert isinstance(loaded.model, GuidanceConditioned) and loaded.config.sample.steps == 2
+
+    counts = []
+    real_load = experiment.load_model
+
+    def counting_load(*args, **kwargs):
+        out = real_load(*args, **kwargs)
+        out.model.register_forward_hook(lambda *_: counts.append(1))
+        return out
+
+    monkeypatch.setattr(experiment, "load_model", counting_load)
+    capsys.readouterr()
+    assert main(["sample", str(two), "--num", "4", "--guidance", "1.5", "--out", str(tmp_path / "g.png")]) == 0
+    assert "ddim, 2 steps" in capsys.readouterr().out
+    assert len(counts) == 2  # w is an input: no second (unconditional) call per step
+
+
+def test_guided_stage_two_needs_a_guided_teacher(root, students, tmp_path, capsys):
+    base = ["distill", "--run-dir", str(tmp_path / "x"), *FAST, "--method", "guided_progressive", "--steps", "1"]
+    _one_line_error(capsys, [*base, "--teacher", str(root / "teacher")], "this method needs one of: guided")
+    _one_line_error(capsys, [*base, "--teacher", str(students["guided"]), "--set", "method_params.guidance_range=1"],
+                    "unknown method_params ['guidance_range']")
+    _one_line_error(capsys, ["distill", "--run-dir", str(tmp_path / "x"), *FAST, "--method", "progressive",
+                             "--teacher", str(students["guided"])], "distilled 'guided' student")
+    assert not (tmp_path / "x").exists()
