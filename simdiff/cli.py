@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with one of: progressive, guided, consistency, moment_matching, em. CONFIG is an "
                                    "optional YAML of DistillConfig fields (see configs/distill_progressive.yaml).")
     p.add_argument("config", nargs="?", help="optional YAML with DistillConfig fields")
-    p.add_argument("--method", help="progressive | guided | consistency | moment_matching | em")
+    p.add_argument("--method", help="progressive | guided | guided_progressive | consistency | moment_matching | em")
     p.add_argument("--teacher", help="teacher run directory, checkpoint directory or exported .safetensors")
     p.add_argument("--steps", type=int, help="the student's sampling steps (progressive: the final count)")
     p.add_argument("--run-dir", help="output directory (default runs/<name>_<method>)")
