@@ -265,7 +265,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='JSON {method: {param: value}}, e.g. \'{"em": {"langevin_steps": 4}}\'')
     p.add_argument("--fd-samples", type=int, default=5000)
     p.add_argument("--fid-samples", type=int, default=5000)
-    p.add_argument("--teacher-steps", nargs="+", type=int, default=[8, 16, 32, 256])
+    p.add_argument("--teacher-steps", nargs="*", type=int, default=[8, 16, 32, 256],
+                   help="teacher rows (none: students only, e.g. for a run split over processes; see --merge)")
     p.add_argument("--sampler", default="unipc", help="teacher sampler (simdiff.samplers.SAMPLERS)")
     p.add_argument("--grid", default="uniform_t", help="teacher step grid")
     p.add_argument("--guidance", type=float, default=0.0, help="CFG weight for the teacher and guided students")
@@ -274,7 +275,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default="", help="where student runs go (default: a fresh temporary directory)")
     p.add_argument("--out", default=str(RESULTS_DIR), help="directory for distill.json / distill.md")
     p.add_argument("--quick", action="store_true", help="smoke mode: tiny digits teacher, few steps, MNIST FD only")
+    p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                   help="no runs: merge the distill.json files of runs split over processes into one table")
     args = p.parse_args(argv)
+    if args.merge:
+        return args
     if args.quick:
         args.steps = [s for s in args.steps if s <= 2] or [1]
         args.train_steps, args.batch, args.lr, args.warmup = min(args.train_steps, 8), min(args.batch, 32), 1e-3, 0
@@ -286,8 +291,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def merge(paths: list[str]) -> tuple[dict[str, Any], argparse.Namespace]:
+    """One result from the ``distill.json`` of runs split over processes (same flags except methods/teacher rows)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    keep = ("train_steps", "batch", "lr", "fd_samples", "fid_samples", "seed", "teacher", "guidance", "sampler",
+            "grid", "device")
+    for p, part in zip(paths[1:], parts[1:]):
+        diff = [k for k in keep if part["args"].get(k) != parts[0]["args"].get(k)]
+        if diff:
+            raise SystemExit(f"--merge: {p} differs from {paths[0]} in {', '.join(diff)}; only like runs merge")
+    result = {**parts[0], "students": [], "skipped": []}
+    result["teacher"] = {**parts[0]["teacher"], "rows": []}
+    for part in parts:
+        result["teacher"]["rows"] += part["teacher"]["rows"]
+        result["students"] += part["students"]
+        result["skipped"] += part["skipped"]
+    result["command"] = " ; ".join(part["command"] for part in parts)
+    result["total_minutes"] = max(part["total_minutes"] for part in parts)
+    result["merged_from"] = list(paths)
+    return result, argparse.Namespace(**{**parts[0]["args"], "quick": any(p["args"].get("quick") for p in parts)})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        result, run_args = merge(args.merge)
+        out = Path(args.out)
+        write_json("distill", result, out)
+        write_text("distill.md", markdown(result, run_args), out)
+        th, trows, sh, srows = tables(result)
+        print(table_text(th, trows), table_text(sh, srows), sep="\n\n")
+        print(f"\nmerged {len(args.merge)} runs into {out / 'distill.json'} and {out / 'distill.md'}")
+        return 0
     t0 = time.perf_counter()
     result = run(args)
     result.update({"machine": machine_info(), "command": command_line(), "args": vars(args),

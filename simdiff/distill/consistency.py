@@ -142,6 +142,16 @@ class MultistepConsistency(DistillationLoss):
                 for pe, ps in zip(self.ema.parameters(), self.student.parameters()):
                     pe.lerp_(ps.detach(), 1.0 - self.ema_decay)
 
+    def aux_state_dict(self) -> dict[str, Tensor]:
+        """The EMA target's weights (``target="ema"``; empty for "stopgrad"), for checkpoints."""
+        if self.ema is None:
+            return {}
+        return {f"ema.{k}": v.detach().clone() for k, v in self.ema.state_dict().items()}
+
+    def load_aux_state_dict(self, state: dict[str, Tensor]) -> None:
+        if self.ema is not None and state:
+            self.ema.load_state_dict({k[len("ema."):]: v for k, v in state.items() if k.startswith("ema.")})
+
     def loss(self, model: Denoise, batch: dict[str, Tensor], generator: torch.Generator | None) -> Tensor:
         x, cond = split_batch(batch)
         b, k = x.shape[0], self.segments

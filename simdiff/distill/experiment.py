@@ -17,9 +17,9 @@ Xie et al. 2024), wrapped where the method needs it:
 Checkpoints record ``kind = <method>``, the teacher's experiment config (with ``sample`` set to the student's
 sampler, so ``simdiff sample RUN`` uses it by default), ``image_shape``, ``num_classes``, ``sampler_spec`` (from
 ``loss.sampler_spec()``) and ``student`` (how to rewrap the rebuilt network, :func:`wrap_student`). Loss-owned
-auxiliary state (moment matching, EMD) is written to ``run_dir/aux_state.safetensors`` at the end of the run and
-reloaded on resume; the trainer does not checkpoint it, so a resume from an intermediate checkpoint restores the
-aux state of the *end* of the previous run (not exact).
+state (moment matching's and EMD's auxiliary networks with their Adam state, a progressive round's teacher, a
+consistency EMA target) goes into every trainer checkpoint (``aux.safetensors``) through the loss object's
+``aux_state_dict`` / ``load_aux_state_dict``, so a resume from any checkpoint continues bit for bit.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from simdiff.configuration import ConfigError, apply_overrides, from_dict, get_registered, load_yaml, to_dict
@@ -287,6 +286,11 @@ class _RecordingLoss:
     def __call__(self, model, batch, generator):
         return self.loss(model, batch, generator)
 
+    def __getattr__(self, name: str):  # aux_state_dict / load_aux_state_dict where the loss object has them
+        if name in ("aux_state_dict", "load_aux_state_dict"):
+            return getattr(self.loss, name)
+        raise AttributeError(name)
+
 
 def _load_teacher(path: str, device: torch.device, kinds: tuple[str, ...] = ("diffusion",)):
     from simdiff.experiment import load_model
@@ -347,17 +351,11 @@ def distill(cfg: DistillConfig, run_dir: str | Path, *, resume: bool = True) -> 
     if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "distill.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    aux_path = run_dir / "aux_state.safetensors"
-    if resume and aux_path.is_file() and hasattr(loss, "load_aux_state_dict"):
-        loss.load_aux_state_dict({k: v.to(info.device) for k, v in load_file(str(aux_path)).items()})
     trainer = Trainer(student, recording, data, cfg.train, run_dir, config_dict=config_dict, resume=resume)
     recording.trainer = trainer
     summary = trainer.fit()
     summary["sampler_spec"] = loss.sampler_spec()
     if info.rank == 0:
-        if hasattr(loss, "aux_state_dict"):
-            save_file({k: v.detach().cpu().contiguous() for k, v in loss.aux_state_dict().items()}, str(aux_path),
-                      metadata={"step": str(trainer.step), "method": cfg.method})
         student.eval()
         if trainer.ema is not None:
             trainer.ema.copy_to(student)

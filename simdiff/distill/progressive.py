@@ -155,10 +155,28 @@ class ProgressiveDistillation(DistillationLoss):
     def sample_steps(self) -> int:
         return self.student_steps
 
+    def aux_state_dict(self) -> dict[str, Tensor]:
+        """The round, the student's step count and (after round 0) the round's teacher weights, for checkpoints."""
+        out = {"round": torch.tensor(self.round), "student_steps": torch.tensor(self.student_steps)}
+        if self.round > 0 and isinstance(self.teacher, nn.Module):
+            out.update({f"teacher.{k}": v.detach().clone() for k, v in self.teacher.state_dict().items()})
+        return out
+
+    def load_aux_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore :meth:`aux_state_dict` (a resume mid-round gets that round's teacher back, not the student)."""
+        rnd, steps = int(state["round"]), int(state["student_steps"])
+        if rnd > 0:
+            if not isinstance(self.student, nn.Module):
+                raise ValueError("restoring a progressive round's teacher needs the student nn.Module")
+            teacher = frozen_copy(self.student)
+            teacher.load_state_dict({k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")})
+            self.teacher = teacher
+        self.round, self.student_steps = rnd, steps
+
     def set_step(self, step: int) -> None:
         """Advance the curriculum; on a round change the current student becomes the teacher.
 
-        Resuming mid-curriculum snapshots the *current* student as the teacher (exact only at round boundaries).
+        A resume restores the round's teacher first (:meth:`load_aux_state_dict`), so it continues exactly.
         """
         super().set_step(step)
         if self.curriculum is None:

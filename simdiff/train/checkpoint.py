@@ -38,7 +38,7 @@ __all__ = [
 
 FORMAT = "simdiff-checkpoint-v1"
 INFERENCE_FORMAT = "simdiff-inference-v1"
-TENSOR_FILES = ("model", "ema", "optimizer", "rng")
+TENSOR_FILES = ("model", "ema", "optimizer", "rng", "aux")
 _DEVICE_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 
@@ -57,6 +57,8 @@ class Checkpoint:
     optimizer: dict[str, Any] | None
     rng: dict[str, torch.Tensor]
     state: dict[str, Any] = field(default_factory=dict)
+    #: loss-owned training state (distillation: auxiliary networks and their optimizers, round teachers, ...).
+    aux: dict[str, torch.Tensor] | None = None
 
 
 def library_version() -> str:
@@ -159,22 +161,25 @@ def save_checkpoint(
     rng: dict[str, torch.Tensor] | None = None,
     state: dict[str, Any] | None = None,
     keep_last: int | None = None,
+    aux: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Atomically write checkpoint ``step``; return its directory. Non-finite tensors -> CheckpointError.
 
     Args:
         model / ema: state dicts; optimizer: ``optimizer.state_dict()``; rng: named uint8 RNG-state tensors;
         state: extra JSON-safe fields for ``state.json``; keep_last: delete all but the newest N checkpoints.
+        aux: flat tensors of loss-owned state (written to ``aux.safetensors``; None: no file).
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
     final = root / name
-    tensors = {"model": _cpu(model), "ema": _cpu(ema) if ema is not None else None, "rng": _cpu(rng or {})}
+    tensors = {"model": _cpu(model), "ema": _cpu(ema) if ema is not None else None, "rng": _cpu(rng or {}),
+               "aux": _cpu(aux) if aux is not None else None}
     opt_meta = None
     if optimizer is not None:
         tensors["optimizer"], opt_meta = flatten_optimizer_state(optimizer)
-    for key in ("model", "ema", "optimizer"):
+    for key in ("model", "ema", "optimizer", "aux"):
         if tensors.get(key) is not None:
             _assert_finite(str(final / f"{key}.safetensors"), tensors[key])
     for stale in root.glob(".tmp-*"):  # left by a killed writer
@@ -245,7 +250,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             raise CheckpointError(f"{sj}: optimizer.safetensors present but optimizer_meta missing")
         optimizer = unflatten_optimizer_state(loaded["optimizer"], doc["optimizer_meta"])
     return Checkpoint(path=path, step=int(doc["step"]), model=loaded["model"], ema=loaded.get("ema"),
-                      optimizer=optimizer, rng=loaded.get("rng", {}), state=doc)
+                      optimizer=optimizer, rng=loaded.get("rng", {}), state=doc,
+                      aux=loaded.get("aux"))
 
 
 def load_latest(run_dir: str | Path, *, fallback: bool = False) -> Checkpoint | None:

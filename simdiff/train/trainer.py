@@ -6,7 +6,9 @@ the global torch RNG (dropout) is seeded with ``mix_seed("global", seed, rank, k
 ``loss_fn`` with ``mix_seed("loss", seed, rank, k, micro)``; the data order is a pure function of
 ``(seed, epoch, position)``. A resumed run therefore repeats an uninterrupted one bit for bit (on the same
 device and thread count); the global python / numpy / torch RNG states are saved and restored as well, for
-user code that draws from them between steps.
+user code that draws from them between steps. A loss object with state of its own (distillation: auxiliary networks
+and their optimizers, a progressive round's teacher) exposes ``aux_state_dict()`` / ``load_aux_state_dict(d)``;
+the trainer writes it into every checkpoint (``aux.safetensors``, rank 0's copy) and restores it on resume.
 
 A step whose all-reduced loss or gradient norm is NaN/inf is skipped (no optimizer or EMA update, gradients
 dropped) and counted; ``max_nonfinite`` *consecutive* skips abort with :class:`NonFiniteError` and no
@@ -266,9 +268,10 @@ class Trainer:
             model, optim = self.model.state_dict(), self.optimizer.state_dict()
             ema = self.ema.state_dict() if self.ema is not None else None
         if self.is_main:
+            aux = self.loss_fn.aux_state_dict() if hasattr(self.loss_fn, "aux_state_dict") else None
             self.last_checkpoint = ckpt_io.save_checkpoint(
                 self.run_dir, self.step, model=model, optimizer=optim, ema=ema, rng=_rng_tensors(),
-                state=self._state_doc(), keep_last=self.cfg.keep_last)
+                state=self._state_doc(), keep_last=self.cfg.keep_last, aux=aux)
         else:
             self.last_checkpoint = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
         D.barrier()
@@ -309,6 +312,12 @@ class Trainer:
                 self.optimizer.load_state_dict(optim)
         if self.ema is not None and ck.ema is not None:
             self.ema.load_state_dict(ck.ema)
+        if hasattr(self.loss_fn, "load_aux_state_dict"):
+            if ck.aux is None:
+                warnings.warn(f"{ck.path} holds no loss state (aux.safetensors); the loss object starts afresh and "
+                              "the run will not be identical to an uninterrupted one", stacklevel=2)
+            else:
+                self.loss_fn.load_aux_state_dict({k: v.to(self.device) for k, v in ck.aux.items()})
         self.data.load_state_dict(st["data"])
         self.step, self.images_seen = ck.step, int(st["images_seen"])
         self.nonfinite_total = int(st["nonfinite"]["total"])
