@@ -33,6 +33,26 @@ def test_consistency_distillation_beats_teacher_ddim_at_two_steps():
     assert loss.sampler_spec() == {"sampler": "ddim", "steps": 2, "grid": "uniform_t"}
 
 
+def test_consistency_training_without_teacher_beats_exact_teacher_ddim_at_two_steps():
+    """CT (no teacher: the data point stands in for the teacher's x) from a randomly initialised MLP."""
+    torch.manual_seed(0)
+    mix = GaussianMixture.random(2, 4, std=0.1, seed=1, dtype=torch.float32)
+    net = MLPDenoiser(2, hidden=64)
+    steps = 800
+    loss = MultistepConsistency(net, None, SCHED, segments=2, mode="training", teacher_steps=(8, 64),
+                                anneal_steps=steps)
+    train_loop(loss, net, lambda g: {"x": mix.sample(256, generator=g)[0]}, steps=steps, lr=1e-3)
+    z = torch.randn(M, 2, generator=torch.Generator().manual_seed(6))
+    ref = mix.sample(M, generator=torch.Generator().manual_seed(5))[0]
+    def sw(a):
+        return float(sliced_wasserstein(a, ref, num_projections=128, generator=torch.Generator().manual_seed(7)))
+    with torch.no_grad():
+        student = sw(loss.sample(net, z))
+    teacher2 = sw(ddim_sample(mix.denoise, z, uniform_t_grid(SCHED, 2)))
+    # seen: CT student K=2 0.178 vs DDIM(2) with the *exact* denoiser 0.333 (1500 steps with an EMA target: 0.147)
+    assert student < 0.65 * teacher2, (student, teacher2)
+
+
 def test_non_degenerate_target_is_data_when_segment_is_one_teacher_step():
     # N = K: s = t_step, so z_ref = z_s and the CT target invDDIM_{t->s}(z_s, z_t) is exactly x (eq. 8).
     mix = GaussianMixture.random(3, 3, seed=0)

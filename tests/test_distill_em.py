@@ -53,6 +53,28 @@ def test_one_step_generator_improves_and_beats_teacher_ddim(fitted):
     assert final_sw < 0.3 * teacher_sw, (final_sw, teacher_sw)
 
 
+def test_class_conditional_generator_beats_teacher_one_step(conditional_mixture):
+    """EMD with labels: one generator, both classes, scored against each class's true components."""
+    cm = conditional_mixture
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(4000) % 2
+    ref = cm.mixture.sample(4000, labels=labels, generator=g)[0]
+    z = torch.randn(4000, 2, generator=g, dtype=torch.float64)
+    cond = {"labels": labels}
+    teacher_sw = cm.per_class_sw(ddim_sample(cm.teacher, z, uniform_t_grid(cm.schedule, 1), cond=cond), ref, labels)
+    gen = DenoiserGenerator(copy.deepcopy(cm.fitted), logsnr_star=0.0)
+    method = EMDistillation(gen, cm.teacher, cm.schedule, aux_lr=3e-3)
+    with torch.no_grad():
+        init_sw = cm.per_class_sw(method.sample(gen, z.float(), cond=cond), ref, labels)
+    train_loop(method, gen, cm.batch, steps=120, lr=3e-4, seed=0)
+    with torch.no_grad():
+        final_sw = cm.per_class_sw(method.sample(gen, z.float(), cond=cond), ref, labels)
+    # Measured per-class SW2 (2000 a class): teacher 1-step DDIM 0.724, generator at init 0.313, after 120 EMD
+    # updates 0.204.
+    assert final_sw < 0.8 * init_sw, (final_sw, init_sw)
+    assert final_sw < 0.4 * teacher_sw, (final_sw, teacher_sw)
+
+
 def _grad_variance(gen: DenoiserGenerator, mode: str) -> float:
     method = EMDistillation(gen, GM.denoise, SCHED, noise_cancellation=mode, aux_updates=0)
     grads = []
