@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                           "guidance": args.guidance, "rows": []}, "students": [], "skipped": []}
     for n in args.teacher_steps:
         cfg = SampleConfig(sampler=args.sampler, steps=n, grid=args.grid, guidance=args.guidance)
-        row = {"steps": n, **score(teacher, cfg)}
+        row = {"steps": n, "sampler": args.sampler, "grid": args.grid, **score(teacher, cfg)}
         result["teacher"]["rows"].append(row)
         print(f"teacher {args.sampler}/{args.grid} {n} steps: {json.dumps(row)}", flush=True)
 
@@ -192,8 +192,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def tables(result: dict[str, Any]) -> tuple[list[str], list[list[Any]], list[str], list[list[Any]]]:
-    th = ["teacher steps", "MNIST FD", "FID", "sample s"]
-    trows = [[str(r["steps"]), r["mnist_fd"], r["fid"], r["sample_seconds"]] for r in result["teacher"]["rows"]]
+    th = ["teacher sampler", "steps", "MNIST FD", "FID", "sample s"]
+    t = result["teacher"]
+    rows = sorted(t["rows"], key=lambda r: (r.get("sampler", t["sampler"]) != t["sampler"], r["steps"]))
+    trows = [[f"{r.get('sampler', t['sampler'])}/{r.get('grid', t['grid'])}", str(r["steps"]), r["mnist_fd"], r["fid"],
+              r["sample_seconds"]] for r in rows]
     sh = ["method", "steps", "sampler", "images seen", "minutes", "MNIST FD", "FID"]
     srows = []
     for r in result["students"]:
@@ -215,7 +218,7 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
         f"Run {m['date']} on {m['platform']} ({m['cpu_count']} CPUs, {m.get('torch_threads')} torch threads), "
         f"torch {m['torch']}, device {args.device}. Command: `{result['command']}`.",
         "",
-        f"Teacher: `{t['path']}`, sampled with `{t['sampler']}` on the `{t['grid']}` grid, guidance w = "
+        f"Teacher: `{t['path']}`, sampled with the sampler/grid of each row, guidance w = "
         f"{t['guidance']}. Students: {args.train_steps} trainer steps x batch {args.batch} each, sampled with the "
         f"sampler they recorded; guided students get w = {args.guidance} as an input. MNIST FD on "
         f"{args.fd_samples} samples, FID (offline Inception) on {args.fid_samples} samples ('-' = not computed), "
@@ -252,7 +255,8 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--teacher", default="pretrained", help="'pretrained', a run directory or an exported .safetensors")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, "guided"])
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=[*METHODS, "guided"],
+                   help="methods to distil (none: teacher rows only)")
     p.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8], help="student sampling steps")
     p.add_argument("--train-steps", type=int, default=2000, help="trainer steps per student")
     p.add_argument("--batch", type=int, default=128)
@@ -294,8 +298,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def merge(paths: list[str]) -> tuple[dict[str, Any], argparse.Namespace]:
     """One result from the ``distill.json`` of runs split over processes (same flags except methods/teacher rows)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    keep = ("train_steps", "batch", "lr", "fd_samples", "fid_samples", "seed", "teacher", "guidance", "sampler",
-            "grid", "device")
+    keep = ("train_steps", "batch", "lr", "fd_samples", "fid_samples", "seed", "teacher", "guidance", "device")
     for p, part in zip(paths[1:], parts[1:]):
         diff = [k for k in keep if part["args"].get(k) != parts[0]["args"].get(k)]
         if diff:

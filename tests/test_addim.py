@@ -109,5 +109,22 @@ def test_sample_addim_matches_ddim_with_zero_variance_and_validates_grid():
     torch.testing.assert_close(out, ddim_sample(mix.denoise, z, grid), rtol=1e-12, atol=1e-12)
     assert len(calls) == 4
     assert not torch.allclose(sample_addim(mix.denoise, z, grid), out)
-    with pytest.raises(ValueError, match="strictly increasing"):
+    with pytest.raises(ValueError, match="needs an increasing logsnr grid"):
         sample_addim(mix.denoise, z, grid.flip(0)[1:])
+
+
+def test_addim_is_a_core_sampler_through_generate():
+    """``sampler: addim`` works wherever a core sampler does (registry, nfe, generate)."""
+    from simdiff.generate import SampleConfig, generate
+    from simdiff.samplers import SAMPLERS, get_sampler, nfe
+
+    assert get_sampler("addim") is sample_addim and "addim" in SAMPLERS and nfe("addim", 6) == 6
+    mix = GaussianMixture.random(2, 3, seed=0)
+    calls = []
+
+    def denoise(z, lam, **kw):
+        calls.append(1)
+        return mix.denoise(z.double(), lam.double())
+
+    x = generate(denoise, get_schedule("cosine"), (2,), SampleConfig(sampler="addim", steps=5, num=16, seed=0))
+    assert x.shape == (16, 2) and bool(torch.isfinite(x).all()) and len(calls) == 5

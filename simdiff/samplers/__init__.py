@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from simdiff.configuration import get_registered
+from simdiff.samplers.addim import sample_addim
 from simdiff.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_3m
 from simdiff.samplers.first_order import sample_ddim, sample_ddpm
 from simdiff.samplers.grids import GRID_KINDS, make_grid
@@ -38,6 +39,7 @@ __all__ = [
     "sample_dpmpp_3m",
     "sample_unipc",
     "sample_dpmpp_2m_sde",
+    "sample_addim",
 ]
 
 SAMPLERS: dict[str, Callable] = {
@@ -49,6 +51,7 @@ SAMPLERS: dict[str, Callable] = {
     "dpmpp_3m": sample_dpmpp_3m,
     "unipc": sample_unipc,
     "sde": sample_dpmpp_2m_sde,
+    "addim": sample_addim,
 }
 
 STOCHASTIC: frozenset[str] = frozenset({"ddpm", "sde"})  # ("ddim" only with eta > 0)
