@@ -315,26 +315,27 @@ def merge(paths: list[str]) -> tuple[dict[str, Any], argparse.Namespace]:
     return result, argparse.Namespace(**{**parts[0]["args"], "quick": any(p["args"].get("quick") for p in parts)})
 
 
+def write_results(result: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
+    """``out/distill.{json,md}`` and the two tables on stdout."""
+    write_json("distill", result, out)
+    write_text("distill.md", markdown(result, args), out)
+    th, trows, sh, srows = tables(result)
+    print(table_text(th, trows), table_text(sh, srows), sep="\n\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    out = Path(args.out)
     if args.merge:
         result, run_args = merge(args.merge)
-        out = Path(args.out)
-        write_json("distill", result, out)
-        write_text("distill.md", markdown(result, run_args), out)
-        th, trows, sh, srows = tables(result)
-        print(table_text(th, trows), table_text(sh, srows), sep="\n\n")
+        write_results(result, run_args, out)
         print(f"\nmerged {len(args.merge)} runs into {out / 'distill.json'} and {out / 'distill.md'}")
         return 0
     t0 = time.perf_counter()
     result = run(args)
     result.update({"machine": machine_info(), "command": command_line(), "args": vars(args),
                    "total_minutes": (time.perf_counter() - t0) / 60})
-    out = Path(args.out)
-    write_json("distill", result, out)
-    write_text("distill.md", markdown(result, args), out)
-    th, trows, sh, srows = tables(result)
-    print(table_text(th, trows), table_text(sh, srows), sep="\n\n")
+    write_results(result, args, out)
     print(f"\nwrote {out / 'distill.json'} and {out / 'distill.md'} ({result['total_minutes']:.1f} min)")
     return 1 if any("error" in r for r in result["students"]) or math.isnan(result["total_minutes"]) else 0
 
