@@ -149,8 +149,10 @@ def test_bad_input_one_line(root, students, tmp_path, capsys):
     bad = tmp_path / "random.safetensors"
     save_file({"w": torch.zeros(3)}, str(bad))
     _one_line_error(capsys, [*base, "--method", "progressive", "--teacher", str(bad)], "not a simdiff-inference-v1")
-    _one_line_error(capsys, [*base, "--method", "progressive", "--teacher", str(students["progressive"])],
+    _one_line_error(capsys, [*base, "--method", "consistency", "--teacher", str(students["progressive"])],
                     "distilled 'progressive' student")
+    _one_line_error(capsys, [*base, "--method", "progressive", "--teacher", str(students["progressive"]),
+                             "--steps", "1", "--set", "method_params.start_steps=8"], "start_steps must be 2")
     _one_line_error(capsys, [*base, "--method", "progressive", "--teacher", teacher, "--steps", "3",
                              "--set", "method_params.start_steps=8"], "progressive rounds must halve")
     _one_line_error(capsys, [*base, "--method", "consistency", "--teacher", teacher, "--steps", "0"], ">= 1")
@@ -163,6 +165,16 @@ def test_bad_input_one_line(root, students, tmp_path, capsys):
     cfg.write_text(yaml.safe_dump({"method": "em", "stepz": 1}))
     _one_line_error(capsys, ["distill", str(cfg), "--teacher", teacher], "unknown config key 'stepz'")
     assert not (tmp_path / "x").exists()
+
+
+def test_progressive_continues_from_a_progressive_student(root, students, tmp_path):
+    """A progressive run can start from the last student of an earlier one: its rounds continue the halving."""
+    run = tmp_path / "pd1"
+    assert main(["distill", "--method", "progressive", "--teacher", str(students["progressive"]), "--steps", "1",
+                 "--run-dir", str(run), *FAST]) == 0
+    doc = _state(run)["config"]
+    assert doc["teacher_kind"] == "progressive" and doc["sampler_spec"]["steps"] == 1
+    assert doc["distill"]["method_params"]["start_steps"] == 2  # the earlier student's step count
 
 
 def test_generate_student_samplers_match_the_loss_objects(root, students):

@@ -62,7 +62,8 @@ METHODS: dict[str, type] = {
     "guided_progressive": GuidedProgressiveDistillation,
 }
 #: method -> the checkpoint kinds it accepts as a teacher (default: a diffusion model).
-TEACHER_KINDS: dict[str, tuple[str, ...]] = {"guided_progressive": ("guided", "guided_progressive")}
+TEACHER_KINDS: dict[str, tuple[str, ...]] = {"guided_progressive": ("guided", "guided_progressive"),
+                                             "progressive": ("diffusion", "progressive")}
 #: constructor arguments the glue sets itself (not allowed in ``method_params``).
 _GLUE_SET = {"student_steps", "curriculum", "segments", "steps", "sample_steps", "score_net", "aux", "param_teacher"}
 #: extra ``method_params`` the glue understands per method.
@@ -304,10 +305,25 @@ def _load_teacher(path: str, device: torch.device, kinds: tuple[str, ...] = ("di
         raise CheckpointError(f"teacher: {e}") from None
     kind = loaded.meta.get("kind", "diffusion")
     if kind not in kinds:
-        if kinds == ("diffusion",):
-            raise CheckpointError(f"teacher: {path} is a distilled {kind!r} student, not a simdiff diffusion model")
+        if kinds[0] == "diffusion":
+            also = f" or a {' / '.join(kinds[1:])} student" if len(kinds) > 1 else ""
+            raise CheckpointError(f"teacher: {path} is a distilled {kind!r} student; this method needs a simdiff "
+                                  f"diffusion model{also}")
         raise CheckpointError(f"teacher: {path} is of kind {kind!r}; this method needs one of: {', '.join(kinds)}")
     return loaded
+
+
+def _continue_progressive(cfg: DistillConfig, meta: dict[str, Any]) -> DistillConfig:
+    """A progressive run whose teacher is itself a progressive student (distilled for ``N`` steps) continues the
+    halving from that student: the first round distils its ``N`` steps (``start_steps`` defaults to ``N``)."""
+    if meta.get("kind") not in ("progressive", "guided_progressive"):
+        return cfg
+    n = int((meta.get("sampler_spec") or {}).get("steps", 0))
+    start = cfg.method_params.get("start_steps", n)
+    if start != n:
+        raise ConfigError(f"{cfg.method}: the teacher is a progressive student for {n} steps, so start_steps must be "
+                          f"{n} (got {start})")
+    return dataclasses.replace(cfg, method_params={**cfg.method_params, "start_steps": n})
 
 
 def distill(cfg: DistillConfig, run_dir: str | Path, *, resume: bool = True) -> dict[str, Any]:
@@ -331,6 +347,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path, *, resume: bool = True) -> 
         stage_one = (teacher.meta.get("distill") or {}).get("method_params") or {}
         inherited = {k: stage_one[k] for k in ("w_min", "w_max") if k in stage_one}
         cfg = dataclasses.replace(cfg, method_params={**inherited, **cfg.method_params})
+    cfg = _continue_progressive(cfg, teacher.meta)
     student, student_info = _make_student(cfg, teacher.model)
     student.to(info.device)
     loss = build_loss(cfg, student, teacher.model, teacher.schedule, teacher.num_classes)
