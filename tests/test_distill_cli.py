@@ -67,6 +67,20 @@ def _state(run: Path) -> dict:
     return json.loads((ckpts[-1] / "state.json").read_text())
 
 
+def _count_network_calls(monkeypatch) -> list:
+    """Patch ``experiment.load_model`` so every network it loads appends to the returned list on each forward."""
+    counts: list = []
+    real_load = experiment.load_model
+
+    def counting_load(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        loaded.model.register_forward_hook(lambda *_: counts.append(1))
+        return loaded
+
+    monkeypatch.setattr(experiment, "load_model", counting_load)
+    return counts
+
+
 @pytest.mark.parametrize("method", list(METHOD_CASES))
 def test_each_method_distils_and_samples_with_its_spec(students, method, monkeypatch, capsys):
     steps, _, sampler, calls = METHOD_CASES[method]
@@ -81,15 +95,7 @@ def test_each_method_distils_and_samples_with_its_spec(students, method, monkeyp
     rows = (run / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 3 and all("nan" not in r.split(",")[1].lower() for r in rows[1:])
 
-    counts = []
-    real_load = experiment.load_model
-
-    def counting_load(*args, **kwargs):
-        loaded = real_load(*args, **kwargs)
-        loaded.model.register_forward_hook(lambda *_: counts.append(1))
-        return loaded
-
-    monkeypatch.setattr(experiment, "load_model", counting_load)
+    counts = _count_network_calls(monkeypatch)
     out = run / "grid.png"
     capsys.readouterr()
     assert main(["sample", str(run), "--num", "4", "--out", str(out)]) == 0
@@ -214,15 +220,7 @@ def test_guided_stage_two_distils_the_w_conditioned_student(root, tmp_path, monk
     loaded = experiment.load_model(two)
     assert isinstance(loaded.model, GuidanceConditioned) and loaded.config.sample.steps == 2
 
-    counts = []
-    real_load = experiment.load_model
-
-    def counting_load(*args, **kwargs):
-        out = real_load(*args, **kwargs)
-        out.model.register_forward_hook(lambda *_: counts.append(1))
-        return out
-
-    monkeypatch.setattr(experiment, "load_model", counting_load)
+    counts = _count_network_calls(monkeypatch)
     capsys.readouterr()
     assert main(["sample", str(two), "--num", "4", "--guidance", "1.5", "--out", str(tmp_path / "g.png")]) == 0
     assert "ddim, 2 steps" in capsys.readouterr().out
