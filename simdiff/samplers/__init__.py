@@ -19,6 +19,7 @@ from simdiff.samplers.first_order import sample_ddim, sample_ddpm
 from simdiff.samplers.grids import GRID_KINDS, make_grid
 from simdiff.samplers.ode import sample_euler, sample_heun, solve_reference
 from simdiff.samplers.stochastic import sample_dpmpp_2m_sde
+from simdiff.samplers.students import STUDENT_SAMPLERS
 from simdiff.samplers.tuned import optimize_grid
 from simdiff.samplers.unipc import sample_unipc
 
@@ -52,6 +53,7 @@ SAMPLERS: dict[str, Callable] = {
     "unipc": sample_unipc,
     "sde": sample_dpmpp_2m_sde,
     "addim": sample_addim,
+    **STUDENT_SAMPLERS,
 }
 
 STOCHASTIC: frozenset[str] = frozenset({"ddpm", "sde"})  # ("ddim" only with eta > 0)
