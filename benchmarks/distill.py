@@ -122,7 +122,7 @@ def run_distill(args, teacher: str, method: str, steps: int, run_dir: Path, para
     train = {"steps": args.train_steps, "batch_size": args.batch, "checkpoint_every": 0, "progress": False,
              "log_every": max(args.train_steps // 10, 1), "ema_half_life_images": args.ema_half_life_images,
              "device": args.device, "seed": args.seed, "optim": {"lr": args.lr, "warmup_steps": args.warmup}}
-    cfg = from_dict(DistillConfig, {"name": run_dir.name, "method": method, "teacher": teacher, "steps": steps,
+    cfg = from_dict(DistillConfig, {"name": run_dir.name, "method": method, "teacher": teacher, "student_steps": steps,
                                     "method_params": params, "train": train, "sample": {"num": 16}})
     t0 = time.perf_counter()
     distill(cfg, run_dir, resume=False)
