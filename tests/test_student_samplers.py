@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -151,7 +152,11 @@ def test_guided_stochastic_refusals():
     with pytest.raises(ValueError, match="must end at \\+inf"):
         sample_guided_stochastic(Counting(), z, torch.tensor([-5.0, 0.0, 5.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="only the isotropic"):
-        sample_guided_stochastic(Counting(), z, make_grid(SCHED, 2), process=object())
+        sample_guided_stochastic(Counting(), z, make_grid(SCHED, 2), process=SimpleNamespace(isotropic=False))
+    iso = sample_guided_stochastic(Counting(), z, make_grid(SCHED, 2), process=SimpleNamespace(isotropic=True),
+                                   generator=torch.Generator().manual_seed(0))
+    assert torch.equal(iso, sample_guided_stochastic(Counting(), z, make_grid(SCHED, 2),
+                                                     generator=torch.Generator().manual_seed(0)))
 
 
 def test_generator_is_one_call_of_g():

@@ -140,13 +140,14 @@ def sample_guided_stochastic(
         z: ``[B, ...]`` starting noise at ``logsnrs[0]``.
         logsnrs: ``[N + 1]`` strictly increasing float64 log-SNRs ending at +inf.
         generator, callback, cond: as for every sampler (``cond`` carries ``guidance``).
-        process: only the isotropic variance-preserving process (``None``) is supported.
+        process: ``None`` or a process whose ``isotropic`` attribute is True (the variance-preserving process with
+            one log-SNR per example); the two-down-one-up step has no per-coordinate form here.
 
     Raises:
-        ValueError: a grid that does not end at +inf, or a ``process``.
+        ValueError: a grid that does not end at +inf, or a non-isotropic ``process``.
     """
-    if process is not None:
-        raise ValueError("guided_stochastic supports only the isotropic variance-preserving process (process=None)")
+    if process is not None and not getattr(process, "isotropic", False):
+        raise ValueError(f"guided_stochastic supports only the isotropic variance-preserving process, got {process!r}")
     grid = prepare_grid(logsnrs, name="guided_stochastic", allow_decreasing=False)
     if not grid.final_inf:
         raise ValueError("guided_stochastic: the grid must end at +inf (the last step returns the x prediction)")
