@@ -226,12 +226,92 @@ def test_config_errors_are_one_line_and_list_valid_names():
         build_backbone("uvit", {"input_transform": "dct"}, image_channels=1, image_size=8, num_classes=0)
 
 
-def test_residual_uvit_has_no_concat_skips_and_counts_parameters():
+def test_residual_uvit_has_no_concat_skips():
     plain, resid = _build("uvit", channels=[8, 8]), _build("residual_uvit", channels=[8, 8])
     assert all(b.conv1.in_channels == 2 * b.conv1.out_channels for s in plain.up_blocks for b in s)
     assert all(b.conv1.in_channels == b.conv1.out_channels for s in resid.up_blocks for b in s)
     assert count_parameters(resid) < count_parameters(plain)
-    assert count_parameters(resid) == sum(p.numel() for p in resid.parameters())
+
+
+def _uvit_parameter_count(opts, *, c, size, num_classes):
+    """Parameter count of a U-ViT / residual U-ViT without cross-attention, from the architecture's formula
+    (conv ``k^2 c_in c_out + c_out``, linear ``n_in n_out + n_out``, norms 2 per channel), not from the module."""
+    ch, d, e = list(opts["channels"]), opts["dim"], opts.get("emb_dim") or opts["dim"]
+    nrb, depth, heads = opts["num_res_blocks"], opts["depth"], opts["num_heads"]
+    hidden, adaln = int(d * opts.get("mlp_ratio", 4.0)), opts.get("conditioning", "adaln") == "adaln"
+    qk = 0 if opts.get("qk_norm", "rms") == "none" else 2 * (d // heads)  # q and k gains over the head dimension
+
+    def conv(k, i, o):
+        return k * k * i * o + o
+
+    def lin(i, o):
+        return i * o + o
+
+    def resblock(i, o):
+        return 2 * i + conv(3, i, o) + lin(e, 2 * o) + 2 * o + conv(3, o, o) + (0 if i == o else conv(1, i, o))
+
+    n = lin(128, e) + lin(e, e) + (num_classes + 1) * e  # log-SNR Fourier features (64 sin + 64 cos) MLP, labels
+    c0 = ch[0] if ch else d
+    transform = opts.get("input_transform", "none")
+    if transform == "patch":
+        p = opts["patch_size"]
+        n += conv(p, c, c0) + conv(p, c0, c)
+        factor = p
+    else:
+        levels = opts.get("wavelet_levels", 1) if transform == "wavelet" else 0
+        n += conv(3, c * 4**levels, c0) + conv(3, c0, c * 4**levels)
+        factor = 2**levels
+    n += 2 * c0  # GroupNorm before the head
+    widths = [*ch, d]
+    for i, w in enumerate(ch):
+        c_up = w if opts.get("residual") else 2 * w
+        n += nrb * resblock(w, w) + conv(2, w, widths[i + 1]) + conv(2, widths[i + 1], w) + nrb * resblock(c_up, w)
+    grid = -(-size // (factor * 2 ** len(ch)))
+    if opts.get("pos_emb") == "learned":
+        n += grid * grid * d
+    norms = 0 if adaln else 2 * d
+    if opts.get("parallel_block"):
+        block = norms + lin(d, 3 * d + hidden) + lin(d, d) + lin(hidden, d) + qk + lin(e, 4 * d if adaln else d)
+    else:
+        block = (2 * norms + lin(d, 3 * d) + qk + lin(d, d) + lin(d, hidden) + lin(hidden, d)
+                 + lin(e, 6 * d if adaln else d))
+    return n + depth * block
+
+
+COUNT_CASES = [
+    ("uvit", {"channels": [8, 16], "num_res_blocks": 2, "dim": 32, "depth": 2, "num_heads": 4}, 1, 16),
+    ("residual_uvit", {"channels": [8, 16], "num_res_blocks": 1, "dim": 32, "depth": 3, "num_heads": 2,
+                       "emb_dim": 24, "residual": True}, 3, 16),
+    ("uvit", {"channels": [8], "num_res_blocks": 1, "dim": 16, "depth": 2, "num_heads": 2,
+              "input_transform": "patch", "patch_size": 2, "parallel_block": True, "conditioning": "additive",
+              "pos_emb": "learned", "qk_norm": "none", "mlp_ratio": 2.0}, 1, 28),
+    ("uvit", {"channels": [], "num_res_blocks": 1, "dim": 16, "depth": 1, "num_heads": 2,
+              "input_transform": "wavelet", "wavelet_levels": 2, "qk_norm": "layer"}, 3, 16),
+]
+
+
+@pytest.mark.parametrize("arch,opts,c,size", COUNT_CASES)
+def test_count_parameters_matches_the_architecture_formula(arch, opts, c, size):
+    net = build_backbone(arch, {k: v for k, v in opts.items() if k != "residual"}, image_channels=c,
+                         image_size=size, num_classes=10)
+    want = _uvit_parameter_count(opts, c=c, size=size, num_classes=10)
+    assert count_parameters(net) == want
+    assert count_parameters(net, trainable_only=False) == want
+    frozen = sum(p.numel() for p in net.cond.parameters())
+    for p in net.cond.parameters():  # freeze the conditioning embedding
+        p.requires_grad_(False)
+    assert count_parameters(net) == want - frozen and frozen > 0
+    assert count_parameters(net, trainable_only=False) == want
+
+
+def test_count_parameters_counts_a_shared_tensor_once():
+    lin, twin = torch.nn.Linear(5, 7), torch.nn.Linear(5, 7)
+    twin.weight = lin.weight  # a tied weight: one tensor reached through two modules
+    model = torch.nn.Sequential(lin, twin, lin)  # and the same module twice
+    assert sum(v.numel() for v in model.state_dict().values()) == 3 * (35 + 7)  # state_dict repeats shared tensors
+    assert count_parameters(model) == 35 + 7 + 7  # lin.weight, lin.bias, twin.bias
+    twin.bias.requires_grad_(False)
+    assert count_parameters(model) == 42 and count_parameters(model, trainable_only=False) == 49
 
 
 @pytest.mark.parametrize("arch", ["unet", "uvit", "residual_uvit"])
