@@ -1,14 +1,16 @@
-"""``simdiff`` command line: parse, build a config, call the library (house rule 13).
+"""``simdiff`` command line: parse, build a config, call the library (all logic lives in the library).
 
     simdiff train CONFIG [--run-dir DIR] [--set key.path=value ...] [--no-resume]
     simdiff sample SOURCE [--sampler S --steps N --grid G --guidance W --interval LO HI --labels 0,1 --num N ...]
-    simdiff eval SOURCE [--num N --metrics mnist_fd,fid,kid,precision_recall,accuracy]
+    simdiff eval SOURCE [--num N --metrics mnist_fd,fid,kid,precision_recall,accuracy (default: from the data)]
     simdiff export SOURCE OUT.safetensors
-    simdiff distill [CONFIG] --method NAME --teacher RUN [--steps K] [--run-dir DIR] [--set key.path=value ...]
+    simdiff distill [CONFIG] --method NAME --teacher RUN [--student-steps K] [--run-dir DIR] [--set key=value ...]
     simdiff demo [--minutes M]
 
 SOURCE is a run directory, a checkpoint directory, an exported ``.safetensors`` file, or ``pretrained`` (the
-class-conditional MNIST model shipped with the package). Errors print one line and exit with status 2.
+class-conditional MNIST model shipped with the package). Errors print one line and exit with status 2. A distilled
+student samples only with the sampler and step count it was distilled for (``simdiff sample SOURCE --info`` shows
+them); other ``--sampler`` / ``--steps`` values are refused.
 """
 
 from __future__ import annotations
@@ -72,8 +74,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from simdiff.distill.experiment import distill, load_distill_config
 
+    if args.old_steps is not None:
+        raise ConfigError("distill --steps is now --student-steps (the student's sampling steps; train.steps counts "
+                          "optimiser steps)")
     overrides = list(args.set or [])
-    for key in ("method", "steps"):
+    for key in ("method", "student_steps"):
         if getattr(args, key) is not None:
             overrides.append(f"{key}={getattr(args, key)}")
     cfg = load_distill_config(args.config, overrides)
@@ -104,15 +109,16 @@ def _parse_labels(text: str | None, num: int, num_classes: int) -> torch.Tensor 
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from simdiff.experiment import describe, load_model
     from simdiff.generate import generate
     from simdiff.images import save_grid, save_images
+    from simdiff.runs import check_student_sampling, describe, load_model
 
     loaded = load_model(_source(args.source), device=args.device)
     if args.info:
         print(describe(loaded))
         return 0
     scfg = _sample_overrides(args, loaded.config.sample)
+    check_student_sampling(loaded.meta, scfg)
     labels = _parse_labels(args.labels, scfg.num, loaded.num_classes)
     start = time.perf_counter()
     with torch.no_grad():
@@ -133,11 +139,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from simdiff.experiment import evaluate_model, load_model
+    from simdiff.runs import check_student_sampling, evaluate_model, load_model
 
     loaded = load_model(_source(args.source), device=args.device)
     scfg = _sample_overrides(args, loaded.config.sample)
-    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    check_student_sampling(loaded.meta, scfg)
+    metrics = None if args.metrics in (None, "auto") else tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     num = args.num or 1000
     result = evaluate_model(loaded, scfg, num=num, metrics=metrics, device=args.device)
     result = {"sampler": scfg.sampler, "steps": scfg.steps, "grid": scfg.grid, "num": num, **result}
@@ -181,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="optional YAML with DistillConfig fields")
     p.add_argument("--method", help="progressive | guided | guided_progressive | consistency | moment_matching | em")
     p.add_argument("--teacher", help="teacher run directory, checkpoint directory or exported .safetensors")
-    p.add_argument("--steps", type=int, help="the student's sampling steps (progressive: the final count)")
+    p.add_argument("--student-steps", dest="student_steps", type=int,
+                   help="the student's sampling steps (progressive: the final count); train.steps counts optimiser "
+                        "steps")
+    p.add_argument("--steps", dest="old_steps", type=int, help=argparse.SUPPRESS)  # refused: see --student-steps
     p.add_argument("--run-dir", help="output directory (default runs/<name>_<method>)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. train.steps=100 or method_params.huber_c=0.01")
@@ -200,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="sample and score against the data set's test split")
     p.add_argument("source")
     _add_sampling_flags(p)
-    p.add_argument("--metrics", default="mnist_fd,fid,accuracy",
-                   help="comma-separated: mnist_fd, fid, kid, precision_recall, accuracy")
+    p.add_argument("--metrics", default="auto",
+                   help="comma-separated: mnist_fd, fid, kid, precision_recall, accuracy; default 'auto': MNIST-"
+                        "classifier metrics for 28x28 grey digits, FID/KID/precision-recall otherwise")
     p.add_argument("--json", help="also write the scores to this JSON file")
     p.set_defaults(func=cmd_eval)
 

@@ -14,9 +14,11 @@ import yaml
 from safetensors.torch import save_file
 
 import simdiff.experiment as experiment
+import simdiff.runs as runs
 from simdiff.cli import main
 from simdiff.configuration import from_dict
-from simdiff.distill.experiment import GuidanceConditioned, load_distill_config
+from simdiff.distill.experiment import load_distill_config
+from simdiff.nets.students import GuidanceConditioned
 
 TEACHER = {
     "name": "tiny_teacher",
@@ -55,7 +57,7 @@ def students(root) -> dict[str, Path]:
     out = {}
     for method, (steps, extra, _, _) in METHOD_CASES.items():
         run = root / method
-        assert main(["distill", "--method", method, "--teacher", str(root / "teacher"), "--steps", str(steps),
+        assert main(["distill", "--method", method, "--teacher", str(root / "teacher"), "--student-steps", str(steps),
                      "--run-dir", str(run), *FAST, *extra]) == 0
         out[method] = run
     return out
@@ -68,16 +70,16 @@ def _state(run: Path) -> dict:
 
 
 def _count_network_calls(monkeypatch) -> list:
-    """Patch ``experiment.load_model`` so every network it loads appends to the returned list on each forward."""
+    """Patch ``runs.load_model`` so every network it loads appends to the returned list on each forward."""
     counts: list = []
-    real_load = experiment.load_model
+    real_load = runs.load_model
 
     def counting_load(*args, **kwargs):
         loaded = real_load(*args, **kwargs)
         loaded.model.register_forward_hook(lambda *_: counts.append(1))
         return loaded
 
-    monkeypatch.setattr(experiment, "load_model", counting_load)
+    monkeypatch.setattr(runs, "load_model", counting_load)
     return counts
 
 
@@ -130,9 +132,9 @@ def test_guided_student_starts_as_teacher_and_takes_w(root, students):
 
 def test_progressive_rounds_recorded(root, tmp_path):
     cfg = load_distill_config(Path(__file__).parents[1] / "simdiff" / "configs" / "distill_progressive.yaml")
-    assert cfg.method == "progressive" and cfg.steps == 4 and cfg.method_params["start_steps"] == 16
+    assert cfg.method == "progressive" and cfg.student_steps == 4 and cfg.method_params["start_steps"] == 16
     run = tmp_path / "prog"
-    assert main(["distill", "--method", "progressive", "--teacher", str(root / "teacher"), "--steps", "1",
+    assert main(["distill", "--method", "progressive", "--teacher", str(root / "teacher"), "--student-steps", "1",
                  "--run-dir", str(run), *FAST, "--set", "train.steps=4", "--set", "method_params.start_steps=4",
                  "--set", "method_params.steps_per_round=2"]) == 0
     doc = json.loads(sorted((run / "checkpoints").iterdir())[-1].joinpath("state.json").read_text())["config"]
@@ -158,11 +160,11 @@ def test_bad_input_one_line(root, students, tmp_path, capsys):
     _one_line_error(capsys, [*base, "--method", "consistency", "--teacher", str(students["progressive"])],
                     "distilled 'progressive' student")
     _one_line_error(capsys, [*base, "--method", "progressive", "--teacher", str(students["progressive"]),
-                             "--steps", "1", "--set", "method_params.start_steps=8"], "start_steps must be 2")
-    _one_line_error(capsys, [*base, "--method", "progressive", "--teacher", teacher, "--steps", "3",
+                             "--student-steps", "1", "--set", "method_params.start_steps=8"], "start_steps must be 2")
+    _one_line_error(capsys, [*base, "--method", "progressive", "--teacher", teacher, "--student-steps", "3",
                              "--set", "method_params.start_steps=8"], "progressive rounds must halve")
-    _one_line_error(capsys, [*base, "--method", "consistency", "--teacher", teacher, "--steps", "0"], ">= 1")
-    _one_line_error(capsys, [*base, "--method", "em", "--teacher", teacher, "--steps", "2"], "steps must be 1")
+    _one_line_error(capsys, [*base, "--method", "consistency", "--teacher", teacher, "--student-steps", "0"], ">= 1")
+    _one_line_error(capsys, [*base, "--method", "em", "--teacher", teacher, "--student-steps", "2"], "steps must be 1")
     _one_line_error(capsys, [*base, "--method", "distil", "--teacher", teacher], "valid: consistency, em, guided")
     _one_line_error(capsys, [*base, "--method", "consistency", "--teacher", teacher, "--set", "method_params.huberc=1"],
                     "unknown method_params ['huberc']")
@@ -176,8 +178,8 @@ def test_bad_input_one_line(root, students, tmp_path, capsys):
 def test_progressive_continues_from_a_progressive_student(root, students, tmp_path):
     """A progressive run can start from the last student of an earlier one: its rounds continue the halving."""
     run = tmp_path / "pd1"
-    assert main(["distill", "--method", "progressive", "--teacher", str(students["progressive"]), "--steps", "1",
-                 "--run-dir", str(run), *FAST]) == 0
+    assert main(["distill", "--method", "progressive", "--teacher", str(students["progressive"]),
+                 "--student-steps", "1", "--run-dir", str(run), *FAST]) == 0
     doc = _state(run)["config"]
     assert doc["teacher_kind"] == "progressive" and doc["sampler_spec"]["steps"] == 1
     assert doc["distill"]["method_params"]["start_steps"] == 2  # the earlier student's step count
@@ -208,9 +210,9 @@ def test_generate_student_samplers_match_the_loss_objects(root, students):
 def test_guided_stage_two_distils_the_w_conditioned_student(root, tmp_path, monkeypatch, capsys):
     """Meng et al. 2023 stage two: teacher -> guided (stage one, w in [0, 2.5]) -> guided_progressive (4 -> 2 steps)."""
     one, two = tmp_path / "stage1", tmp_path / "stage2"
-    assert main(["distill", "--method", "guided", "--teacher", str(root / "teacher"), "--steps", "4",
+    assert main(["distill", "--method", "guided", "--teacher", str(root / "teacher"), "--student-steps", "4",
                  "--run-dir", str(one), *FAST, "--set", "method_params.w_max=2.5"]) == 0
-    assert main(["distill", "--method", "guided_progressive", "--teacher", str(one), "--steps", "2",
+    assert main(["distill", "--method", "guided_progressive", "--teacher", str(one), "--student-steps", "2",
                  "--run-dir", str(two), *FAST]) == 0
     doc = _state(two)["config"]
     assert doc["kind"] == "guided_progressive" and doc["teacher_kind"] == "guided"
@@ -228,7 +230,8 @@ def test_guided_stage_two_distils_the_w_conditioned_student(root, tmp_path, monk
 
 
 def test_guided_stage_two_needs_a_guided_teacher(root, students, tmp_path, capsys):
-    base = ["distill", "--run-dir", str(tmp_path / "x"), *FAST, "--method", "guided_progressive", "--steps", "1"]
+    base = ["distill", "--run-dir", str(tmp_path / "x"), *FAST, "--method", "guided_progressive",
+            "--student-steps", "1"]
     _one_line_error(capsys, [*base, "--teacher", str(root / "teacher")], "this method needs one of: guided")
     _one_line_error(capsys, [*base, "--teacher", str(students["guided"]), "--set", "method_params.guidance_range=1"],
                     "unknown method_params ['guidance_range']")
@@ -259,13 +262,13 @@ def test_resume_from_a_mid_run_checkpoint_is_exact(root, tmp_path, method):
     runs = {}
     for name in ("straight", "resumed"):
         runs[name] = tmp_path / name
-        assert main(["distill", "--method", method, "--teacher", str(root / "teacher"), "--steps", str(steps),
+        assert main(["distill", "--method", method, "--teacher", str(root / "teacher"), "--student-steps", str(steps),
                      "--run-dir", str(runs[name]), *flags]) == 0
     ckdir = runs["resumed"] / "checkpoints"
     for later in sorted(ckdir.iterdir())[kill:]:
         shutil.rmtree(later)
     assert sorted(p.name for p in ckdir.iterdir())[-1] == f"step_{kill:06d}"
-    assert main(["distill", "--method", method, "--teacher", str(root / "teacher"), "--steps", str(steps),
+    assert main(["distill", "--method", method, "--teacher", str(root / "teacher"), "--student-steps", str(steps),
                  "--run-dir", str(runs["resumed"]), *flags]) == 0
     final = {k: load_file(str(r / "checkpoints" / "step_000006" / "model.safetensors")) for k, r in runs.items()}
     assert final["straight"].keys() == final["resumed"].keys()

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from simdiff.distill.base import Denoise, DistillationLoss, rand, randn, split_batch, teacher_call
 from simdiff.distill.moment_matching import AuxModel
+from simdiff.nets.students import DenoiserGenerator
 from simdiff.process import add_noise, alpha_sigma, expand
 from simdiff.schedules import Schedule
 from simdiff.weighting import get_weighting
@@ -54,26 +55,6 @@ from simdiff.weighting import get_weighting
 __all__ = ["EMDistillation", "DenoiserGenerator", "NOISE_CANCELLATION"]
 
 NOISE_CANCELLATION = ("all", "injected", "none")
-
-
-class DenoiserGenerator(nn.Module):
-    """One-step generator ``g(z) = denoiser(z, lambda*).x`` (EMD's teacher initialisation at a fixed log-SNR).
-
-    Args:
-        denoiser: a trainable denoiser module (e.g. a copy of an ``MLPDenoiser`` fitted to the teacher).
-        logsnr_star: the fixed log-SNR ``lambda*`` at which ``z ~ N(0, I)`` is read as a noisy input.
-    """
-
-    def __init__(self, denoiser: nn.Module, logsnr_star: float = 0.0) -> None:
-        super().__init__()
-        if not math.isfinite(logsnr_star):
-            raise ValueError(f"logsnr_star must be finite, got {logsnr_star}")
-        self.denoiser = denoiser
-        self.logsnr_star = float(logsnr_star)
-
-    def forward(self, z: Tensor, **cond: Any) -> Tensor:
-        lam = torch.full((z.shape[0],), self.logsnr_star, dtype=z.dtype, device=z.device)
-        return self.denoiser(z, lam, **cond).x
 
 
 class EMDistillation(DistillationLoss):

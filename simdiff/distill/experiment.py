@@ -1,25 +1,30 @@
 """Distillation runs: a trained simdiff teacher + a distillation loss object -> a few-step student, via the Trainer.
 
-``simdiff distill --method NAME --teacher RUN [--steps K] CONFIG`` calls :func:`distill`. The teacher is loaded with
-:func:`simdiff.experiment.load_model` (EMA weights, frozen); the student is a copy of the teacher network (students
-start from the teacher in all of Salimans & Ho 2022, Meng et al. 2023, Heek et al. 2024, Salimans et al. 2024 and
-Xie et al. 2024), wrapped where the method needs it:
+``simdiff distill --method NAME --teacher RUN [--student-steps K] CONFIG`` calls :func:`distill`. The teacher is
+loaded with :func:`simdiff.runs.load_model` (EMA weights, frozen); the student is a copy of the teacher network
+(students start from the teacher in all of Salimans & Ho 2022, Meng et al. 2023, Heek et al. 2024, Salimans et al.
+2024 and Xie et al. 2024), wrapped where the method needs it:
 
-* ``guided`` (Meng et al. 2023, stage one): :class:`GuidanceConditioned` adds a Fourier embedding of the guidance
-  weight ``w`` to the network's log-SNR embedding, zero-initialised so the student starts as the teacher;
+* ``guided`` (Meng et al. 2023, stage one): :class:`~simdiff.nets.students.GuidanceConditioned` adds a Fourier
+  embedding of the guidance weight ``w`` to the network's log-SNR embedding, zero-initialised so the student starts
+  as the teacher;
 * ``guided_progressive`` (Meng et al. 2023, stage two): progressive distillation of a *guided* student (the teacher
   must be a run of kind ``guided`` or ``guided_progressive``), ``w`` kept as an input; the student is a copy of the
   w-conditioned teacher, ``w_min``/``w_max`` default to the stage-one run's;
-* ``em`` (EMD, Xie et al. 2024): :class:`~simdiff.distill.em.DenoiserGenerator` ``g(z) = x_hat(z, lambda*)``;
+* ``em`` (EMD, Xie et al. 2024): :class:`~simdiff.nets.students.DenoiserGenerator` ``g(z) = x_hat(z, lambda*)``;
   its score network is another copy of the teacher;
 * ``moment_matching``: its auxiliary denoiser is another copy of the teacher (the loss object's default).
 
 Checkpoints record ``kind = <method>``, the teacher's experiment config (with ``sample`` set to the student's
 sampler, so ``simdiff sample RUN`` uses it by default), ``image_shape``, ``num_classes``, ``sampler_spec`` (from
-``loss.sampler_spec()``) and ``student`` (how to rewrap the rebuilt network, :func:`wrap_student`). Loss-owned
-state (moment matching's and EMD's auxiliary networks with their Adam state, a progressive round's teacher, a
-consistency EMA target) goes into every trainer checkpoint (``aux.safetensors``) through the loss object's
-``aux_state_dict`` / ``load_aux_state_dict``, so a resume from any checkpoint continues bit for bit.
+``loss.sampler_spec()``, refreshed at every checkpoint since progressive rounds change it) and ``student`` (how to
+rewrap the rebuilt network, :func:`~simdiff.nets.students.wrap_student`). Loss-owned state (moment matching's and
+EMD's auxiliary networks with their Adam state, a progressive round's teacher, a consistency EMA target) goes into
+every trainer checkpoint (``aux.safetensors``) through the loss object's ``aux_state_dict`` /
+``load_aux_state_dict``, so a resume from any checkpoint continues bit for bit.
+
+``student_steps`` (``--student-steps``) is the student's sampling step count; ``train.steps`` counts optimiser
+steps. The former spelling ``steps`` of the former is refused with a hint.
 """
 
 from __future__ import annotations
@@ -40,14 +45,15 @@ from torch import Tensor, nn
 from simdiff.configuration import ConfigError, apply_overrides, from_dict, get_registered, load_yaml, to_dict
 from simdiff.data import DataConfig
 from simdiff.distill.consistency import MultistepConsistency
-from simdiff.distill.em import DenoiserGenerator, EMDistillation
+from simdiff.distill.em import EMDistillation
 from simdiff.distill.guided import GuidanceDistillation, GuidedProgressiveDistillation, sample_stochastic
 from simdiff.distill.moment_matching import MomentMatching
 from simdiff.distill.progressive import ProgressiveDistillation, ProgressiveSchedule
 from simdiff.generate import SampleConfig
-from simdiff.nets.conditioning import LogSNREmbedding
+from simdiff.nets.students import GuidanceConditioned, wrap_student
 from simdiff.process import ddpm_step
-from simdiff.train import TrainConfig
+from simdiff.runs import student_sample_config
+from simdiff.train import TrainConfig, Trainer
 
 __all__ = ["DistillConfig", "METHODS", "TEACHER_KINDS", "STUDENT_SAMPLERS", "GuidanceConditioned",
            "load_distill_config", "distill", "build_loss", "wrap_student", "student_sampler"]
@@ -69,6 +75,9 @@ _GLUE_SET = {"student_steps", "curriculum", "segments", "steps", "sample_steps",
 #: extra ``method_params`` the glue understands per method.
 _GLUE_PARAMS = {"progressive": {"start_steps", "steps_per_round"}, "em": {"logsnr_star"},
                 "guided_progressive": {"start_steps", "steps_per_round"}}
+#: the one-line answer to the former spelling of ``student_steps``.
+_RENAMED_STEPS = ("'steps' of a distillation is now 'student_steps' (--student-steps): the student's sampling steps; "
+                  "train.steps counts optimiser steps")
 
 
 @dataclass(frozen=True)
@@ -77,11 +86,13 @@ class DistillConfig:
 
     Attributes:
         method: one of :data:`METHODS`. teacher: run dir / checkpoint dir / exported ``.safetensors``.
-        steps: the student's sampling steps (progressive, guided_progressive: the *final* count; the rounds
-            halve from ``method_params.start_steps``, default ``2 * steps``, every ``method_params.steps_per_round``
-            trainer steps, default ``train.steps // rounds``). consistency: the segment count K; em: must be 1.
+        student_steps: the student's sampling steps (progressive, guided_progressive: the *final* count; the rounds
+            halve from ``method_params.start_steps``, default ``2 * student_steps``, every
+            ``method_params.steps_per_round`` trainer steps, default ``train.steps // rounds``). consistency: the
+            segment count K; em: must be 1.
         method_params: keyword options of the method's loss class (unknown keys are an error naming them).
-        train: the trainer config (the student is the trained model). data: default: the teacher's data config.
+        train: the trainer config (the student is the trained model; ``train.steps`` counts optimiser steps).
+        data: default: the teacher's data config.
         sample: ``num``/``seed``/``batch_size``/``guidance`` of the final grid (sampler/steps/grid come from the
             method's sampler spec).
     """
@@ -89,7 +100,7 @@ class DistillConfig:
     name: str = "distill"
     method: str = "progressive"
     teacher: str = ""
-    steps: int = 4
+    student_steps: int = 4
     method_params: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig | None = None
@@ -97,55 +108,15 @@ class DistillConfig:
 
 
 def load_distill_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DistillConfig:
-    """YAML file (or defaults) + ``a.b=value`` overrides -> validated :class:`DistillConfig`."""
-    data = load_yaml(path) if path is not None else {}
-    return from_dict(DistillConfig, apply_overrides(data, list(overrides)))
+    """YAML file (or defaults) + ``a.b=value`` overrides -> validated :class:`DistillConfig`.
 
-
-class GuidanceConditioned(nn.Module):
-    """A denoiser that takes the guidance weight ``w`` ``[B]`` as an input (Meng et al. 2023, sec. 4.1).
-
-    ``emb(w)`` (Fourier features + MLP, last layer zero-initialised) is added to the wrapped network's log-SNR
-    embedding (``backbone.cond.logsnr``) through a forward hook, so with ``w``'s embedding at zero the student is
-    exactly the teacher. ``model(z, logsnr, guidance=None, **cond)``; ``guidance=None`` means ``w = 0``.
+    Raises:
+        ConfigError: one line; a top-level ``steps`` (the former name of ``student_steps``) is refused with a hint.
     """
-
-    guidance_input = True
-
-    def __init__(self, model: nn.Module, *, max_guidance: float = 8.0) -> None:
-        super().__init__()
-        target = getattr(getattr(getattr(model, "backbone", None), "cond", None), "logsnr", None)
-        if not isinstance(target, LogSNREmbedding):
-            raise ValueError(f"guided students need a simdiff backbone with cond.logsnr, got {type(model).__name__}")
-        self.model = model
-        self.w_embed = LogSNREmbedding(target.mlp[-1].out_features, clamp=max_guidance)
-        nn.init.zeros_(self.w_embed.mlp[-1].weight)
-        nn.init.zeros_(self.w_embed.mlp[-1].bias)
-        self._w: Tensor | None = None
-        target.register_forward_hook(self._add_w)
-
-    def _add_w(self, _module: nn.Module, _inputs: Any, out: Tensor) -> Tensor:
-        return out if self._w is None else out + self.w_embed(self._w.to(out.device)).to(out.dtype)
-
-    def forward(self, z: Tensor, logsnr: Tensor, guidance: Tensor | None = None, **cond: Any):
-        w = torch.zeros(z.shape[0], device=z.device) if guidance is None else torch.as_tensor(guidance, device=z.device)
-        self._w = w.float().reshape(-1).expand(z.shape[0])
-        try:
-            return self.model(z, logsnr, **cond)
-        finally:
-            self._w = None
-
-
-def wrap_student(net: nn.Module, student: dict[str, Any] | None) -> nn.Module:
-    """Rewrap a rebuilt teacher-architecture network as the student recorded in a checkpoint's ``student`` entry."""
-    kind = (student or {}).get("wrapper", "none")
-    if kind == "none":
-        return net
-    if kind == "guidance":
-        return GuidanceConditioned(net)
-    if kind == "generator":
-        return DenoiserGenerator(net, float(student.get("logsnr_star", 0.0)))
-    raise ValueError(f"unknown student wrapper {kind!r}; valid: none, guidance, generator")
+    data = apply_overrides(load_yaml(path) if path is not None else {}, list(overrides))
+    if "steps" in data:
+        raise ConfigError(_RENAMED_STEPS)
+    return from_dict(DistillConfig, data)
 
 
 def _sample_moment_matching(variance: str) -> Callable:
@@ -199,11 +170,11 @@ def _check_params(method: str, params: dict[str, Any]) -> None:
 
 
 def _progressive_curriculum(cfg: DistillConfig) -> ProgressiveSchedule:
-    start = cfg.method_params.get("start_steps", 2 * cfg.steps)
-    ratio = start // cfg.steps if isinstance(start, int) and cfg.steps >= 1 else 0
+    start = cfg.method_params.get("start_steps", 2 * cfg.student_steps)
+    ratio = start // cfg.student_steps if isinstance(start, int) and cfg.student_steps >= 1 else 0
     rounds = max(ratio.bit_length() - 1, 1)
     per_round = cfg.method_params.get("steps_per_round", max(cfg.train.steps // rounds, 1))
-    sched = ProgressiveSchedule(start_steps=start, end_steps=cfg.steps, steps_per_round=per_round)
+    sched = ProgressiveSchedule(start_steps=start, end_steps=cfg.student_steps, steps_per_round=per_round)
     need = (sched.num_rounds - 1) * per_round
     if cfg.train.steps <= need:
         raise ConfigError(f"progressive: train.steps={cfg.train.steps} never reaches the last of {sched.num_rounds} "
@@ -223,23 +194,23 @@ def build_loss(cfg: DistillConfig, student: nn.Module, teacher: nn.Module, sched
         if num_classes == 0:
             raise ConfigError("guided distillation needs a class-conditional teacher (this one has num_classes = 0)")
         params.setdefault("null_cond", null)
-        return GuidanceDistillation(student, teacher, schedule, sample_steps=cfg.steps, **params)
+        return GuidanceDistillation(student, teacher, schedule, sample_steps=cfg.student_steps, **params)
     if method == "consistency":
-        return MultistepConsistency(student, teacher, schedule, segments=cfg.steps, **params)
+        return MultistepConsistency(student, teacher, schedule, segments=cfg.student_steps, **params)
     if method == "moment_matching":
         if params.get("guidance_weight", 0.0) != 0.0:
             if num_classes == 0:
                 raise ConfigError("moment_matching guidance_weight needs a class-conditional teacher")
             params.setdefault("null_cond", null)
         extra = {"param_teacher": teacher} if params.get("variant") == "parameter" else {}
-        return MomentMatching(student, teacher, schedule, steps=cfg.steps, **extra, **params)
+        return MomentMatching(student, teacher, schedule, steps=cfg.student_steps, **extra, **params)
     if method == "guided_progressive":
         if not getattr(teacher, "guidance_input", False):
             raise ConfigError("guided_progressive needs a w-conditioned teacher (a 'guided' student)")
         return GuidedProgressiveDistillation(student, teacher, schedule, curriculum=_progressive_curriculum(cfg),
                                              **params)
-    if cfg.steps != 1:
-        raise ConfigError(f"em distils a one-step generator: steps must be 1, got {cfg.steps}")
+    if cfg.student_steps != 1:
+        raise ConfigError(f"em distils a one-step generator: student_steps must be 1, got {cfg.student_steps}")
     return EMDistillation(student, teacher, schedule, **params)
 
 
@@ -258,43 +229,27 @@ def _make_student(cfg: DistillConfig, teacher_net: nn.Module) -> tuple[nn.Module
     return wrap_student(net, info), info
 
 
-def _student_sample_config(spec: dict[str, Any], base: SampleConfig) -> SampleConfig:
-    name = spec["sampler"]
-    if name == "moment_matching" and spec.get("posterior_variance") == "large":
-        name = "moment_matching_large"
-    return dataclasses.replace(base, sampler=name, steps=int(spec["steps"]), grid=spec.get("grid", "uniform_t"),
-                               eta=0.0, interval=None, rescale=0.0)
+def _record_sampler_spec(config_dict: dict[str, Any], spec: dict[str, Any], base: SampleConfig) -> None:
+    """Write the student's sampler spec (and the sample config it implies) into a checkpoint config dict."""
+    config_dict["sampler_spec"] = spec
+    config_dict["experiment"] = {**config_dict["experiment"], "sample": to_dict(student_sample_config(spec, base))}
 
 
-class _RecordingLoss:
-    """Forwards to the loss object and keeps the trainer's checkpoint config in step with its sampler spec
-    (progressive rounds change the student's step count)."""
+class _DistillTrainer(Trainer):
+    """The trainer, with the loss object's current sampler spec recorded in every checkpoint it writes (a
+    progressive round changes the student's step count)."""
 
-    def __init__(self, loss, config_dict: dict[str, Any], base: SampleConfig) -> None:
-        self.loss, self.config_dict, self.base, self.trainer = loss, config_dict, base, None
+    def __init__(self, *args: Any, sample_base: SampleConfig, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sample_base = sample_base
 
-    def record(self) -> None:
-        spec = self.loss.sampler_spec()
-        for doc in (self.config_dict, getattr(self.trainer, "config_dict", None)):
-            if doc is not None:
-                doc["sampler_spec"] = spec
-                doc["experiment"]["sample"] = to_dict(_student_sample_config(spec, self.base))
-
-    def set_step(self, step: int) -> None:
-        self.loss.set_step(step)
-        self.record()
-
-    def __call__(self, model, batch, generator):
-        return self.loss(model, batch, generator)
-
-    def __getattr__(self, name: str):  # aux_state_dict / load_aux_state_dict where the loss object has them
-        if name in ("aux_state_dict", "load_aux_state_dict"):
-            return getattr(self.loss, name)
-        raise AttributeError(name)
+    def save(self):
+        _record_sampler_spec(self.config_dict, self.loss_fn.sampler_spec(), self.sample_base)
+        return super().save()
 
 
 def _load_teacher(path: str, device: torch.device, kinds: tuple[str, ...] = ("diffusion",)):
-    from simdiff.experiment import load_model
+    from simdiff.runs import load_model
     from simdiff.train import CheckpointError
 
     if not path:
@@ -333,14 +288,14 @@ def distill(cfg: DistillConfig, run_dir: str | Path, *, resume: bool = True) -> 
         ConfigError / CheckpointError / ValueError: one-line messages for a bad teacher, method or step count.
     """
     from simdiff.data import build_dataset
-    from simdiff.experiment import _transform, sample_grid
-    from simdiff.train import BatchIterator, Trainer
+    from simdiff.runs import batch_transform, sample_grid
+    from simdiff.train import BatchIterator
     from simdiff.train import distributed as D
 
     get_registered(METHODS, cfg.method, "distillation method")
     _check_params(cfg.method, cfg.method_params)
-    if isinstance(cfg.steps, bool) or cfg.steps < 1:
-        raise ConfigError(f"steps must be an integer >= 1, got {cfg.steps}")
+    if isinstance(cfg.student_steps, bool) or cfg.student_steps < 1:
+        raise ConfigError(f"student_steps must be an integer >= 1, got {cfg.student_steps}")
     info = D.init_distributed(cfg.train.device)
     teacher = _load_teacher(cfg.teacher, info.device, TEACHER_KINDS.get(cfg.method, ("diffusion",)))
     if cfg.method == "guided_progressive":  # keep the stage-one guidance range unless overridden
@@ -361,22 +316,21 @@ def distill(cfg: DistillConfig, run_dir: str | Path, *, resume: bool = True) -> 
     config_dict = {"kind": cfg.method, "experiment": to_dict(exp), "image_shape": list(teacher.image_shape),
                    "num_classes": teacher.num_classes, "student": student_info, "distill": to_dict(cfg),
                    "teacher_kind": teacher.meta.get("kind", "diffusion")}
-    recording = _RecordingLoss(loss, config_dict, cfg.sample)
-    recording.record()
-    data = BatchIterator(dataset, cfg.train.batch_size, seed=cfg.train.seed, rank=info.rank,
-                         world_size=info.world_size, transform=_transform(dataset))
+    _record_sampler_spec(config_dict, loss.sampler_spec(), cfg.sample)
+    data = BatchIterator(dataset, cfg.train.batch_size, seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
+                         transform=batch_transform(dataset, labels=teacher.num_classes > 0))
     if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "distill.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    trainer = Trainer(student, recording, data, cfg.train, run_dir, config_dict=config_dict, resume=resume)
-    recording.trainer = trainer
+    trainer = _DistillTrainer(student, loss, data, cfg.train, run_dir, config_dict=config_dict, resume=resume,
+                              sample_base=cfg.sample)
     summary = trainer.fit()
     summary["sampler_spec"] = loss.sampler_spec()
     if info.rank == 0:
         student.eval()
         if trainer.ema is not None:
             trainer.ema.copy_to(student)
-        scfg = _student_sample_config(loss.sampler_spec(), cfg.sample)
+        scfg = student_sample_config(loss.sampler_spec(), cfg.sample)
         path = sample_grid(student, teacher.schedule, scfg, image_shape=teacher.image_shape,
                            num_classes=teacher.num_classes, out=run_dir / "samples" / "final.png", device=info.device)
         summary["sample_grid"] = str(path)

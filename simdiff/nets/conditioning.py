@@ -56,7 +56,11 @@ class LogSNREmbedding(nn.Module):
 
 
 class ConditionEmbedding(nn.Module):
-    """The per-example conditioning vector ``SiLU(emb(logsnr) + emb(label))`` ``[B, emb_dim]``."""
+    """The per-example conditioning vector ``SiLU(emb(logsnr) + extra + emb(label))`` ``[B, emb_dim]``.
+
+    ``extra`` is an optional additional embedding ``[B, emb_dim]`` supplied by a wrapper (e.g. the guidance-weight
+    embedding of a guided-distillation student, :class:`simdiff.nets.students.GuidanceConditioned`).
+    """
 
     def __init__(self, emb_dim: int, num_classes: int):
         super().__init__()
@@ -67,16 +71,22 @@ class ConditionEmbedding(nn.Module):
         self.label = nn.Embedding(num_classes + 1, emb_dim)
         nn.init.normal_(self.label.weight, std=0.02)
 
-    def forward(self, logsnr: Tensor, labels: Tensor | None) -> Tensor:
-        """``logsnr`` ``[B]``; ``labels`` LongTensor ``[B]`` or None (null class)."""
+    def forward(self, logsnr: Tensor, labels: Tensor | None, extra: Tensor | None = None) -> Tensor:
+        """``logsnr`` ``[B]``; ``labels`` LongTensor ``[B]`` or None (null class); ``extra`` ``[B, E]`` or None."""
         b = logsnr.shape[0]
+        emb = self.logsnr(logsnr)
+        if extra is not None:
+            if extra.shape != emb.shape:
+                raise ValueError(f"extra conditioning embedding of shape {tuple(extra.shape)} does not match "
+                                 f"{tuple(emb.shape)}")
+            emb = emb + extra.to(emb.dtype)
         if labels is None:
             lab = self.label.weight[self.num_classes].expand(b, -1)
         else:
             if labels.shape != (b,):
                 raise ValueError(f"labels of shape {tuple(labels.shape)} do not match batch size {b}")
             lab = self.label(labels)
-        return F.silu(self.logsnr(logsnr) + lab)
+        return F.silu(emb + lab)
 
 
 class ContextEncoder(nn.Module):
@@ -122,12 +132,19 @@ class BackboneInputs(nn.Module):
     """
 
     def prepare(
-        self, z: Tensor, logsnr: Tensor, labels: Tensor | None, context: Tensor | None, context_mask: Tensor | None
+        self,
+        z: Tensor,
+        logsnr: Tensor,
+        labels: Tensor | None,
+        context: Tensor | None,
+        context_mask: Tensor | None,
+        extra_emb: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """-> ``(padded z, embedding [B, E], context tokens, context mask)``."""
+        """-> ``(padded z, embedding [B, E], context tokens, context mask)``; ``extra_emb`` ``[B, E]`` is added to
+        the log-SNR embedding (see :class:`ConditionEmbedding`)."""
         if z.dim() != 4 or z.shape[1] != self.image_shape[0]:
             raise ValueError(f"{type(self).__name__} expects [B, {self.image_shape[0]}, H, W], got {tuple(z.shape)}")
-        emb = self.cond(batch_logsnr(logsnr, z), labels)
+        emb = self.cond(batch_logsnr(logsnr, z), labels, extra_emb)
         ctx, mask = encode_context(self.context, context, context_mask)
         ph, pw = (-z.shape[-2]) % self.multiple, (-z.shape[-1]) % self.multiple
         x = F.pad(z, (0, pw, 0, ph)) if (ph or pw) else z

@@ -82,7 +82,8 @@ class _Up(nn.Module):
 
 
 class UNet(BackboneInputs):
-    """``UNet(cfg, image_channels=, image_size=, num_classes=)``; ``forward(z, logsnr, labels, context, mask)``."""
+    """``UNet(cfg, image_channels=, image_size=, num_classes=)``;
+    ``forward(z, logsnr, labels, context, context_mask, extra_emb)``."""
 
     def __init__(self, cfg: UNetConfig, *, image_channels: int, image_size: int | tuple[int, int], num_classes: int):
         super().__init__()
@@ -150,9 +151,13 @@ class UNet(BackboneInputs):
         labels: Tensor | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        extra_emb: Tensor | None = None,
     ) -> Tensor:
-        """``z`` ``[B, C, H, W]``, ``logsnr`` ``[B]`` (or scalar) -> prediction ``[B, C, H, W]``."""
-        x, emb, ctx, mask = self.prepare(z, logsnr, labels, context, context_mask)
+        """``z`` ``[B, C, H, W]``, ``logsnr`` ``[B]`` (or scalar) -> prediction ``[B, C, H, W]``.
+
+        ``extra_emb`` ``[B, emb_dim]``: an optional embedding added to the log-SNR embedding (guided students).
+        """
+        x, emb, ctx, mask = self.prepare(z, logsnr, labels, context, context_mask, extra_emb)
         h = self.conv_in(x)
         skips = [h]
         for blocks in self.down:

@@ -92,7 +92,8 @@ class ResidualUViTConfig(UViTConfig):
 
 
 class UViT(BackboneInputs):
-    """``UViT(cfg, image_channels=, image_size=, num_classes=)``; ``forward(z, logsnr, labels, context, mask)``."""
+    """``UViT(cfg, image_channels=, image_size=, num_classes=)``;
+    ``forward(z, logsnr, labels, context, context_mask, extra_emb)``."""
 
     def __init__(self, cfg: UViTConfig, *, image_channels: int, image_size: int | tuple[int, int], num_classes: int):
         super().__init__()
@@ -167,9 +168,13 @@ class UViT(BackboneInputs):
         labels: Tensor | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        extra_emb: Tensor | None = None,
     ) -> Tensor:
-        """``z`` ``[B, C, H, W]``, ``logsnr`` ``[B]`` (or scalar) -> prediction ``[B, C, H, W]``."""
-        x, emb, ctx, mask = self.prepare(z, logsnr, labels, context, context_mask)
+        """``z`` ``[B, C, H, W]``, ``logsnr`` ``[B]`` (or scalar) -> prediction ``[B, C, H, W]``.
+
+        ``extra_emb`` ``[B, emb_dim]``: an optional embedding added to the log-SNR embedding (guided students).
+        """
+        x, emb, ctx, mask = self.prepare(z, logsnr, labels, context, context_mask, extra_emb)
         if self.wavelet is not None:
             x = self.wavelet(x)
         h = self.stem(x)

@@ -1,0 +1,298 @@
+"""Runs on disk -> models to sample and score: the experiment config, network building, loading, sample grids.
+
+This module is what both the training glue (:mod:`simdiff.experiment`) and the distillation glue
+(:mod:`simdiff.distill.experiment`) build on, and all that ``simdiff sample | eval`` need; it imports neither of
+them, nor any distillation loss. A run directory holds ``checkpoints/``, ``metrics.csv``, ``loss_curve.png``,
+``samples/`` and ``config.yaml``. Checkpoints and exports carry a ``config_dict`` with the experiment config plus
+the facts needed to rebuild the network without the data (``image_shape``, ``num_classes``) and ``kind``
+("diffusion", or a distillation method's name with its ``sampler_spec`` and ``student`` wrapper).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from simdiff.configuration import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from simdiff.data import DataConfig, ImageDataset, build_dataset, random_hflip
+from simdiff.generate import SampleConfig, generate
+from simdiff.images import save_grid
+from simdiff.losses import LossConfig
+from simdiff.nets import DiffusionModel, build_model
+from simdiff.nets.students import wrap_student
+from simdiff.schedules import Schedule, schedule_from_dict
+from simdiff.train.checkpoint import CheckpointError, load_checkpoint, load_inference, load_latest
+from simdiff.train.config import TrainConfig
+
+__all__ = [
+    "ModelConfig",
+    "ExperimentConfig",
+    "LoadedModel",
+    "load_config",
+    "config_from_dict",
+    "build_network",
+    "batch_transform",
+    "sample_grid",
+    "load_model",
+    "describe",
+    "student_sample_config",
+    "check_student_sampling",
+    "reference_images",
+    "evaluate_model",
+]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The denoiser: a backbone by name (``unet``, ``uvit``, ``residual_uvit``), its options, and what it predicts.
+
+    ``class_conditional: false`` trains an unconditional model on a labelled data set (the labels are dropped from
+    the batches, the network has no class rows, sample grids have no label rows).
+    """
+
+    arch: str = "uvit"
+    parameterisation: Literal["eps", "x", "v"] = "v"
+    options: dict[str, Any] = field(default_factory=dict)
+    class_conditional: bool = True
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one training run needs; saved in every checkpoint."""
+
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """YAML file (or defaults) + ``a.b=value`` overrides -> validated :class:`ExperimentConfig`."""
+    data = load_yaml(path) if path is not None else {}
+    return from_dict(ExperimentConfig, apply_overrides(data, list(overrides)))
+
+
+def config_from_dict(d: dict[str, Any]) -> ExperimentConfig:
+    """A stored experiment config (a checkpoint's ``experiment`` entry) -> :class:`ExperimentConfig`."""
+    return from_dict(ExperimentConfig, d)
+
+
+def model_classes(cfg: ExperimentConfig, data_classes: int) -> int:
+    """The class count the network is built for: the data set's, or 0 when ``model.class_conditional`` is false."""
+    return data_classes if cfg.model.class_conditional else 0
+
+
+def build_network(cfg: ExperimentConfig, *, image_shape: tuple[int, int, int], num_classes: int) -> DiffusionModel:
+    """The :class:`DiffusionModel` described by ``cfg.model`` for images of ``image_shape`` (``num_classes`` is the
+    data set's; an unconditional ``cfg.model`` ignores it)."""
+    c, h, w = image_shape
+    return build_model(
+        cfg.model.arch,
+        cfg.model.parameterisation,
+        cfg.model.options,
+        image_channels=c,
+        image_size=(h, w) if h != w else h,
+        num_classes=model_classes(cfg, num_classes),
+    )
+
+
+def batch_transform(dataset: ImageDataset, *, labels: bool = True):
+    """The per-batch transform of a run's :class:`~simdiff.train.BatchIterator`: random flips when the data set asks
+    for them, and the ``labels`` entry dropped for an unconditional model (``labels=False``). ``None`` if neither."""
+    drop = not labels and dataset.labels is not None
+    if not dataset.hflip and not drop:
+        return None
+
+    def transform(batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        out = {k: v for k, v in batch.items() if not (drop and k == "labels")}
+        if dataset.hflip:
+            out["x"] = random_hflip(batch["x"], generator=generator)
+        return out
+
+    return transform
+
+
+def sample_grid(
+    model,
+    schedule: Schedule,
+    sample_cfg: SampleConfig,
+    *,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    out: str | Path,
+    num: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Path:
+    """Sample ``num`` images (classes cycling 0..C-1 for a class-conditional model) and save them as a PNG grid."""
+    num = sample_cfg.num if num is None else num
+    labels = torch.arange(num) % num_classes if num_classes > 0 else None
+    with torch.no_grad():
+        x = generate(model, schedule, image_shape, sample_cfg, num=num, labels=labels, num_classes=num_classes,
+                     device=device)
+    nrow = num_classes if num_classes > 0 and num % num_classes == 0 and num_classes <= 16 else None
+    scale = max(1, 64 // image_shape[-1])
+    return save_grid(x, out, nrow=nrow, scale=scale)
+
+
+@dataclass
+class LoadedModel:
+    """A denoiser rebuilt from a run, checkpoint or export, with what is needed to sample it."""
+
+    model: DiffusionModel
+    config: ExperimentConfig
+    schedule: Schedule
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    meta: dict[str, Any]
+
+
+def student_sample_config(spec: dict[str, Any], base: SampleConfig) -> SampleConfig:
+    """``base`` with the sampler, step count and grid a distilled student's ``sampler_spec`` records."""
+    name = spec["sampler"]
+    if name == "moment_matching" and spec.get("posterior_variance") == "large":
+        name = "moment_matching_large"
+    return dataclasses.replace(base, sampler=name, steps=int(spec["steps"]), grid=spec.get("grid", "uniform_t"),
+                               eta=0.0, interval=None, rescale=0.0)
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", ema: bool = True) -> LoadedModel:
+    """Rebuild a model from a run directory (latest checkpoint), a checkpoint directory, or an exported
+    ``.safetensors`` file. EMA weights are used when present and ``ema``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run directory, checkpoint or file")
+    if path.is_file():
+        state, meta = load_inference(path)
+    else:
+        ckpt = load_checkpoint(path) if (path / "state.json").exists() else load_latest(path, fallback=True)
+        if ckpt is None:
+            raise CheckpointError(f"{path}: no checkpoint found (expected a run directory with checkpoints/)")
+        meta = ckpt.state.get("config") or {}
+        state = ckpt.ema if (ema and ckpt.ema is not None) else ckpt.model
+    if "experiment" not in meta or "image_shape" not in meta:
+        raise CheckpointError(f"{path}: not a simdiff diffusion model (its config has no experiment / image_shape)")
+    try:
+        cfg = config_from_dict(meta["experiment"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: stored config is invalid ({e})") from None
+    image_shape = tuple(int(v) for v in meta["image_shape"])
+    num_classes = int(meta.get("num_classes", 0))
+    model = build_network(cfg, image_shape=image_shape, num_classes=num_classes)
+    if meta.get("kind", "diffusion") != "diffusion":  # a distilled student: rewrap the network as recorded
+        try:
+            model = wrap_student(model, meta.get("student"))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        meta = {**meta, "sampler_spec": meta.get("sampler_spec") or to_dict(cfg.sample)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match the stored config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    model.to(device).eval().requires_grad_(False)
+    schedule = schedule_from_dict(cfg.diffusion.schedule)
+    return LoadedModel(model, cfg, schedule, image_shape, num_classes, meta)
+
+
+def describe(loaded: LoadedModel) -> str:
+    """One paragraph about a loaded model (for ``simdiff sample --info``)."""
+    n = sum(p.numel() for p in loaded.model.parameters())
+    doc = {"arch": loaded.config.model.arch, "parameterisation": loaded.config.model.parameterisation,
+           "parameters": n, "image_shape": loaded.image_shape, "num_classes": loaded.num_classes,
+           "class_conditional": loaded.num_classes > 0, "data": loaded.config.data.name,
+           "schedule": loaded.config.diffusion.schedule, "kind": loaded.meta.get("kind")}
+    if loaded.meta.get("kind", "diffusion") != "diffusion":
+        doc["sampler_spec"] = loaded.meta.get("sampler_spec")
+    return json.dumps(doc)
+
+
+#: samplers that run one kind of distilled student only (sampler -> that kind).
+_KIND_ONLY_SAMPLERS = {"generator": "em"}
+#: distilled kinds whose students are full denoisers (any sampler, any step count): guided stage one.
+_FREE_KINDS = ("guided",)
+
+
+def check_student_sampling(meta: dict[str, Any], cfg: SampleConfig) -> None:
+    """Refuse sampling a model with a sampler, step count or grid it does not support (one-line ConfigError).
+
+    ``meta`` is :attr:`LoadedModel.meta`. A step-distilled student (progressive, consistency, moment matching,
+    guided stage two) is sampled only with the sampler, step count and grid it was distilled for; an EMD generator
+    only with ``generator`` (one step); a guided stage-one student (w as an input) and a diffusion model with any
+    denoiser sampler (not ``generator``).
+    """
+    kind = meta.get("kind", "diffusion")
+    owner = _KIND_ONLY_SAMPLERS.get(cfg.sampler)
+    if owner is not None and owner != kind:
+        what = "a diffusion model" if kind == "diffusion" else f"a distilled {kind!r} student"
+        raise ConfigError(f"sampler {cfg.sampler!r} runs {owner} students only; this is {what}: use a denoiser "
+                          f"sampler (e.g. ddim, dpmpp_2m)")
+    if kind == "diffusion" or kind in _FREE_KINDS:
+        return
+    spec = meta.get("sampler_spec") or {}
+    if "sampler" not in spec or "steps" not in spec:
+        return  # an old student without a recorded spec: nothing to check against
+    want = student_sample_config(spec, cfg)
+    flags = f"--sampler {want.sampler} --steps {want.steps}"
+    if want.sampler != "generator":
+        flags += f" --grid {want.grid}"
+    got = {"sampler": cfg.sampler, "steps": cfg.steps, "grid": cfg.grid}
+    bad = [k for k in ("sampler", "steps", "grid") if got[k] != getattr(want, k)]
+    if want.sampler == "generator":
+        bad = [k for k in bad if k != "grid"]
+    if bad:
+        given = ", ".join(f"--{k} {got[k]}" for k in bad)
+        raise ConfigError(f"this {kind} student was distilled for {flags} and samples only with those; got {given}")
+
+
+def reference_images(cfg: ExperimentConfig, num: int, *, split: str = "test") -> tuple[torch.Tensor, str]:
+    """Real images to score against: ``num`` images of the training data set's ``split`` at the model's size.
+
+    Returns the images and a cache key for their feature statistics.
+    """
+    data_cfg = dataclasses.replace(cfg.data, split=split, limit=num, hflip=False)
+    try:
+        ds = build_dataset(data_cfg)
+    except (ConfigError, ValueError):  # data sets without that split (e.g. folders, digits): use the train split
+        data_cfg = dataclasses.replace(data_cfg, split="train")
+        ds = build_dataset(data_cfg)
+    c, h, w = ds.images.shape[1:]
+    key = f"{data_cfg.name}-{data_cfg.split}-{c}x{h}x{w}-{len(ds)}".replace("/", "_")
+    return ds.images, key
+
+
+def evaluate_model(
+    loaded: LoadedModel,
+    sample_cfg: SampleConfig,
+    *,
+    num: int = 1000,
+    metrics: tuple[str, ...] | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict[str, float]:
+    """Sample ``num`` images from ``loaded`` and score them against the data set's test split.
+
+    ``metrics=None`` picks them from the data (``simdiff.eval.default_metrics``: MNIST-classifier metrics for 28x28
+    grey digits, FID / KID / precision-recall otherwise); explicit ones that do not fit the data are refused.
+    """
+    from simdiff.eval import check_metrics, default_metrics, evaluate_samples
+
+    data_name = loaded.config.data.name
+    if metrics is None:
+        metrics = tuple(default_metrics(loaded.image_shape, data_name))
+    else:
+        check_metrics(tuple(metrics), loaded.image_shape, data_name)
+    labels = torch.arange(num) % loaded.num_classes if loaded.num_classes > 0 else None
+    if labels is None:
+        metrics = tuple(m for m in metrics if m != "accuracy")
+    with torch.no_grad():
+        x = generate(loaded.model, loaded.schedule, loaded.image_shape, sample_cfg, num=num, labels=labels,
+                     num_classes=loaded.num_classes, device=device, progress=progress)
+    ref, key = reference_images(loaded.config, max(num, 1000))
+    return evaluate_samples(x, ref, metrics=metrics, labels=labels, reference_key=key, progress=progress)
