@@ -1,4 +1,5 @@
-"""Distillation of classifier-free-guided diffusion models (Meng et al., CVPR 2023; ALGORITHMS.md 8.1, 8.3).
+"""Distillation of classifier-free-guided diffusion models (Meng et al., "On distillation of guided diffusion
+models", CVPR 2023).
 
 Stage one (:class:`GuidanceDistillation`): a student that takes the guidance weight ``w`` as an input
 (``student(z, logsnr, guidance=w, **cond)``) regresses the CFG teacher (Ho & Salimans 2022)::
@@ -8,12 +9,14 @@ Stage one (:class:`GuidanceDistillation`): a student that takes the guidance wei
 
 Stage two (:class:`GuidedProgressiveDistillation`): progressive distillation (:mod:`simdiff.distill.progressive`)
 of the stage-one student, keeping ``w`` as an input (drawn per example from ``[w_min, w_max]``). Its students
-sample deterministically (DDIM) or with the paper's stochastic N-step sampler (:func:`sample_stochastic`): from
-``t`` one deterministic DDIM step of length ``2/N`` to ``t - 2/N``, then fresh noise back up to ``t - 1/N``.
+sample deterministically (DDIM) or with the paper's stochastic N-step sampler (the registered sampler
+``guided_stochastic``, :func:`simdiff.samplers.students.sample_guided_stochastic`): from ``t`` one deterministic
+DDIM step of length ``2/N`` to ``t - 2/N``, then fresh noise back up to ``t - 1/N``.
 
-The unconditional teacher call replaces the keys of ``null_cond`` in the conditioning: a value ``None`` passes
-``None`` (e.g. ``GaussianMixture.denoise(labels=None)`` is the exact unconditional denoiser), any other value is
-broadcast to the conditioning's shape (``{"labels": num_classes}`` for a network trained with label dropout).
+The unconditional teacher call replaces the keys of ``null_cond`` in the conditioning with
+:func:`simdiff.conditioners.null_conditioning`: a value ``None`` passes ``None`` (e.g.
+``GaussianMixture.denoise(labels=None)`` is the exact unconditional denoiser), any other value is broadcast to the
+conditioning's ``[B, ...]`` shape (``{"labels": num_classes}`` for a network trained with label dropout).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from simdiff.conditioners import null_conditioning
 from simdiff.distill.base import (
     Denoise,
     DistillationLoss,
@@ -34,21 +38,12 @@ from simdiff.distill.base import (
     teacher_call,
 )
 from simdiff.distill.progressive import ProgressiveDistillation, ProgressiveSchedule
-from simdiff.process import add_noise, alpha_sigma, ddim_step
+from simdiff.process import add_noise
+from simdiff.samplers import make_grid
+from simdiff.samplers.students import sample_guided_stochastic
 from simdiff.schedules import Schedule
 
 __all__ = ["GuidanceDistillation", "GuidedProgressiveDistillation", "cfg_teacher_x", "sample_stochastic"]
-
-
-def _null(cond: dict[str, Any], null_cond: dict[str, Any]) -> dict[str, Any]:
-    missing = sorted(set(null_cond) - set(cond))
-    if missing:
-        raise ValueError(f"guided distillation: null_cond has {missing} but the batch conditioning has {sorted(cond)}")
-    out = dict(cond)
-    for key, val in null_cond.items():
-        ref = cond[key]
-        out[key] = None if val is None else torch.as_tensor(val, dtype=ref.dtype, device=ref.device).expand(ref.shape)
-    return out
 
 
 def cfg_teacher_x(
@@ -56,7 +51,7 @@ def cfg_teacher_x(
 ) -> Tensor:
     """Guided teacher x-prediction ``(1 + w) x(z, c) - w x(z, null)`` with per-example ``w`` ``[B]`` (no grad)."""
     xc = teacher_call(teacher, z, logsnr, cond).x
-    xu = teacher_call(teacher, z, logsnr, _null(cond, null_cond)).x
+    xu = teacher_call(teacher, z, logsnr, null_conditioning(cond, null_cond, batch=z.shape[0])).x
     wb = w.reshape((-1,) + (1,) * (z.dim() - 1)).to(z.dtype)
     return (1 + wb) * xc - wb * xu
 
@@ -127,32 +122,12 @@ def sample_stochastic(
 ) -> Tensor:
     """Meng et al. 2023's stochastic ``N``-step sampler on the uniform-t grid (``N`` network calls).
 
-    At ``t = i/N``: ``x_hat = f(z_t)``; deterministic DDIM to ``r = t - 2/N`` (data if ``r <= 0``); then forward
-    noise ``q(z_u | z_r)`` up to ``u = t - 1/N``: ``z_u = (alpha_u/alpha_r) z_r + sigma_u sqrt(1 - SNR_u/SNR_r) n``.
-    The last step (``t = 1/N``) returns ``x_hat``.
+    The registered sampler ``guided_stochastic`` on ``make_grid(schedule, steps, kind="uniform_t")``; see
+    :func:`simdiff.samplers.students.sample_guided_stochastic`.
     """
     steps = check_steps(steps, "steps")
-    cond = dict(cond or {})
-    b = z.shape[0]
-
-    def lam_at(t: float) -> Tensor:
-        val = math.inf if t <= 0 else float(schedule.logsnr(torch.tensor(t, dtype=torch.float64)))
-        return torch.full((b,), val, dtype=z.dtype, device=z.device)
-
-    for i in range(steps, 0, -1):
-        lt = lam_at(i / steps)
-        x = denoise(z, lt, **cond).x.to(z.dtype)
-        if i == 1:
-            return x
-        lr, lu = lam_at((i - 2) / steps), lam_at((i - 1) / steps)
-        z_r = x if i == 2 else ddim_step(z_t=z, x=x, logsnr_s=lr, logsnr_t=lt)
-        a_u, s_u = alpha_sigma(lu[:, None])
-        a_r, _ = alpha_sigma(lr[:, None])
-        keep = (-torch.expm1(lu - lr))[:, None].clamp_min(0).sqrt()
-        z = (a_u / a_r).reshape(b, *([1] * (z.dim() - 1))) * z_r + (s_u * keep).reshape(
-            b, *([1] * (z.dim() - 1))
-        ) * randn(tuple(z.shape), like=z, generator=generator)
-    return z
+    return sample_guided_stochastic(denoise, z, make_grid(schedule, steps, kind="uniform_t"), generator=generator,
+                                    cond=cond)
 
 
 class GuidedProgressiveDistillation(ProgressiveDistillation):
