@@ -308,3 +308,33 @@ def test_channel_conversion_matches_pillow_and_resize_keeps_constants():
     assert torch.allclose(resize_images(const, 16), torch.full((2, 1, 16, 16), 0.25))
     with pytest.raises(ValueError, match="labels shape \\(3,\\) does not match images \\(2, 1, 28, 28\\)"):
         ImageDataset(const, torch.zeros(3, dtype=torch.long))
+
+
+def test_exact_levels_are_stored_as_uint8_and_batches_match_the_float_conversion_bit_for_bit():
+    u = np.random.default_rng(5).integers(0, 256, size=(40, 5, 6, 3), dtype=np.uint8)
+    u[0, 0, 0], u[0, 0, 1] = 0, 255  # both ends of the range
+    ref = torch.from_numpy(u).permute(0, 3, 1, 2).float() / 127.5 - 1  # the float32 conversion of uint8 levels
+    ds = ImageDataset(ref.clone(), torch.arange(40) % 3, 3)
+    assert ds.storage.dtype == torch.uint8 and ds.storage.element_size() * 4 == ref.element_size()
+    assert torch.equal(ds.images, ref) and ds.images.dtype == torch.float32
+    idx = torch.tensor([7, 0, 39, 7])
+    batch = ds[idx]
+    assert batch["x"].dtype == torch.float32 and torch.equal(batch["x"], ref[idx])
+    assert (batch["x"].view(torch.int32) == ref[idx].view(torch.int32)).all()  # same bits, not only equal values
+    assert torch.equal(ds[3]["x"], ref[3]) and torch.equal(ds[2:5]["x"], ref[2:5])
+    # one value off the uint8 levels (e.g. after resizing): kept as float32, unchanged
+    off = ref.clone()
+    off[1, 0, 0, 0] = 0.001
+    kept = ImageDataset(off)
+    assert kept.storage.dtype == torch.float32 and torch.equal(kept[idx]["x"], off[idx])
+    # given as uint8 directly: the same floats
+    assert torch.equal(ImageDataset(torch.from_numpy(u).permute(0, 3, 1, 2))[idx]["x"], ref[idx])
+
+
+def test_mnist_is_held_as_uint8_and_resized_sets_as_float(mnist_train):
+    assert mnist_train.storage.dtype == torch.uint8  # 50000 x 784 bytes instead of 4x that
+    raw = DATASETS["mnist"](DataConfig(name="mnist"))  # the float32 images before storage
+    idx = torch.randint(50000, (256,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mnist_train[idx]["x"], raw.images[idx])
+    small = build_dataset({"name": "mnist", "split": "valid", "image_size": 14, "limit": 64})
+    assert small.storage.dtype == torch.float32  # resized values are not uint8 levels

@@ -1,6 +1,7 @@
 """Data sets (MNIST, sklearn digits, Fashion-MNIST, image folders, a synthetic Gaussian-mixture set) and transforms.
 
-All images are float32 ``[N, C, H, W]`` in ``[-1, 1]``; see :mod:`simdiff.data.datasets`.
+Images are presented as float32 ``[N, C, H, W]`` in ``[-1, 1]`` (held as uint8 where that is exact); see
+:mod:`simdiff.data.datasets`.
 """
 
 from simdiff.data.datasets import DATASETS, DataConfig, ImageDataset, build_dataset, gmm_image_mixture

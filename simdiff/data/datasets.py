@@ -1,15 +1,17 @@
 """In-memory image data sets built from a :class:`DataConfig` through an explicit registry.
 
-Every data set is held as one float32 tensor ``images [N, C, H, W]`` in ``[-1, 1]`` (uint8 ``u`` maps to
-``u / 127.5 - 1``) plus optional ``labels [N]``. Sizes are changed with antialiased bilinear resizing
-(folders: shorter side + centre crop in Pillow), channels with grey repeat / BT.601 luminance.
+Every data set presents images ``[N, C, H, W]`` as float32 in ``[-1, 1]`` (uint8 ``u`` maps to ``u / 127.5 - 1``)
+plus optional ``labels [N]``. When every value is exactly such a level (MNIST, Fashion-MNIST and image folders at
+their stored size) the images are held in memory as uint8 (a quarter of the float32 memory) and converted per batch,
+bit for bit the same floats; other sets (resized, synthetic) are held as float32. Sizes are changed with antialiased
+bilinear resizing (folders: shorter side + centre crop in Pillow), channels with grey repeat / BT.601 luminance.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -19,7 +21,7 @@ from simdiff.configuration import ConfigError, from_dict, get_registered
 from simdiff.data.errors import DataError
 from simdiff.data.folder import load_folder
 from simdiff.data.sources import RawData, load_digits, load_fashion_mnist, load_mnist
-from simdiff.data.transforms import convert_channels, random_hflip, resize_images, uint8_to_float
+from simdiff.data.transforms import convert_channels, float_to_uint8, random_hflip, resize_images, uint8_to_float
 from simdiff.toy import GaussianMixture
 
 __all__ = ["DataConfig", "ImageDataset", "DATASETS", "build_dataset", "gmm_image_mixture"]
@@ -60,43 +62,50 @@ class DataConfig:
             raise ConfigError(f"data.limit must be a positive integer or null, got {self.limit}")
 
 
-@dataclass
 class ImageDataset:
     """Images ``[N, C, H, W]`` float32 in [-1, 1], optional ``labels [N]`` (long), ``num_classes`` (0 if none).
 
     ``ds[i]`` gives ``{"x": [C, H, W], "labels": scalar}``; ``ds[idx]`` with a LongTensor / slice gives the
-    batched dict ``{"x": [B, C, H, W], "labels": [B]}``. Unlabelled sets have no ``"labels"`` key, so a batch
-    minus ``"x"`` can be passed straight on as conditioning keywords.
+    batched dict ``{"x": [B, C, H, W], "labels": [B]}`` (float32). Unlabelled sets have no ``"labels"`` key, so a
+    batch minus ``"x"`` can be passed straight on as conditioning keywords.
+
+    ``images`` may be given as uint8 levels or as floats; floats that are all exact levels ``u / 127.5 - 1`` are
+    stored as uint8 (``storage``), the rest as float32. Indexing converts only the selected examples;
+    :attr:`images` converts the whole set (a float32 copy; prefer indexing for batches).
     """
 
-    images: Tensor
-    labels: Tensor | None = None
-    num_classes: int = 0
-    class_names: tuple[str, ...] = ()
-    hflip: bool = False
-    name: str = ""
-    info: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, images: Tensor, labels: Tensor | None = None, num_classes: int = 0,
+                 class_names: tuple[str, ...] = (), hflip: bool = False, name: str = "",
+                 info: dict[str, Any] | None = None):
+        if images.dim() != 4:
+            raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+        if labels is not None:
+            if labels.shape != images.shape[:1]:
+                raise ValueError(f"labels shape {tuple(labels.shape)} does not match images {tuple(images.shape)}")
+            labels = labels.long()
+        self.storage = _compact(images)
+        self.labels, self.num_classes, self.class_names = labels, num_classes, tuple(class_names)
+        self.hflip, self.name, self.info = hflip, name, dict(info or {})
 
-    def __post_init__(self) -> None:
-        if self.images.dim() != 4:
-            raise ValueError(f"images must be [N, C, H, W], got shape {tuple(self.images.shape)}")
-        if self.labels is not None:
-            if self.labels.shape != self.images.shape[:1]:
-                raise ValueError(
-                    f"labels shape {tuple(self.labels.shape)} does not match images {tuple(self.images.shape)}"
-                )
-            self.labels = self.labels.long()
+    @property
+    def images(self) -> Tensor:
+        """All images as float32 ``[N, C, H, W]`` in [-1, 1] (a converted copy when stored as uint8)."""
+        return _to_float(self.storage)
+
+    def __repr__(self) -> str:
+        return (f"ImageDataset(name={self.name!r}, shape={tuple(self.storage.shape)}, "
+                f"storage={self.storage.dtype}, num_classes={self.num_classes})")
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.storage.shape[0]
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of one example."""
-        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+        return tuple(self.storage.shape[1:])  # type: ignore[return-value]
 
     def __getitem__(self, idx: int | slice | Tensor) -> dict[str, Tensor]:
-        out = {"x": self.images[idx]}
+        out = {"x": _to_float(self.storage[idx])}
         if self.labels is not None:
             out["labels"] = self.labels[idx]
         return out
@@ -108,6 +117,22 @@ class ImageDataset:
         if self.hflip:
             batch["x"] = random_hflip(batch["x"], generator=generator)
         return batch
+
+
+def _compact(images: Tensor) -> Tensor:
+    """uint8 storage when every value is an exact level ``u / 127.5 - 1`` (checked bit for bit), else float32."""
+    if images.dtype == torch.uint8:
+        return images.contiguous()
+    x = images.to(torch.float32).contiguous()
+    if x.numel() and bool(((x >= -1) & (x <= 1)).all()):
+        u = float_to_uint8(x)
+        if torch.equal(uint8_to_float(u), x):
+            return u
+    return x
+
+
+def _to_float(stored: Tensor) -> Tensor:
+    return uint8_to_float(stored) if stored.dtype == torch.uint8 else stored
 
 
 # ----------------------------------------------------------------------------------------------- synthetic

@@ -5,17 +5,24 @@ cut into ``N // batch_size`` global batches (drop_last) and global batch ``b`` i
 contiguous shards, rank ``r`` taking shard ``r``. The whole state is ``(epoch, position)``, so resuming from
 ``state_dict()`` replays exactly the same batches, and concatenating the rank shards gives the single-process
 batch. A per-batch ``transform(batch, generator)`` gets a generator seeded by ``(seed, epoch, position, rank)``.
+
+:class:`DevicePrefetcher` (CUDA) runs such an iterator one batch ahead in a background thread: the next batch is
+gathered, pinned and copied to the device with ``non_blocking`` on a side stream while the current step runs. The
+batches and their order are exactly those of the iterator; its :meth:`~DevicePrefetcher.state_dict` is that of the
+first batch not yet handed out, so checkpoints resume at the right batch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["BatchIterator", "mix_seed"]
+__all__ = ["BatchIterator", "DevicePrefetcher", "mix_seed"]
 
 Batch = dict[str, torch.Tensor]
 
@@ -115,3 +122,89 @@ class BatchIterator:
                 f"({self.batches_per_epoch} batches per epoch)"
             )
         self.epoch, self.position = epoch, position
+
+
+class DevicePrefetcher:
+    """Iterate ``batches`` (e.g. a :class:`BatchIterator`) with the next batch already on ``device`` (CUDA).
+
+    A daemon thread takes batches in order, pins their tensors, and copies them to ``device`` on a side stream
+    (``non_blocking``); the consumer's stream waits on the copy's event, so no host synchronisation is needed.
+    ``channels_last``: 4-D floating tensors are laid out channels-last on the device (same values).
+
+    Args:
+        batches: an iterator of ``dict[str, Tensor]`` with ``state_dict()`` (the next batch it will produce).
+        device: a CUDA device. depth: batches staged ahead (default 2).
+    """
+
+    def __init__(self, batches: Any, device: torch.device, *, channels_last: bool = False, depth: int = 2):
+        if device.type != "cuda":
+            raise ValueError(f"DevicePrefetcher needs a CUDA device, got {device}")
+        self.batches, self.device, self.channels_last = batches, device, channels_last
+        self._stream = torch.cuda.Stream(device)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._state = batches.state_dict()
+        self._thread = threading.Thread(target=self._work, name="simdiff-prefetch", daemon=True)
+        self._thread.start()
+
+    def _stage(self, batch: Batch) -> Batch:
+        out = {}
+        with torch.cuda.stream(self._stream):
+            for k, v in batch.items():
+                if torch.is_tensor(v):
+                    v = v.pin_memory().to(self.device, non_blocking=True)
+                    if self.channels_last and v.dim() == 4 and v.is_floating_point():
+                        v = v.contiguous(memory_format=torch.channels_last)
+                out[k] = v
+        return out
+
+    def _work(self) -> None:
+        torch.cuda.set_device(self.device)
+        try:
+            while not self._stop.is_set():
+                batch = next(self.batches)
+                state = self.batches.state_dict()  # after this batch: where a resume continues
+                staged = self._stage(batch)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+                self._put((staged, state, event))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            self._put(e)
+
+    def _put(self, item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        batch, state, event = item
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        for v in batch.values():
+            if torch.is_tensor(v):
+                v.record_stream(current)  # the side stream's allocator must not reuse it while the step runs
+        self._state = state
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The wrapped iterator's state at the first batch not yet returned by ``__next__``."""
+        return dict(self._state)
+
+    def close(self) -> None:
+        """Stop the thread (batches staged but not consumed are dropped)."""
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=10)

@@ -18,7 +18,8 @@ from typing import Literal
 
 from simdiff.configuration import ConfigError
 
-__all__ = ["OptimConfig", "TrainConfig", "lr_at", "ema_decay", "validate_train_config"]
+__all__ = ["OptimConfig", "TrainConfig", "lr_at", "ema_decay", "validate_train_config", "REMOVED_KEYS",
+           "upgrade_train_dict"]
 
 Decay = Literal["none", "cosine", "linear", "rsqrt"]
 Strategy = Literal["ddp", "fsdp"]
@@ -53,7 +54,11 @@ class TrainConfig:
     always written). ``max_nonfinite``: abort after this many *consecutive* skipped (non-finite) updates.
     ``bf16``: autocast the forward in bfloat16 (CPU or CUDA). ``compile``: ``torch.compile`` the model forward
     (CUDA only; refused on CPU). ``device``: "auto" (cuda:LOCAL_RANK if available, else cpu), "cpu", "cuda", ...
-    ``num_workers``: reserved (the in-memory :class:`BatchIterator` needs no worker processes).
+    ``tf32``: on CUDA, let float32 matmuls and convolutions use TF32 tensor cores
+    (``torch.backends.cuda.matmul.allow_tf32`` / ``torch.backends.cudnn.allow_tf32``, process-wide; about 10 bits of
+    mantissa in the products, float32 accumulation). ``channels_last``: on CUDA, store the 4-D weights of models that
+    contain ``nn.Conv2d`` layers (the U-Net) and the image batches in channels-last memory format (same values,
+    faster convolution kernels). Both are ignored on CPU, where results stay bit-identical to the defaults.
     ``strategy``: multi-process strategy under torchrun: "ddp" (replicated model) or "fsdp" (FSDP2: parameters,
     gradients, optimizer state and EMA sharded over ranks); ignored in a single process. Checkpoints are the
     same full format either way, so a run may resume under the other strategy.
@@ -74,9 +79,33 @@ class TrainConfig:
     compile: bool = False
     max_nonfinite: int = 20
     device: str = "auto"
-    num_workers: int = 0
     progress: bool = True
     strategy: Strategy = "ddp"
+    tf32: bool = True
+    channels_last: bool = True
+
+
+#: Keys TrainConfig once had -> (the only value saved configs hold, why the key went). A saved config that carries
+#: the old value loads (the key is dropped, see :func:`upgrade_train_dict`); any other value is refused.
+REMOVED_KEYS: dict[str, tuple[object, str]] = {
+    "num_workers": (0, "the in-memory BatchIterator needs no worker processes"),
+}
+TrainConfig.__removed_keys__ = REMOVED_KEYS  # type: ignore[attr-defined]
+
+
+def upgrade_train_dict(data: dict, *, where: str = "train") -> dict:
+    """A copy of a saved ``train`` config dict without removed keys that hold their old value.
+
+    Raises:
+        ConfigError: a removed key set to anything else (one line naming the key and why it went).
+    """
+    out = dict(data)
+    for key, (old, why) in REMOVED_KEYS.items():
+        if key in out:
+            value = out.pop(key)
+            if value != old:
+                raise ConfigError(f"'{where}.{key}' was removed ({why}); delete the key (got {value!r})")
+    return out
 
 
 def validate_train_config(cfg: TrainConfig, world_size: int = 1) -> None:

@@ -37,18 +37,41 @@ class EMA:
         for name, t in model.state_dict().items():
             t = t.detach()
             self.shadow[name] = t.float().clone() if t.is_floating_point() else t.clone()
+        self._cache: tuple[nn.Module, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor],
+                           list[torch.Tensor]] | None = None
+
+    def _lists(self, model: nn.Module) -> tuple[list[torch.Tensor], ...]:
+        """(shadow params, live params, shadow buffers, live buffers), cached per model object."""
+        if self._cache is None or self._cache[0] is not model:
+            params = dict(model.named_parameters())
+            buffers = [(n, b) for n, b in model.named_buffers() if n in self.shadow]
+            self._cache = (model, [self.shadow[n] for n in self.param_names], [params[n] for n in self.param_names],
+                           [self.shadow[n] for n, _ in buffers], [b for _, b in buffers])
+        return self._cache[1:]
 
     @torch.no_grad()
-    def update(self, model: nn.Module, decay: float) -> None:
-        """``shadow = decay * shadow + (1 - decay) * param`` for parameters; buffers are copied."""
+    def update(self, model: nn.Module, decay: float, *, apply: torch.Tensor | None = None) -> None:
+        """``shadow = decay * shadow + (1 - decay) * param`` for parameters (one ``torch._foreach_lerp_`` over
+        cached lists, the same numbers as a per-tensor ``lerp_``); buffers are copied.
+
+        ``apply``: optional 0-dim bool tensor on the device; where False the shadow is left exactly as it is
+        (the lerp weight becomes 0 and buffers keep their shadow), without reading the flag on the host.
+        """
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
-        params = dict(model.named_parameters())
-        for name in self.param_names:
-            self.shadow[name].lerp_(params[name].detach().float(), 1.0 - decay)
-        for name, b in model.named_buffers():
-            if name in self.shadow:
-                self.shadow[name].copy_(b.detach())
+        shadow_p, live_p, shadow_b, live_b = self._lists(model)
+        live_p = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in live_p]
+        if apply is None:
+            if shadow_p:
+                torch._foreach_lerp_(shadow_p, live_p, 1.0 - decay)
+            for s, b in zip(shadow_b, live_b):
+                s.copy_(b.detach())
+            return
+        if shadow_p:
+            weight = torch.where(apply, 1.0 - decay, 0.0).to(torch.float32)
+            torch._foreach_lerp_(shadow_p, live_p, weight)
+        for s, b in zip(shadow_b, live_b):
+            s.copy_(torch.where(apply, b.detach().to(s.dtype), s))
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -14,6 +14,14 @@ A step whose all-reduced loss or gradient norm is NaN/inf is skipped (no optimiz
 dropped) and counted; ``max_nonfinite`` *consecutive* skips abort with :class:`NonFiniteError` and no
 checkpoint is written (checkpoints are also checked for finiteness before they are written).
 
+No host synchronisation per step: the loss, the gradient norm, the finiteness check and the skip counts stay on the
+device (:class:`~simdiff.train.guard.StepGuard`); the host reads them at log, hook and checkpoint steps and at least
+every ``max_nonfinite`` steps. On CUDA the optimizer is fused AdamW and a skipped update is skipped inside the kernel
+(its ``found_inf`` input, as under a gradient scaler: parameters, moments and step count untouched) and the EMA's
+lerp weight becomes 0; on CPU (where reading a flag costs nothing) and under FSDP the host reads the flag and
+does not call the optimizer. Batches come from a background thread that stages the next one in pinned memory and
+copies it with ``non_blocking`` on a side stream (CUDA only; :class:`~simdiff.train.batches.DevicePrefetcher`).
+
 Strategies (``strategy`` / ``TrainConfig.strategy``; see :mod:`simdiff.train.distributed`): ``ddp`` replicates the
 model; ``fsdp`` shards parameters, gradients, AdamW moments and the EMA (FSDP2, one unit per block). Under FSDP
 every rank joins the gathers of full state dicts at checkpoint time and only rank 0 writes; the files are the
@@ -42,9 +50,10 @@ from torch import nn
 from simdiff.configuration import to_dict
 from simdiff.train import checkpoint as ckpt_io
 from simdiff.train import distributed as D
-from simdiff.train.batches import BatchIterator, mix_seed
+from simdiff.train.batches import BatchIterator, DevicePrefetcher, mix_seed
 from simdiff.train.config import TrainConfig, ema_decay, lr_at, validate_train_config
 from simdiff.train.ema import EMA
+from simdiff.train.guard import GuardState, StepGuard
 from simdiff.train.logging import MetricsLogger, plot_loss_curve
 
 __all__ = ["Trainer", "NonFiniteError", "LossFn", "Hook"]
@@ -101,6 +110,13 @@ class Trainer:
         self.is_main, self.resume = self.rank == 0, resume
         self.model = model.to(self.device)
         self.model.train()
+        cuda = self.device.type == "cuda"
+        if cuda and cfg.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.channels_last = cuda and cfg.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules())
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         fsdp = strategy == "fsdp" and self.world_size > 1
         # hooks need full weights: under FSDP rank 0 keeps an unsharded copy, taken before sharding
         self._hook_model = copy.deepcopy(self.model) if fsdp and self.is_main and self.hooks else None
@@ -110,14 +126,19 @@ class Trainer:
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         o = cfg.optim
-        fast = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        fused = _use_fused(self.device)
+        fast = {"fused": True} if fused else {"foreach": True}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay, **fast)
+        # skip a non-finite update on the device (fused kernel's found_inf) instead of reading the flag on the host
+        self.device_skip = fused and not self.sharded
         self.ema = EMA(self.model) if cfg.ema_half_life_images > 0 else None
         self.generator = torch.Generator(self.device)
         self.step = self.images_seen = self.nonfinite_total = self.nonfinite_consecutive = 0
         self.last_checkpoint: Path | None = None
         self._resumed = False
+        self._guard: StepGuard | None = None
+        self._batches: Any = self.data
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -128,34 +149,42 @@ class Trainer:
         start = self._maybe_resume()
         logger = MetricsLogger(self.run_dir, enabled=self.is_main, resume_step=start if self._resumed else None,
                                total_steps=cfg.steps, initial_step=start, progress=cfg.progress)
-        window, t_window, last_loss = [], time.perf_counter(), math.nan
+        self._guard = StepGuard(self.device, cfg.max_nonfinite, total=self.nonfinite_total,
+                                consecutive=self.nonfinite_consecutive)
+        self._batches = DevicePrefetcher(self.data, self.device, channels_last=self.channels_last) \
+            if self.device.type == "cuda" else self.data
+        t_window, last_loss = time.perf_counter(), math.nan
         try:
             while self.step < cfg.steps:
                 step = self.step
                 lr = lr_at(step, cfg.optim, cfg.steps)
                 if hasattr(self.loss_fn, "set_step"):  # curricula (distillation) are pure functions of the step
                     self.loss_fn.set_step(step)
-                loss = self.forward_backward(self._to_device(next(self.data)), step)
-                grad_norm, applied = self.apply_update(loss, lr)
+                loss = self._forward_backward(self._to_device(next(self._batches)), step)
+                self.apply_update(loss, lr, step)
                 self.step, self.images_seen = step + 1, self.images_seen + cfg.batch_size
-                self._count_nonfinite(applied, step, loss, grad_norm)
-                if applied:
-                    window.append(loss)
                 logger.advance()
-                if cfg.log_every and self.step % cfg.log_every == 0:
-                    now = time.perf_counter()
-                    last_loss = sum(window) / len(window) if window else math.nan
-                    logger.log(self.step, loss=last_loss, lr=lr, grad_norm=grad_norm, nonfinite=self.nonfinite_total,
-                               images_per_s=cfg.batch_size * cfg.log_every / max(now - t_window, 1e-9))
-                    window, t_window = [], now
-                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                log_now = bool(cfg.log_every) and self.step % cfg.log_every == 0
+                hooks_now = bool(cfg.sample_every) and self.step % cfg.sample_every == 0
+                save_now = bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
+                if log_now or hooks_now or save_now or self.step % cfg.max_nonfinite == 0:
+                    st = self.sync_guard(new_window=log_now)
+                    if log_now:
+                        now = time.perf_counter()
+                        last_loss = st.window_loss
+                        logger.log(self.step, loss=last_loss, lr=lr, grad_norm=st.grad_norm,
+                                   nonfinite=self.nonfinite_total,
+                                   images_per_s=cfg.batch_size * cfg.log_every / max(now - t_window, 1e-9))
+                        t_window = now
+                if hooks_now:
                     self.run_hooks()
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                if save_now:
                     self.save()
             if self.last_checkpoint is None or _step_of(self.last_checkpoint) != self.step:
                 self.save()
         finally:
             logger.close()
+            self._release_batches()
         if self.is_main:
             plot_loss_curve(logger.path, self.run_dir / "loss_curve.png")
         seconds = time.perf_counter() - start_time
@@ -163,10 +192,40 @@ class Trainer:
                 "nonfinite_total": self.nonfinite_total, "checkpoint": str(self.last_checkpoint),
                 "resumed_from": start if self._resumed else None, "seconds": seconds}
 
+    def sync_guard(self, *, new_window: bool = False) -> GuardState | None:
+        """Read the device-side step state (one transfer), warn about skipped updates since the last read, and
+        raise :class:`NonFiniteError` if ``max_nonfinite`` consecutive updates were skipped. None before ``fit``.
+        ``new_window``: the loss mean restarts after this read (log steps)."""
+        if self._guard is None:
+            return None
+        st = self._guard.read(new_window=new_window)
+        new = st.total - self.nonfinite_total
+        self.nonfinite_total, self.nonfinite_consecutive = st.total, st.consecutive
+        if new and self.is_main:
+            log.warning("%d non-finite update(s) skipped before step %d (latest loss=%r grad_norm=%r; "
+                        "%d consecutive, %d total)", new, self.step, st.bad_loss, st.bad_grad_norm,
+                        st.consecutive, st.total)
+        if st.tripped_at >= 0:
+            raise NonFiniteError(
+                f"aborting at step {st.tripped_at}: {st.consecutive} consecutive non-finite updates "
+                f"(loss={st.bad_loss!r}, grad_norm={st.bad_grad_norm!r}); last checkpoint: {self.last_checkpoint}")
+        return st
+
+    def _release_batches(self) -> None:
+        """Stop the prefetch thread; leave ``self.data`` at the first batch not yet trained on."""
+        if isinstance(self._batches, DevicePrefetcher):
+            self._batches.close()
+            self.data.load_state_dict(self._batches.state_dict())
+        self._batches = self.data
+
     # ------------------------------------------------------------------------------------- step parts
     def forward_backward(self, batch: dict[str, Any], step: int) -> float:
         """Accumulate gradients of the mean loss over ``cfg.grad_accum`` micro-batches of this rank's batch
         (DDP averages them over ranks); return the loss averaged over the global batch (a Python float)."""
+        return float(self._forward_backward(batch, step))
+
+    def _forward_backward(self, batch: dict[str, Any], step: int) -> torch.Tensor:
+        """:meth:`forward_backward` returning the all-reduced loss as a 0-dim tensor on the device (no sync)."""
         self._seed_step(step)
         n = self.cfg.grad_accum
         micro = [{k: (torch.tensor_split(v, n)[i] if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -187,25 +246,36 @@ class Trainer:
                 loss = losses.float().mean() / n
                 loss.backward()
             total += loss.detach()
-        return float(D.all_reduce_mean(total))
+        return D.all_reduce_mean(total)
 
-    def apply_update(self, loss: float, lr: float) -> tuple[float, bool]:
+    def apply_update(self, loss: torch.Tensor, lr: float, step: int) -> torch.Tensor:
         """Clip, then step AdamW and the EMA unless the loss or gradient norm is non-finite.
 
-        Returns ``(grad_norm before clipping, applied)``; gradients are cleared either way."""
+        ``loss``: the all-reduced loss of update ``step`` (0-dim tensor on the device). Returns the 0-dim bool
+        device tensor "applied"; gradients are cleared either way. Needs the step guard that :meth:`fit` creates."""
+        if self._guard is None:
+            raise RuntimeError("apply_update runs inside fit() (it needs the step guard)")
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = float(D.full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)))
-        applied = math.isfinite(loss) and math.isfinite(grad_norm)
-        if applied:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+        grad_norm = D.full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        applied = self._guard.update(step, loss, grad_norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        decay = ema_decay(self.cfg.batch_size, self.cfg.ema_half_life_images, images_seen=self.images_seen,
+                          rampup_ratio=self.cfg.ema_rampup_ratio) if self.ema is not None else 0.0
+        if self.device_skip:
+            self.optimizer.found_inf = (~applied).float()  # fused AdamW skips the whole update where this is 1
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            if self.ema is not None:
+                self.ema.update(self.model, decay, apply=applied)
+        elif bool(applied):
             self.optimizer.step()
             if self.ema is not None:
-                decay = ema_decay(self.cfg.batch_size, self.cfg.ema_half_life_images,
-                                  images_seen=self.images_seen, rampup_ratio=self.cfg.ema_rampup_ratio)
                 self.ema.update(self.model, decay)
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, applied
+        return applied
 
     def run_hooks(self) -> None:
         """Call every hook (rank 0 only) with the EMA weights swapped in, eval mode, no grad."""
@@ -258,7 +328,9 @@ class Trainer:
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (rank 0), then synchronise all ranks.
 
-        Under FSDP every rank first takes part in gathering the full model / optimizer / EMA state dicts."""
+        Under FSDP every rank first takes part in gathering the full model / optimizer / EMA state dicts. Inside
+        ``fit`` the step guard is read first (raising :class:`NonFiniteError` instead of writing after a trip)."""
+        self.sync_guard()
         ema = None
         if self.sharded:
             model, optim = D.full_model_state_dict(self.model), D.full_optimizer_state_dict(self.model, self.optimizer)
@@ -279,7 +351,7 @@ class Trainer:
 
     def _state_doc(self) -> dict[str, Any]:
         return {"images_seen": self.images_seen, "config": self.config_dict, "train_config": to_dict(self.cfg),
-                "data": self.data.state_dict(), "world_size": self.world_size,
+                "data": self._batches.state_dict(), "world_size": self.world_size,
                 "nonfinite": {"total": self.nonfinite_total, "consecutive": self.nonfinite_consecutive},
                 "rng": {"python": _py_rng_state(), "numpy": _np_rng_state()}}
 
@@ -333,21 +405,13 @@ class Trainer:
         torch.manual_seed(mix_seed("global", self.cfg.seed, self.rank, step))
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Move a batch to the device (a no-op for batches the prefetcher already staged there)."""
         return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
-    def _count_nonfinite(self, applied: bool, step: int, loss: float, grad_norm: float) -> None:
-        if applied:
-            self.nonfinite_consecutive = 0
-            return
-        self.nonfinite_total += 1
-        self.nonfinite_consecutive += 1
-        if self.is_main:
-            log.warning("step %d: non-finite loss=%r grad_norm=%r, update skipped (%d consecutive, %d total)",
-                        step, loss, grad_norm, self.nonfinite_consecutive, self.nonfinite_total)
-        if self.nonfinite_consecutive >= self.cfg.max_nonfinite:
-            raise NonFiniteError(
-                f"aborting at step {step}: {self.nonfinite_consecutive} consecutive non-finite updates "
-                f"(loss={loss!r}, grad_norm={grad_norm!r}); last checkpoint: {self.last_checkpoint}")
+
+def _use_fused(device: torch.device) -> bool:
+    """Fused AdamW (and the device-side skip) on CUDA; foreach AdamW elsewhere."""
+    return device.type == "cuda"
 
 
 def _step_of(path: Path) -> int:
