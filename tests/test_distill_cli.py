@@ -277,3 +277,37 @@ def test_resume_from_a_mid_run_checkpoint_is_exact(root, tmp_path, method):
     aux = {k: load_file(str(r / "checkpoints" / "step_000006" / "aux.safetensors")) for k, r in runs.items()}
     assert aux["straight"].keys() == aux["resumed"].keys() and aux["straight"]
     assert all(torch.equal(aux["straight"][k], aux["resumed"][k]) for k in aux["straight"])
+
+
+def test_sample_refuses_what_a_student_was_not_distilled_for(students, capsys):
+    """``simdiff sample`` on a student: another sampler, step count or grid is one line naming what it supports."""
+    em, mm, prog = str(students["em"]), str(students["moment_matching"]), str(students["progressive"])
+    _one_line_error(capsys, ["sample", em, "--sampler", "ddim"], "--sampler generator --steps 1")
+    _one_line_error(capsys, ["sample", em, "--steps", "4"], "got --steps 4")
+    _one_line_error(capsys, ["sample", mm, "--sampler", "dpmpp_2m"],
+                    "distilled for --sampler moment_matching --steps 2 --grid uniform_t")
+    _one_line_error(capsys, ["sample", mm, "--steps", "3"], "got --steps 3")
+    _one_line_error(capsys, ["sample", prog, "--grid", "edm"], "got --grid edm")
+    _one_line_error(capsys, ["eval", mm, "--steps", "4"], "got --steps 4")
+    _one_line_error(capsys, ["sample", str(students["guided"]), "--sampler", "generator"], "runs em students only")
+
+
+def test_student_sampling_check_accepts_what_it_supports(students, tmp_path, capsys):
+    """The recorded sampler and steps, spelled out, pass; a guided stage-one student (w as an input) takes any
+    denoiser sampler and step count."""
+    assert main(["sample", str(students["moment_matching"]), "--sampler", "moment_matching", "--steps", "2",
+                 "--num", "2", "--out", str(tmp_path / "a.png")]) == 0
+    assert main(["sample", str(students["guided"]), "--sampler", "dpmpp_2m", "--steps", "3", "--num", "2",
+                 "--guidance", "1.0", "--out", str(tmp_path / "b.png")]) == 0
+    assert "dpmpp_2m, 3 steps" in capsys.readouterr().out
+
+
+def test_old_steps_spelling_is_refused_with_a_hint(root, tmp_path, capsys):
+    teacher = str(root / "teacher")
+    base = ["distill", "--method", "consistency", "--teacher", teacher, "--run-dir", str(tmp_path / "x"), *FAST]
+    _one_line_error(capsys, [*base, "--steps", "2"], "--student-steps")
+    _one_line_error(capsys, [*base, "--set", "steps=2"], "'student_steps'")
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text(yaml.safe_dump({"method": "consistency", "steps": 2}))
+    _one_line_error(capsys, ["distill", str(cfg), "--teacher", teacher], "now 'student_steps'")
+    assert not (tmp_path / "x").exists()

@@ -110,3 +110,24 @@ def test_shipped_configs_validate():
             continue
         cfg = load_config(p)
         assert cfg.train.steps > 0
+
+
+def test_unconditional_training_on_labelled_data(tmp_path, capsys):
+    """``model.class_conditional: false`` from the CLI: the digits' labels are dropped, the network has only the null
+    class row, no label dropout, sample grids and ``--labels`` know the model is unconditional."""
+    cfg = tmp_path / "uncond.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "steps": 2, "checkpoint_every": 0}}))
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--run-dir", str(run), "--set", "model.class_conditional=false"]) == 0
+    loaded = load_model(run)
+    assert loaded.num_classes == 0 and loaded.meta["num_classes"] == 0
+    assert loaded.model.backbone.cond.label.num_embeddings == 1  # the null row only: no class embedding
+    assert loaded.config.model.class_conditional is False and loaded.config.diffusion.cond_drop_prob == 0.0
+    assert (run / "samples" / "final.png").is_file()
+    capsys.readouterr()
+    assert main(["sample", str(run), "--info"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["class_conditional"] is False
+    _one_line_error(capsys, ["sample", str(run), "--labels", "1"], "unconditional")
+    conditional = load_config(cfg)
+    assert conditional.model.class_conditional is True  # the default: old configs and checkpoints unchanged
+    _one_line_error(capsys, ["train", str(cfg), "--set", "model.class_conditional=maybe"], "class_conditional")
