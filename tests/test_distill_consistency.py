@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from simdiff.distill import ddim_sample, uniform_t_grid
+from simdiff.distill import uniform_t_grid
 from simdiff.distill.consistency import MultistepConsistency, pseudo_huber, teacher_steps_at
 from simdiff.process import to_output
+from simdiff.samplers import sample_ddim
 from simdiff.schedules import get_schedule
 from simdiff.toy import GaussianMixture, sliced_wasserstein
 from simdiff.toy_nets import MLPDenoiser, train_loop
@@ -32,7 +33,7 @@ def _two_step_student_vs_exact_ddim(mode: str) -> tuple[MultistepConsistency, fl
 
     with torch.no_grad():
         student = sw(loss.sample(net, z))
-    return loss, student, sw(ddim_sample(mix.denoise, z, uniform_t_grid(SCHED, 2)))
+    return loss, student, sw(sample_ddim(mix.denoise, z, uniform_t_grid(SCHED, 2)))
 
 
 def test_consistency_distillation_beats_teacher_ddim_at_two_steps():

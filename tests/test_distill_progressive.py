@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from simdiff.distill import ProgressiveDistillation, ProgressiveSchedule, ddim_sample, next_round, uniform_t_grid
+from simdiff.distill import ProgressiveDistillation, ProgressiveSchedule, next_round, uniform_t_grid
 from simdiff.distill.base import frozen_copy
 from simdiff.distill.guided import GuidanceDistillation, GuidedProgressiveDistillation, cfg_teacher_x
 from simdiff.distill.progressive import progressive_target
 from simdiff.process import add_noise, ddim_step, to_output
+from simdiff.samplers import sample_ddim
 from simdiff.schedules import get_schedule
 from simdiff.toy import GaussianMixture, sliced_wasserstein
 from simdiff.toy_nets import MLPDenoiser, train_loop
@@ -44,12 +45,12 @@ def test_one_round_reproduces_two_teacher_steps(progressive_run):
     r = progressive_run
     steps, student = r["round0"]
     assert steps == 4
-    teacher = ddim_sample(r["mix"].denoise, r["z"], uniform_t_grid(SCHED, 8))
+    teacher = sample_ddim(r["mix"].denoise, r["z"], uniform_t_grid(SCHED, 8))
     rms = float((student - teacher).pow(2).sum(1).mean().sqrt())
     # student 4-step DDIM vs exact teacher 8-step DDIM on fresh noise after 500 Adam steps (64-wide MLP):
     # seen rms 0.071, while the teacher's own 8-step vs 4-step DDIM outputs differ by rms 0.19
     assert rms < 0.12, rms
-    gap = float((ddim_sample(r["mix"].denoise, r["z"], uniform_t_grid(SCHED, 4)) - teacher).pow(2).sum(1).mean().sqrt())
+    gap = float((sample_ddim(r["mix"].denoise, r["z"], uniform_t_grid(SCHED, 4)) - teacher).pow(2).sum(1).mean().sqrt())
     assert rms < 0.5 * gap, (rms, gap)
 
 
@@ -61,7 +62,7 @@ def test_curriculum_student_beats_teacher_ddim_at_two_steps(progressive_run):
     assert loss.sampler_spec() == {"sampler": "ddim", "steps": 2, "grid": "uniform_t"}
     ref = mix.sample(M, generator=torch.Generator().manual_seed(5))[0]
     student = _sw(r["final"], ref)
-    teacher2 = _sw(ddim_sample(mix.denoise, r["z"], uniform_t_grid(SCHED, 2)), ref)
+    teacher2 = _sw(sample_ddim(mix.denoise, r["z"], uniform_t_grid(SCHED, 2)), ref)
     # seen: student(2 steps) 0.120, teacher DDIM(2) 0.333, teacher DDIM(8) 0.111, sampling floor 0.072
     assert student < 0.7 * teacher2, (student, teacher2)
 
@@ -127,7 +128,7 @@ def test_guided_distillation_beats_guided_teacher_ddim():
         return to_output("x", x, z=z, logsnr=lam)
     y = torch.arange(M) % 2
     z = torch.randn(M, 2, generator=torch.Generator().manual_seed(6))
-    ref = ddim_sample(guided_teacher, torch.randn(M, 2, generator=torch.Generator().manual_seed(11)),
+    ref = sample_ddim(guided_teacher, torch.randn(M, 2, generator=torch.Generator().manual_seed(11)),
                       uniform_t_grid(SCHED, 256), cond={"labels": y})
     # stage one: w-conditioned student of the CFG teacher, w ~ U[0, 2]
     net = MLPDenoiser(2, hidden=64, num_classes=2, guidance=True)
@@ -140,7 +141,7 @@ def test_guided_distillation_beats_guided_teacher_ddim():
         student = _sw(stage2.sample(net, z, cond=cond), ref)
         stage2.stochastic = True
         stoch = _sw(stage2.sample(net, z, cond=cond, generator=torch.Generator().manual_seed(1)), ref)
-    teacher2 = _sw(ddim_sample(guided_teacher, z, uniform_t_grid(SCHED, 2), cond={"labels": y}), ref)
+    teacher2 = _sw(sample_ddim(guided_teacher, z, uniform_t_grid(SCHED, 2), cond={"labels": y}), ref)
     # seen (w = 1): student DDIM(2) 0.126, stochastic(2) 0.130, guided teacher DDIM(2) 0.253, floor ~0.1
     assert student < 0.7 * teacher2, (student, teacher2)
     assert stoch < 0.8 * teacher2, (stoch, teacher2)

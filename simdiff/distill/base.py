@@ -1,6 +1,7 @@
-"""Shared plumbing for step-distillation losses: teacher/student handling, grids, the few-step DDIM sampler.
+"""Shared plumbing for step-distillation losses: teacher/student handling, grids, random draws, the base class.
 
-Every distillation method in :mod:`simdiff.distill` is a *loss object* (ARCHITECTURE.md: "losses return [B]")::
+Every distillation method in :mod:`simdiff.distill` is a *loss object* returning per-example losses ``[B]``, like
+every loss the trainer takes::
 
     loss = Method(student, teacher, schedule, **hparams)
     loss.set_step(step)                              # curriculum: a pure function of the trainer step
@@ -17,7 +18,6 @@ is an ``nn.Module`` is put in eval mode with gradients off (:func:`as_teacher`).
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -38,9 +38,7 @@ __all__ = [
     "split_batch",
     "teacher_call",
     "check_steps",
-    "check_grid",
     "uniform_t_grid",
-    "ddim_sample",
     "rand",
     "randn",
     "randint",
@@ -125,22 +123,6 @@ def uniform_t_grid(schedule: Schedule, steps: int) -> Tensor:
     return make_grid(schedule, check_steps(steps, "steps"), kind="uniform_t")
 
 
-def check_grid(logsnrs: Tensor, name: str) -> Tensor:
-    """Validate a sampling grid: 1-D, >= 2 points, strictly increasing, ``+inf`` only as the last point."""
-    lam = torch.as_tensor(logsnrs, dtype=torch.float64).detach().cpu()
-    if lam.dim() != 1 or lam.shape[0] < 2:
-        raise ValueError(f"{name}: logsnrs must be 1-D with >= 2 points, got shape {tuple(lam.shape)}")
-    if bool(torch.isnan(lam).any()) or bool(torch.isinf(lam[:-1]).any()) or bool(lam[-1] == -math.inf):
-        raise ValueError(f"{name}: logsnrs must be finite (a final +inf allowed), got {lam.tolist()}")
-    if not bool((torch.diff(lam) > 0).all()):
-        raise ValueError(f"{name}: logsnrs must be strictly increasing (noise -> data), got {lam.tolist()}")
-    return lam
-
-
-#: Deterministic DDIM over an increasing log-SNR grid (the shared sampler; Song et al. 2021 eq. 12, MCM Alg. 2).
-ddim_sample = sample_ddim
-
-
 class DistillationLoss:
     """Base class of the distillation loss objects (see the module docstring for the contract).
 
@@ -192,5 +174,5 @@ class DistillationLoss:
         self, student: Denoise, z: Tensor, *, generator: torch.Generator | None = None, cond: dict | None = None
     ) -> Tensor:
         """Sample the student with deterministic DDIM at its distilled step count on the uniform-t grid."""
-        return ddim_sample(student, z, uniform_t_grid(self.schedule, self.sample_steps), generator=generator,
+        return sample_ddim(student, z, uniform_t_grid(self.schedule, self.sample_steps), generator=generator,
                            cond=cond)

@@ -1,4 +1,4 @@
-"""Multistep consistency models (Heek, Hoogeboom & Salimans 2024, arXiv 2403.06807; ALGORITHMS.md 5.2-5.4).
+"""Multistep consistency models (Heek, Hoogeboom & Salimans 2024, arXiv 2403.06807).
 
 Diffusion time is split into ``K`` equal segments; within each segment the student is a consistency model whose
 target is the segment's lower boundary ``z_{t_step}`` (Algorithm 1)::
@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from simdiff.distill.addim import addim_step, estimated_x_var
 from simdiff.distill.base import (
     Denoise,
     DistillationLoss,
@@ -39,6 +38,7 @@ from simdiff.distill.base import (
     teacher_call,
 )
 from simdiff.process import add_noise, ddim_invert_x, ddim_step
+from simdiff.samplers.addim import addim_step, estimated_x_var
 from simdiff.schedules import Schedule
 
 __all__ = ["MultistepConsistency", "pseudo_huber", "teacher_steps_at"]

@@ -1,4 +1,5 @@
-"""Progressive distillation (Salimans & Ho, ICLR 2022; ALGORITHMS.md 8.2).
+"""Progressive distillation (Salimans & Ho, "Progressive distillation for fast sampling of diffusion models",
+ICLR 2022).
 
 A student with ``N`` uniform-in-t DDIM steps learns to match *two* DDIM steps of a teacher with ``2N`` steps::
 

@@ -1,6 +1,6 @@
 """U-ViT (simple diffusion, Hoogeboom et al. 2023) and residual U-ViT (SiD2, Hoogeboom et al. 2024) backbones.
 
-Layout (ALGORITHMS.md sec. 1.4, 2.2):
+Layout (simple diffusion sec. 3; SiD2 sec. 2.2):
 
 * input transform: none, "patch" (``p x p`` conv with stride ``p``; output by a transposed conv of the same shape)
   or "wavelet" (the invertible 5/3 DWT with space-to-depth, ``levels`` times; output through the inverse DWT);
