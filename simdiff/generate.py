@@ -2,13 +2,15 @@
 
 One function, :func:`generate`, is what the CLI, the trainer's sample-grid hook, the evaluation and the
 benchmarks call. It builds the step grid from the model's schedule, wraps the denoiser in classifier-free
-guidance when asked, draws the starting noise from a seeded generator and runs the chosen sampler in
-float32 (or float64) while the network may run in bf16.
+guidance when asked, draws the starting noise from a seeded generator and runs the chosen sampler (any entry of
+``simdiff.samplers.SAMPLERS``, distilled students' samplers included) in float32 (or float64) while the network may
+run in bf16. Everything runs under ``torch.inference_mode()``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,10 +42,26 @@ class SampleConfig:
     batch_size: int = 256
 
 
-def _student_samplers() -> tuple[str, ...]:
-    from simdiff.distill.experiment import STUDENT_SAMPLERS
+def _null_cond(null_cond: dict | None, conditioner: Any, num_classes: int) -> dict[str, Any]:
+    """Explicit ``null_cond``, else the conditioner's, else the null class label ``num_classes`` (if any)."""
+    if null_cond is not None:
+        return dict(null_cond)
+    if conditioner is not None:
+        return dict(conditioner.null_cond)
+    return {"labels": num_classes} if num_classes > 0 else {}
 
-    return STUDENT_SAMPLERS
+
+def _per_example(cond: dict[str, Tensor] | None, labels: Tensor | None, num: int) -> dict[str, Tensor]:
+    out = dict(cond or {})
+    if labels is not None:
+        if "labels" in out:
+            raise ValueError("give labels either as labels= or in cond=, not both")
+        out["labels"] = labels
+    for key, val in out.items():
+        if not torch.is_tensor(val) or val.dim() == 0 or val.shape[0] != num:
+            got = tuple(val.shape) if torch.is_tensor(val) else type(val).__name__
+            raise ValueError(f"{key} must have shape ({num}, ...), got {got}")
+    return out
 
 
 def generate(
@@ -54,60 +72,74 @@ def generate(
     *,
     num: int | None = None,
     labels: Tensor | None = None,
+    cond: dict[str, Tensor] | None = None,
     num_classes: int = 0,
+    null_cond: dict[str, Any] | None = None,
+    conditioner: Any = None,
+    process: Any = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
 ) -> Tensor:
     """Draw ``num`` samples of per-example ``shape`` (e.g. ``(1, 28, 28)``); returns ``[num, *shape]`` on CPU.
 
+    The starting noise of every batch is ``torch.randn`` from a CPU generator seeded with ``cfg.seed`` (so it is the
+    same on any device); a sampler's own noise comes from a generator on ``device`` seeded per batch.
+
     Args:
-        denoise: ``denoise(z, logsnr, **cond) -> DenoiserOutput``.
+        denoise: ``denoise(z, logsnr, **cond) -> DenoiserOutput`` (a one-step generator student: ``g(z, **cond)``).
         schedule: the model's log-SNR schedule (defines the grid's range).
         labels: ``[num]`` class labels for a conditional model (``None``: unconditional / null class).
-        num_classes: the model's class count; the null label for guidance is ``num_classes``.
+        cond: other per-example conditioning keywords, each ``[num, ...]`` (sliced per batch).
+        num_classes: the model's class count; without ``null_cond`` / ``conditioner`` the null label for guidance is
+            ``num_classes``.
+        null_cond: conditioning meaning "unconditional" for guidance (see :func:`simdiff.guidance.guide`).
+        conditioner: a :class:`simdiff.conditioners.Conditioner`; its ``null_cond`` is used when ``null_cond`` is
+            not given.
+        process: the noising process, passed to the sampler (and to guidance rescale) when not ``None``.
+
+    Raises:
+        ValueError: guidance without any null conditioning, or conditioning of the wrong shape.
     """
     num = cfg.num if num is None else num
-    if labels is not None and labels.shape != (num,):
-        raise ValueError(f"labels must have shape ({num},), got {tuple(labels.shape)}")
-    if cfg.guidance != 0.0 and num_classes == 0:
-        raise ValueError("guidance needs a class-conditional model (this one has num_classes = 0)")
-    # Distilled students: their own samplers (simdiff.distill.experiment) and, for guided students, w as an input.
-    guidance_input = bool(getattr(denoise, "guidance_input", False))
-    if cfg.sampler in _student_samplers():
-        from simdiff.distill.experiment import student_sampler
-
-        if cfg.sampler == "generator" and cfg.guidance != 0.0:
-            raise ValueError("guidance is not available for a one-step generator student (sampler 'generator')")
-        sampler = student_sampler(cfg.sampler, schedule, cfg.steps)
-    else:
-        sampler = get_sampler(cfg.sampler)
-    logsnrs = make_grid(schedule, cfg.steps, kind=cfg.grid).to(device)
+    per_example = _per_example(cond, labels, num)
+    guidance_input = bool(getattr(denoise, "guidance_input", False))  # guided students take w as an input
+    sampler = get_sampler(cfg.sampler)
+    if cfg.guidance != 0.0 and cfg.sampler == "generator" and not guidance_input:
+        raise ValueError("guidance is not available for a one-step generator student (sampler 'generator')")
     if cfg.guidance != 0.0 and not guidance_input:
+        null = _null_cond(null_cond, conditioner, num_classes)
+        if not null:
+            raise ValueError("guidance needs null conditioning: this model has no classes (num_classes = 0) and "
+                             "no null_cond or conditioner was given")
+        missing = sorted(set(null) - set(per_example))
+        if missing:
+            raise ValueError(f"guidance replaces {missing} with the null conditioning, but no {missing} were given")
         denoise = classifier_free_guidance(
-            denoise,
-            weight=cfg.guidance,
-            null_cond={"labels": num_classes},
-            interval=cfg.interval,
-            rescale=cfg.rescale,
+            denoise, weight=cfg.guidance, null_cond=null, interval=cfg.interval, rescale=cfg.rescale, process=process
         )
+    # Built once, on the CPU where it is made: the samplers read the float64 grid on the host (validation,
+    # coefficients, host levels) and move what the loop needs to the device themselves.
+    logsnrs = make_grid(schedule, cfg.steps, kind=cfg.grid)
+    extra: dict[str, Any] = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
+    if process is not None:
+        extra["process"] = process
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    extra = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
     out = []
     starts = range(0, num, cfg.batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc=f"sampling ({cfg.sampler}, {cfg.steps} steps)", unit="batch")
-    for start in starts:
-        n = min(cfg.batch_size, num - start)
-        z = torch.randn((n, *shape), generator=gen, dtype=dtype).to(device)
-        cond = {}
-        if labels is not None:
-            cond["labels"] = labels[start : start + n].to(device)
-        if guidance_input:
-            cond["guidance"] = torch.full((n,), float(cfg.guidance), device=device)
-        noise_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + start)
-        x = sampler(denoise, z, logsnrs, generator=noise_gen, cond=cond, **extra)
-        out.append(x.float().cpu())
-    return torch.cat(out).clamp(-1, 1)
+    with torch.inference_mode():
+        for start in starts:
+            n = min(cfg.batch_size, num - start)
+            z = torch.randn((n, *shape), generator=gen, dtype=dtype).to(device)
+            batch_cond = {k: v[start : start + n].to(device) for k, v in per_example.items()}
+            if guidance_input:
+                batch_cond["guidance"] = torch.full((n,), float(cfg.guidance), device=device)
+            noise_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + start)
+            x = sampler(denoise, z, logsnrs, generator=noise_gen, cond=batch_cond, **extra)
+            out.append(x.float().cpu())
+        images = torch.cat(out).clamp(-1, 1)
+    return images.clone()  # an ordinary tensor (callers may modify it in place)

@@ -258,3 +258,101 @@ def test_rescale_rebuilds_eps_and_v_with_the_process_when_given():
     assert calls == ["x"]
     for k in ("x", "eps", "v"):
         assert torch.equal(with_process.get(k), plain.get(k))
+
+
+# --- guidance and conditioning in simdiff.generate ----------------------------------------------------------------
+from simdiff.conditioners import ClassLabels  # noqa: E402
+from simdiff.generate import SampleConfig, generate  # noqa: E402
+from simdiff.samplers import SAMPLERS, get_sampler, make_grid  # noqa: E402
+from simdiff.schedules import CosineSchedule  # noqa: E402
+
+SCHED = CosineSchedule()
+
+
+def _flat(z, logsnr, labels=None, context=None, **_):
+    """Exact mixture denoiser on ``[B, 4]``; label NC (or a zero context) is unconditional."""
+    if context is not None:
+        labels = torch.where(context.sum(1) == 0, NC, labels)
+    xc = GM.posterior_mean(z, logsnr, labels=labels.clamp(max=NC - 1))
+    x = torch.where((labels == NC)[:, None], GM.posterior_mean(z, logsnr), xc)
+    return to_output("x", x.to(z.dtype), z=z, logsnr=logsnr)
+
+
+def test_generate_null_conditioning_sources_agree():
+    labels = torch.arange(10) % NC
+    cfg = SampleConfig(sampler="dpmpp_2m", steps=4, grid="uniform_t", guidance=1.5, num=10, batch_size=4, seed=3)
+    kw = dict(labels=labels, dtype=F64)
+    old = generate(_flat, SCHED, (4,), cfg, num_classes=NC, **kw)
+    assert torch.equal(old, generate(_flat, SCHED, (4,), cfg, null_cond={"labels": NC}, **kw))
+    assert torch.equal(old, generate(_flat, SCHED, (4,), cfg, conditioner=ClassLabels(NC), **kw))
+    unguided = generate(_flat, SCHED, (4,), SampleConfig(**{**cfg.__dict__, "guidance": 0.0}), **kw)
+    assert not torch.allclose(old, unguided)
+    # a null conditioning that is not about labels: a zero context
+    ctx = torch.ones(10, 2, dtype=F64)
+    via_ctx = generate(_flat, SCHED, (4,), cfg, cond={"context": ctx}, null_cond={"context": 0.0}, **kw)
+    torch.testing.assert_close(via_ctx, old, rtol=0, atol=0)
+    assert not old.is_inference()  # an ordinary tensor for the caller
+
+
+def test_generate_refuses_guidance_without_null_conditioning():
+    cfg = SampleConfig(sampler="ddim", steps=2, guidance=1.0, num=2)
+    with pytest.raises(ValueError, match="guidance needs null conditioning"):
+        generate(_flat, SCHED, (4,), cfg)
+    with pytest.raises(ValueError, match=r"guidance replaces \['labels'\]"):
+        generate(_flat, SCHED, (4,), cfg, num_classes=NC)
+    with pytest.raises(ValueError, match=r"labels must have shape \(2, \.\.\.\)"):
+        generate(_flat, SCHED, (4,), cfg, num_classes=NC, labels=torch.zeros(3, dtype=torch.long))
+
+
+def test_generate_runs_in_inference_mode_with_one_cpu_grid_and_passes_process(monkeypatch):
+    seen = []
+
+    def spy(denoise, z, logsnrs, *, generator=None, callback=None, cond=None, **options):
+        seen.append(dict(z=z.clone(), grid=logsnrs, options=options, inference=torch.is_inference_mode_enabled()))
+        return z
+
+    monkeypatch.setitem(SAMPLERS, "spy", spy)
+    cfg = SampleConfig(sampler="spy", steps=3, num=5, batch_size=2, seed=7)
+    out = generate(_flat, SCHED, (4,), cfg)
+    assert len(seen) == 3 and all(s["inference"] and s["options"] == {} for s in seen)
+    assert all(s["grid"] is seen[0]["grid"] for s in seen) and seen[0]["grid"].device.type == "cpu"
+    # the starting noise: consecutive draws of one CPU generator seeded with cfg.seed
+    g = torch.Generator().manual_seed(7)
+    expect = torch.cat([torch.randn(n, 4, generator=g) for n in (2, 2, 1)])
+    assert torch.equal(torch.cat([s["z"] for s in seen]), expect) and torch.equal(out, expect.clamp(-1, 1))
+    seen.clear()
+    marker = object()
+    generate(_flat, SCHED, (4,), cfg, process=marker)
+    assert all(s["options"] == {"process": marker} for s in seen)
+
+
+def test_generate_student_samplers_come_from_the_registry():
+    labels = torch.arange(6) % NC
+    cfg = SampleConfig(sampler="moment_matching", steps=3, grid="uniform_t", num=6, batch_size=6, seed=1)
+    x = generate(_flat, SCHED, (4,), cfg, labels=labels, dtype=F64)
+    z = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    ref = get_sampler("moment_matching")(_flat, z, make_grid(SCHED, 3, kind="uniform_t"),
+                                         generator=torch.Generator().manual_seed(1 * 1_000_003),
+                                         cond={"labels": labels})
+    assert torch.equal(x, ref.float().clamp(-1, 1))
+    with pytest.raises(ValueError, match="not available for a one-step generator"):
+        generate(lambda z, **c: z, SCHED, (4,), SampleConfig(sampler="generator", steps=1, guidance=1.0, num=2),
+                 num_classes=NC, labels=torch.zeros(2, dtype=torch.long))
+
+
+def test_generate_guided_sampler_calls_are_2b_inside_and_b_outside_the_interval():
+    sizes, levels = [], []
+
+    def net(z, logsnr, labels=None, host_level=None):
+        sizes.append(z.shape[0])
+        levels.append(host_level)
+        return _flat(z, logsnr, labels=labels)
+
+    net.wants_host_level = True  # guidance forwards the host level it receives from the sampler
+    cfg = SampleConfig(sampler="dpmpp_2m", steps=6, grid="uniform_logsnr", guidance=1.0, interval=(-2.0, 3.0),
+                       num=4, batch_size=4)
+    generate(net, SCHED, (4,), cfg, labels=torch.arange(4) % NC, num_classes=NC, dtype=F64)
+    grid = make_grid(SCHED, 6, kind="uniform_logsnr")[:-1]
+    inside = [bool(-2.0 <= float(v) <= 3.0) for v in grid]
+    assert sizes == [8 if i else 4 for i in inside] and 0 < sum(inside) < len(inside)
+    assert levels == [float(v) for v in grid]
