@@ -48,9 +48,20 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from simdiff.distill.base import Denoise, DistillationLoss, check_steps, rand, randint, randn, split_batch, teacher_call
+from simdiff.distill.base import (
+    Denoise,
+    DistillationLoss,
+    check_steps,
+    rand,
+    randint,
+    randn,
+    split_batch,
+    teacher_call,
+    uniform_t_grid,
+)
 from simdiff.guidance import classifier_free_guidance
 from simdiff.process import DenoiserOutput, add_noise, ddpm_step, to_output
+from simdiff.samplers.students import sample_moment_matching, sample_moment_matching_large
 from simdiff.schedules import Schedule
 from simdiff.toy import GaussianMixture
 
@@ -241,20 +252,10 @@ class MomentMatching(DistillationLoss):
     def sample(
         self, student: Denoise, z: Tensor, *, generator: torch.Generator | None = None, cond: dict | None = None
     ) -> Tensor:
-        """The stochastic ``k``-step student sampler (3.1): ancestral steps through ``q(z_s | z_t, x_tilde)``."""
-        cond = dict(cond or {})
-        b = z.shape[0]
-        t = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64)
-        lam = self.schedule.logsnr(t[:-1]).to(device=z.device, dtype=z.dtype)
-        x = z
-        for i in range(self.steps):
-            lt = lam[i].expand(b)
-            x = student(z, lt, **cond).x.to(z.dtype)
-            if i + 1 < self.steps:
-                noise = randn(tuple(z.shape), like=z, generator=generator)
-                z = ddpm_step(z_t=z, x=x, logsnr_s=lam[i + 1].expand(b), logsnr_t=lt, noise=noise,
-                              variance=self.posterior_variance)
-        return x
+        """The stochastic ``k``-step student sampler (3.1): ancestral steps through ``q(z_s | z_t, x_tilde)`` on the
+        uniform-t grid (the registered ``moment_matching`` / ``moment_matching_large`` sampler)."""
+        sampler = sample_moment_matching_large if self.posterior_variance == "large" else sample_moment_matching
+        return sampler(student, z, uniform_t_grid(self.schedule, self.steps), generator=generator, cond=cond)
 
     # -- training -------------------------------------------------------------------------------------------------
     def student_samples(
