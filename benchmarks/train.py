@@ -1,35 +1,44 @@
-"""simdiff training speed and quality at equal wall-clock against diffusers.
+"""simdiff vs diffusers training: the same architecture's speed, the Trainer's own overhead, and recipes at equal time.
 
-1. Throughput: images/s of one training step (forward + backward + grad-clip + AdamW) at batch 64 on 1x28x28,
-   steady state after warm-up, median over timed windows, for simdiff's ``uvit``, ``residual_uvit`` and ``unet``
-   (library defaults) and the ``mnist.yaml`` recipe network, each against a diffusers ``UNet2DModel`` whose
-   ``block_out_channels`` are searched to match its parameter count (both counts reported).
-2. Quality at equal wall-clock (both unconditional, same data, batch, seed and minutes):
-   (a) simdiff recipe: ``simdiff/configs/mnist.yaml`` (residual U-ViT, v-prediction, sigmoid loss with the
-       -dlogsnr/dt factor, shifted cosine schedule, AdamW 5e-4 + cosine decay, EMA half-life in images with
-       EDM ramp-up) with ``num_classes=0``;
-   (b) diffusers' unconditional-training example recipe: ``UNet2DModel``, ``DDPMScheduler`` (1000 steps, linear
-       betas), eps-MSE at uniform integer timesteps, AdamW 1e-4 (betas 0.95/0.999, wd 1e-6) with linear warm-up +
-       cosine decay, grad clip 1.0, ``EMAModel`` (decay 0.9999, warm-up inv_gamma 1, power 3/4).
-   Learning-rate decays need a step count: both use the steps/s measured so far to extrapolate the total at the
-   time budget. Warm-ups: ``--warmup recipe`` keeps 200 / 500 steps; ``scaled`` (default) caps each at 10% of
-   the projected steps, because a CPU budget of minutes is only a few hundred steps and a 500-step warm-up
-   would leave the diffusers model under-trained for reasons unrelated to the method.
-   Sampling with 50 network evaluations: simdiff UniPC (uniform-t grid) and DDIM; diffusers DDIMScheduler
-   (trailing spacing, set_alpha_to_one, its default clip_sample). Scores: MNIST Frechet distance (classifier
-   features) and Inception FID vs MNIST test images (reference stats cached under a reference_key).
+Sections (``--section``, default ``arch overhead``; ``recipe`` is long and must be asked for):
 
-Run: ``python benchmarks/train.py [--quick] [--minutes 10]``. Writes benchmarks/results/train.{json,md} and
-sample grids ``train_samples_*.png``. ``--quick`` writes ``train_quick.*`` instead.
+* ``arch``: **the same architecture in both libraries.** simdiff's :class:`~simdiff.nets.unet.UNet` and diffusers'
+  ``UNet2DModel`` configured alike: the same channels per level, 2 ResNet blocks per level down and 3 up,
+  strided-conv downsampling and nearest + conv upsampling, scale-shift time conditioning, GroupNorm(32), self-
+  attention (head width 32) at the same resolutions plus in the middle block. Both are trained by the same step
+  code (noise, forward, eps-MSE, backward, clip 1.0, foreach AdamW) on the same batch; images/s is the median of
+  timed windows that alternate between the two libraries (so load from other processes hits both alike), after
+  warm-up steps. Parameter counts are reported side by side (they differ only in the time-embedding MLP and the
+  attention projections' layout).
+* ``overhead``: the :class:`~simdiff.train.Trainer` around a small U-Net (steps/s from ``metrics.csv``), optionally
+  also for another source tree (``--baseline-src``, e.g. an export of an earlier commit) to compare the loop itself.
+* ``recipe``: **a recipe comparison, not a library speed-up.** Quality at equal wall-clock of simdiff's MNIST
+  recipe (``simdiff/configs/mnist.yaml``: residual U-ViT, v-prediction, sigmoid loss, shifted cosine schedule, AdamW
+  5e-4 + cosine decay, EMA in images with ramp-up) against diffusers' unconditional-training example recipe
+  (``UNet2DModel`` sized to the same parameter count, DDPM linear betas, eps-MSE, AdamW 1e-4, EMAModel). The two
+  recipes differ in network, objective, schedule and optimiser settings at once, so the table says which recipe
+  reaches which score in the same minutes, not which library is faster. Learning-rate decays need a step count:
+  both extrapolate the total from the steps/s so far. ``--warmup recipe`` keeps 200 / 500 warm-up steps;
+  ``scaled`` (default) caps each at 10% of the projected steps. Sampling with 50 network evaluations: simdiff
+  UniPC and DDIM (uniform-t grid); diffusers DDIMScheduler (trailing). Scores: MNIST Frechet distance (classifier
+  features) and Inception FID vs MNIST test images.
+
+Run: ``python benchmarks/train.py [--section arch overhead recipe] [--threads 1]``. Writes
+``benchmarks/results/train.{json,md}`` (arch + overhead) and ``train_recipe.{json,md}`` (recipe, with sample grids
+``train_samples_*.png``). ``--quick`` is a smoke run writing ``train_quick*`` files.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -39,15 +48,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, command_line, machine_info, table_markdown, table_text, write_json, write_text  # noqa: E402  # noqa: E402
+from _common import RESULTS_DIR, command_line, machine_info, table_markdown, table_text, write_json, write_text  # noqa: E402
 
-from simdiff.data import build_dataset  # noqa: E402
-from simdiff.eval import evaluate_samples  # noqa: E402
-from simdiff.experiment import build_network, load_config  # noqa: E402
-from simdiff.generate import SampleConfig, generate  # noqa: E402
-from simdiff.images import save_grid  # noqa: E402
-from simdiff.losses import DiffusionLoss  # noqa: E402
-from simdiff.nets import build_model, count_parameters  # noqa: E402
+from simdiff.nets import count_parameters  # noqa: E402
 from simdiff.train import EMA, BatchIterator, ema_decay, lr_at  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,8 +58,140 @@ RECIPE = ROOT / "simdiff" / "configs" / "mnist.yaml"
 SHAPE = (1, 28, 28)
 EMA_RAMPUP = 0.1  # simdiff EDM-style EMA ramp-up ratio used at minute-scale budgets (mnist.yaml sets none)
 
+#: The same-architecture layouts: (label, channels per level, attention levels (0 = 28x28)).
+LAYOUTS = (
+    ("U-Net (32, 64, 128), attention at 7x7 + middle", (32, 64, 128), (2,)),
+    ("U-Net (64, 128, 128), attention at 14x14, 7x7 + middle", (64, 128, 128), (1, 2)),
+)
+HEAD_DIM = 32
 
-# --------------------------------------------------------------------------------------------------- networks
+
+# ------------------------------------------------------------------------------------------- same architecture
+def simdiff_unet(channels: tuple[int, ...], attention: tuple[int, ...]):
+    """simdiff's U-Net backbone (unconditional) for 1x28x28 with ``channels`` and ``attention`` levels."""
+    from simdiff.nets.unet import UNet, UNetConfig
+
+    cfg = UNetConfig(channels=channels, num_res_blocks=2, attention_levels=attention,
+                     num_heads=max(channels[lv] for lv in attention) // HEAD_DIM, mid_attention=True)
+    return UNet(cfg, image_channels=SHAPE[0], image_size=SHAPE[1], num_classes=0)
+
+
+def diffusers_same_unet(channels: tuple[int, ...], attention: tuple[int, ...]):
+    """diffusers' ``UNet2DModel`` with the layout of :func:`simdiff_unet` (blocks, channels, attention levels)."""
+    from diffusers import UNet2DModel
+
+    n = len(channels)
+    down = tuple("AttnDownBlock2D" if lv in attention else "DownBlock2D" for lv in range(n))
+    up = tuple("AttnUpBlock2D" if lv in attention else "UpBlock2D" for lv in reversed(range(n)))
+    return UNet2DModel(sample_size=SHAPE[1], in_channels=SHAPE[0], out_channels=SHAPE[0], layers_per_block=2,
+                       block_out_channels=channels, down_block_types=down, up_block_types=up, norm_num_groups=32,
+                       attention_head_dim=HEAD_DIM, resnet_time_scale_shift="scale_shift", add_attention=True)
+
+
+def make_step(model, kind: str, x: torch.Tensor, seed: int = 0):
+    """One training step of ``model`` on ``x``, identical outside the network for both libraries: noise at a
+    cosine level, forward, eps-MSE, backward, clip 1.0, foreach AdamW."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    gen = torch.Generator().manual_seed(seed)
+
+    def step() -> None:
+        eps = torch.randn(x.shape, generator=gen)
+        t = torch.rand(x.shape[0], generator=gen).clamp(1e-3, 1 - 1e-3)
+        alpha, sigma = torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
+        z = alpha[:, None, None, None] * x + sigma[:, None, None, None] * eps
+        if kind == "simdiff":
+            out = model(z, 2 * torch.log(alpha / sigma))  # conditioned on log-SNR
+        else:
+            out = model(z, t * 999).sample  # conditioned on a (continuous) timestep
+        F.mse_loss(out, eps).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def same_architecture(args) -> list[dict[str, Any]]:
+    """images/s of both libraries on each layout, alternating timed windows."""
+    x = torch.rand((args.batch, *SHAPE), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    rows = []
+    for label, chans, attn in LAYOUTS[: 1 if args.quick else None]:
+        torch.manual_seed(0)
+        models = {"simdiff": simdiff_unet(chans, attn).train(), "diffusers": diffusers_same_unet(chans, attn).train()}
+        with torch.no_grad():  # same input and output shapes
+            t = torch.full((2,), 0.5)
+            assert models["simdiff"](x[:2], t).shape == models["diffusers"](x[:2], t).sample.shape == x[:2].shape
+        steps = {k: make_step(m, k, x) for k, m in models.items()}
+        for k in steps:
+            for _ in range(args.warmup_steps):
+                steps[k]()
+        rates: dict[str, list[float]] = {k: [] for k in steps}
+        for _ in range(args.windows):
+            for k in steps:
+                t0 = time.perf_counter()
+                for _ in range(args.window_steps):
+                    steps[k]()
+                rates[k].append(args.batch * args.window_steps / (time.perf_counter() - t0))
+        row = {"layout": label, "channels": list(chans), "attention_levels": list(attn),
+               "simdiff_params": count_parameters(models["simdiff"]),
+               "diffusers_params": count_parameters(models["diffusers"]),
+               "simdiff_img_s": statistics.median(rates["simdiff"]),
+               "diffusers_img_s": statistics.median(rates["diffusers"]), "windows": rates}
+        row["ratio"] = row["simdiff_img_s"] / row["diffusers_img_s"]
+        rows.append(row)
+        print(f"[arch] {label}: simdiff {row['simdiff_params']} params {row['simdiff_img_s']:.1f} img/s | diffusers "
+              f"{row['diffusers_params']} params {row['diffusers_img_s']:.1f} img/s | x{row['ratio']:.2f}", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- trainer overhead
+OVERHEAD_SNIPPET = r"""
+import json, math, statistics, sys, tempfile, torch
+import simdiff
+from simdiff.nets.unet import UNet, UNetConfig
+from simdiff.train import BatchIterator, OptimConfig, TrainConfig, Trainer
+from simdiff.train.logging import read_metrics
+steps, batch, threads = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+net = UNet(UNetConfig(channels=(16, 32), attention_levels=(1,), num_heads=2), image_channels=1, image_size=16,
+           num_classes=0)
+data = {"x": torch.rand(512, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1}
+
+def loss_fn(model, b, g):
+    x = b["x"]
+    eps = torch.randn(x.shape, generator=g)
+    lam = torch.rand(x.shape[0], generator=g) * 16 - 8
+    a, s = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+    pred = model(a[:, None, None, None] * x + s[:, None, None, None] * eps, lam)
+    return (pred - eps).pow(2).flatten(1).mean(1)
+
+cfg = TrainConfig(steps=steps, batch_size=batch, seed=0, optim=OptimConfig(lr=1e-4, warmup_steps=10),
+                  ema_half_life_images=5000.0, checkpoint_every=0, log_every=10, progress=False, device="cpu")
+with tempfile.TemporaryDirectory() as d:
+    Trainer(net, loss_fn, BatchIterator(data, batch, seed=0), cfg, d).fit()
+    rates = [float(r["images_per_s"]) / batch for r in read_metrics(d + "/metrics.csv")][1:]
+print(json.dumps({"src": simdiff.__file__, "steps_per_s": statistics.median(rates), "windows": rates}))
+"""
+
+
+def trainer_overhead(args) -> list[dict[str, Any]]:
+    """Trainer steps/s (median over 10-step log windows after the first) on this tree and ``--baseline-src``."""
+    rows = []
+    trees = [("this tree", None)] + ([("baseline", args.baseline_src)] if args.baseline_src else [])
+    for label, src in trees:
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        if src:
+            env["PYTHONPATH"] = str(Path(src).resolve())
+        cmd = [sys.executable, "-c", OVERHEAD_SNIPPET, str(args.overhead_steps), "16", str(args.threads)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=tempfile.gettempdir())
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append({"tree": label, "source": src or str(ROOT), **res})
+        print(f"[overhead] {label}: {res['steps_per_s']:.2f} steps/s ({res['src']})", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------- the diffusers recipe network (recipe section)
 def diffusers_unet(width: int, mults: tuple[int, ...] = (1, 2, 2)):
     """A diffusers ``UNet2DModel`` for 1x28x28 shaped like its unconditional example (ResNet levels, attention at
     the low resolutions, 2 layers per block), 28 -> 14 -> 7, widths ``width * mults``."""
@@ -89,82 +224,13 @@ def matched_diffusers(target: int) -> tuple[Any, int, tuple[int, ...]]:
     return diffusers_unet(width, mults), n, tuple(width * m for m in mults)
 
 
-def simdiff_rows() -> list[tuple[str, Any]]:
-    """(row name, DiffusionModel) for the library defaults and the mnist.yaml recipe network (unconditional)."""
-    rows = [(f"{arch} (default)", build_model(arch, "v", {}, image_channels=1, image_size=28, num_classes=0))
-            for arch in ("uvit", "residual_uvit", "unet")]
-    rows.append(("residual_uvit (mnist.yaml)", build_network(load_config(RECIPE), image_shape=SHAPE, num_classes=0)))
-    return rows
-
-
-# ------------------------------------------------------------------------------------------------- throughput
 def _ddpm_scheduler():
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 
 
-def step_fns(model, kind: str, x: torch.Tensor):
-    """A closure doing one full training step (loss, backward, clip, AdamW) of ``model`` on batch ``x``."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    gen = torch.Generator().manual_seed(0)
-    if kind == "simdiff":
-        loss_fn = DiffusionLoss.from_config(dataclasses.replace(load_config(RECIPE).diffusion, cond_drop_prob=0.0))
-
-        def loss():
-            return loss_fn(model, {"x": x}, gen).mean()
-    else:
-        sched = _ddpm_scheduler()
-
-        def loss():
-            eps = torch.randn(x.shape, generator=gen)
-            t = torch.randint(0, 1000, (x.shape[0],), generator=gen)
-            return F.mse_loss(model(sched.add_noise(x, eps, t), t).sample, eps)
-
-    def step():
-        loss().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
-def images_per_s(model, kind: str, *, batch: int, warmup: int, windows: int, steps: int) -> float:
-    """Median over ``windows`` timed windows of ``steps`` training steps, after ``warmup`` untimed steps."""
-    x = torch.rand((batch, *SHAPE), generator=torch.Generator().manual_seed(1)) * 2 - 1
-    model.train()
-    step = step_fns(model, kind, x)
-    for _ in range(warmup):
-        step()
-    rates = []
-    for _ in range(windows):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        rates.append(batch * steps / (time.perf_counter() - t0))
-    return statistics.median(rates)
-
-
-def throughput(args) -> list[dict[str, Any]]:
-    rows = simdiff_rows()
-    if args.quick:
-        rows = rows[-1:]
-    out = []
-    for name, model in rows:
-        n_s = count_parameters(model)
-        dmodel, n_d, chans = matched_diffusers(n_s)
-        kw = dict(batch=args.batch, warmup=args.tp_warmup, windows=args.tp_windows, steps=args.tp_steps)
-        ips_s = images_per_s(model, "simdiff", **kw)
-        ips_d = images_per_s(dmodel, "diffusers", **kw)
-        out.append({"simdiff": name, "simdiff_params": n_s, "diffusers_channels": list(chans), "diffusers_params": n_d,
-                    "simdiff_img_s": ips_s, "diffusers_img_s": ips_d, "speedup": ips_s / ips_d})
-        print(f"[throughput] {name}: {n_s} params {ips_s:.1f} img/s | diffusers {chans} {n_d} params "
-              f"{ips_d:.1f} img/s | x{ips_s / ips_d:.2f}", flush=True)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- equal-time runs
+# ------------------------------------------------------------------------------ recipes at equal wall-clock
 def _warmup(recipe_steps: int, projected: int, policy: str) -> int:
     return recipe_steps if policy == "recipe" else max(1, min(recipe_steps, projected // 10))
 
@@ -176,6 +242,9 @@ def _projected(step: int, elapsed: float, budget: float) -> int:
 
 def train_simdiff(data: BatchIterator, budget_s: float, policy: str, seed: int) -> tuple[Any, Any, dict]:
     """simdiff recipe (mnist.yaml, unconditional) for ``budget_s`` seconds; returns (EMA model, schedule, log)."""
+    from simdiff.experiment import build_network, load_config
+    from simdiff.losses import DiffusionLoss
+
     cfg = load_config(RECIPE)
     torch.manual_seed(seed)
     model = build_network(cfg, image_shape=SHAPE, num_classes=0).train()
@@ -267,6 +336,8 @@ def sample_diffusers(model, num: int, steps: int, seed: int, batch: int = 250) -
 
 
 def score(x: torch.Tensor, refs: dict[str, tuple[torch.Tensor, str]], n_fid: int) -> dict[str, float]:
+    from simdiff.eval import evaluate_samples
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fd = evaluate_samples(x, refs["fd"][0], metrics=("mnist_fd",), reference_key=refs["fd"][1], progress=False)
@@ -277,6 +348,9 @@ def score(x: torch.Tensor, refs: dict[str, tuple[torch.Tensor, str]], n_fid: int
 
 def quality(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     budget = args.minutes * 60.0
+    from simdiff.data import build_dataset
+    from simdiff.experiment import build_network, load_config
+
     train = build_dataset({"name": "mnist", "split": "train+valid"})
     n_ref = max(args.fd_ref, args.fid_ref)
     test = build_dataset({"name": "mnist", "split": "test", "limit": n_ref}).images
@@ -297,6 +371,9 @@ def quality(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     print(f"[quality] diffusers: {d_log}", flush=True)
     info.update(simdiff_train={**s_log, "params": count_parameters(s_model)},
                 diffusers_train={**d_log, "params": count_parameters(d_model), "channels": list(chans)})
+
+    from simdiff.generate import SampleConfig, generate
+    from simdiff.images import save_grid
 
     rows = []
     runs = [("simdiff recipe", "UniPC, uniform-t", "unipc"), ("simdiff recipe", "DDIM, uniform-t", "ddim"),
@@ -323,75 +400,95 @@ def quality(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return rows, info
 
 
+def recipe_comparison(args, info: dict[str, Any], threads: int) -> None:
+    """Run the recipe comparison and write ``<name>_recipe.{json,md}``."""
+    q, qinfo = quality(args)
+    head_q = ["recipe", "sampler", "NFE", "train steps", "MNIST-FD", "FID"]
+    rows_q = [[r["model"], r["sampler"], str(r["nfe"]), str(r["train_steps"]), r["mnist_fd"], r["fid"]] for r in q]
+    print("\n" + table_text(head_q, rows_q))
+    s, d = qinfo["simdiff_train"], qinfo["diffusers_train"]
+    md = _header(info, threads, "Recipes at equal wall-clock (a recipe comparison, not a library speed-up)")
+    md += [f"{args.minutes:g} min of training each, unconditional, batch {args.batch}, MNIST train+valid. simdiff "
+           f"recipe (mnist.yaml residual U-ViT, {s['params']} params): {s['steps']} steps, warm-up "
+           f"{s['warmup_steps']}; diffusers DDPM recipe (UNet2DModel {tuple(d['channels'])}, {d['params']} params): "
+           f"{d['steps']} steps, warm-up {d['warmup_steps']} (warm-up policy `{args.warmup}`). The recipes differ in "
+           "network, objective, schedule and optimiser at once. MNIST-FD: "
+           f"{args.fd_samples} samples vs {args.fd_ref} MNIST test images; FID (Inception): the first "
+           f"{args.fid_samples} of them vs {args.fid_ref} test images (small-sample FID is biased upwards; compare "
+           "rows, not with published numbers).", "", table_markdown(head_q, rows_q), ""]
+    write_text(f"{args.name}_recipe.md", "\n".join(md))
+    write_json(f"{args.name}_recipe", {"machine": info, "command": command_line(), "threads": threads,
+                                       "args": vars(args), "quality": q, "quality_info": qinfo})
+
+
 # ------------------------------------------------------------------------------------------------------- main
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny smoke run (< 2 min), writes train_quick.*")
-    p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock per recipe")
+    p.add_argument("--section", nargs="+", choices=("arch", "overhead", "recipe"), default=["arch", "overhead"])
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds), writes train_quick*")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (figures are per-thread-count)")
+    p.add_argument("--warmup-steps", type=int, default=3, help="arch: untimed steps per library")
+    p.add_argument("--windows", type=int, default=6, help="arch: timed windows per library")
+    p.add_argument("--window-steps", type=int, default=5, help="arch: steps per timed window")
+    p.add_argument("--overhead-steps", type=int, default=120)
+    p.add_argument("--baseline-src", default=None, help="overhead: a source tree holding another simdiff package")
+    p.add_argument("--minutes", type=float, default=10.0, help="recipe: training wall-clock per recipe")
     p.add_argument("--warmup", choices=("scaled", "recipe"), default="scaled")
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--fd-samples", type=int, default=2000)
     p.add_argument("--fd-ref", type=int, default=2000)
     p.add_argument("--fid-samples", type=int, default=500)
     p.add_argument("--fid-ref", type=int, default=1000)
-    p.add_argument("--tp-warmup", type=int, default=2)
-    p.add_argument("--tp-windows", type=int, default=3)
-    p.add_argument("--tp-steps", type=int, default=2)
-    p.add_argument("--skip-throughput", action="store_true")
-    p.add_argument("--skip-quality", action="store_true")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (figures are per-thread-count)")
     a = p.parse_args(argv)
     a.name = "train_quick" if a.quick else "train"
     if a.quick:
         a.minutes, a.fd_samples, a.fd_ref, a.fid_samples, a.fid_ref = 0.05, 16, 64, 4, 8
-        a.tp_warmup, a.tp_windows, a.tp_steps = 1, 2, 1
+        a.batch, a.warmup_steps, a.windows, a.window_steps, a.overhead_steps = 8, 1, 2, 1, 30
     return a
+
+
+def _header(info: dict[str, Any], threads: int, what: str) -> list[str]:
+    return [f"### {what}", "",
+            f"{info['date']}; {info['platform']}, {info['cpu_count']} CPUs (shared with other jobs), "
+            f"**{threads} torch thread(s), CPU only**; torch {info['torch']}, diffusers {info['diffusers']}.",
+            f"Command: `OMP_NUM_THREADS={threads} {command_line()}`", ""]
 
 
 def main(argv=None) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    tp, q, qinfo = [], [], {}
-    if not args.skip_throughput:
-        tp = throughput(args)
-    if not args.skip_quality:
-        q, qinfo = quality(args)
-    info = machine_info()
-    head_tp = ["simdiff net", "params", "img/s", "diffusers UNet2DModel", "params", "img/s", "speed-up"]
-    rows_tp = [[r["simdiff"], str(r["simdiff_params"]), r["simdiff_img_s"], str(tuple(r["diffusers_channels"])),
-                str(r["diffusers_params"]), r["diffusers_img_s"], f"{r['speedup']:.2f}x"] for r in tp]
-    head_q = ["trained model", "sampler", "NFE", "train steps", "MNIST-FD", "FID"]
-    rows_q = [[r["model"], r["sampler"], str(r["nfe"]), str(r["train_steps"]), r["mnist_fd"], r["fid"]] for r in q]
-    for h, rows in ((head_tp, rows_tp), (head_q, rows_q)):
-        if rows:
-            print("\n" + table_text(h, rows))
-    threads = torch.get_num_threads()
-    md = [f"### Training: simdiff vs diffusers ({'quick smoke run' if args.quick else 'CPU'})", "",
-          f"{info['date']}; {info['platform']}, {info['cpu_count']} CPUs, **{threads} torch thread(s), CPU only** "
-          f"(another job used the other core); torch {info['torch']}, diffusers {info['diffusers']}.",
-          f"Command: `OMP_NUM_THREADS={threads} {command_line()}`", ""]
-    if rows_tp:
-        md += [f"Training throughput, batch {args.batch}, 1x28x28, forward + backward + clip + AdamW, median of "
-               f"{args.tp_windows} windows x {args.tp_steps} steps after {args.tp_warmup} warm-up steps. The diffusers "
-               "UNet2DModel (example layout: ResNet levels, attention at 14x14 and 7x7, 2 layers per block) has its "
-               "widths searched to the closest parameter count.", "", table_markdown(head_tp, rows_tp), ""]
-    if rows_q:
-        s, d = qinfo["simdiff_train"], qinfo["diffusers_train"]
-        md += [f"Quality at equal wall-clock: {args.minutes:g} min of training each, unconditional, batch "
-               f"{args.batch}, MNIST train+valid. simdiff recipe (mnist.yaml residual U-ViT, {s['params']} params): "
-               f"{s['steps']} steps, warm-up {s['warmup_steps']}; diffusers DDPM recipe (UNet2DModel "
-               f"{tuple(d['channels'])}, "
-               f"{d['params']} params): {d['steps']} steps, warm-up {d['warmup_steps']} (warm-up policy "
-               f"`{args.warmup}`). MNIST-FD: {args.fd_samples} samples vs {args.fd_ref} MNIST test images; FID "
-               f"(Inception): the first {args.fid_samples} of them vs {args.fid_ref} test images (small-sample FID "
-               "is biased upwards; compare rows, not with published numbers). Grids: "
-               + ", ".join(f"`results/{r['grid']}`" for r in q) + ".", "", table_markdown(head_q, rows_q), ""]
-    write_text(f"{args.name}.md", "\n".join(md))
-    write_json(args.name, {"machine": info, "command": command_line(), "threads": threads, "args": vars(args),
-                           "throughput": tp, "quality": q, "quality_info": qinfo})
-    print(f"\nwrote {RESULTS_DIR / (args.name + '.json')} and .md", flush=True)
+    info, threads = machine_info(), torch.get_num_threads()
+    arch = same_architecture(args) if "arch" in args.section else []
+    over = trainer_overhead(args) if "overhead" in args.section else []
+    if arch or over:
+        md = _header(info, threads, "Training step: the same architecture in simdiff and diffusers (CPU)")
+        if arch:
+            head = ["layout (1x28x28)", "simdiff params", "simdiff img/s", "diffusers params", "diffusers img/s",
+                    "simdiff / diffusers"]
+            rows = [[r["layout"], str(r["simdiff_params"]), r["simdiff_img_s"], str(r["diffusers_params"]),
+                     r["diffusers_img_s"], f"{r['ratio']:.2f}x"] for r in arch]
+            print("\n" + table_text(head, rows))
+            md += [f"Batch {args.batch}; one step = noise + forward + eps-MSE + backward + clip + foreach AdamW, the "
+                   "same code for both; median of "
+                   f"{args.windows} timed windows x {args.window_steps} steps per library (windows alternate between "
+                   f"the libraries) after {args.warmup_steps} warm-up steps. Same blocks, channels, attention "
+                   "resolutions (head width 32), scale-shift conditioning, batch and image size.", "",
+                   table_markdown(head, rows), ""]
+        if over:
+            head = ["Trainer source", "steps/s"]
+            rows = [[f"{r['tree']} (`{r['source']}`)", r["steps_per_s"]] for r in over]
+            print("\n" + table_text(head, rows))
+            md += [f"Trainer loop on a small U-Net ((16, 32), 16x16, batch 16, EMA on), {args.overhead_steps} "
+                   "steps, median steps/s over 10-step log windows after the first:", "",
+                   table_markdown(head, rows), ""]
+        write_text(f"{args.name}.md", "\n".join(md))
+        write_json(args.name, {"machine": info, "command": command_line(), "threads": threads, "args": vars(args),
+                               "same_architecture": arch, "trainer_overhead": over})
+        print(f"\nwrote {RESULTS_DIR / (args.name + '.json')} and .md", flush=True)
+    if "recipe" in args.section:
+        recipe_comparison(args, info, threads)
 
 
 if __name__ == "__main__":

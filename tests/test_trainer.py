@@ -254,3 +254,134 @@ def test_bf16_on_cpu_runs_and_bad_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"shape \(8,\), got \(\)"):
         Trainer(TinyNet(), lambda m, b, g: noisy_loss(m, b, g).mean(), BatchIterator(make_data(), 8),
                 _cfg(steps=1), tmp_path / "f").fit()
+
+
+# ------------------------------------------------------------------------------- device-side skip, no host syncs
+def _nan_run(run_dir, *, device_skip: bool, monkeypatch, bad=(3, 4, 7), steps=10, **kw):
+    """A run with NaN losses at ``bad`` steps; with the fused optimizer and the skip on the device or the host."""
+    import simdiff.train.trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "_use_fused", lambda device: True)  # fused AdamW (supported on CPU too)
+    torch.manual_seed(0)
+    model = TinyNet(dropout=0.0)
+    seen, snapshots = [], {}
+
+    def loss_fn(m, b, g):
+        step = len(seen)
+        seen.append(step)
+        snapshots[step] = [p.detach().clone() for p in model.parameters()]
+        loss = noisy_loss(m, b, g)
+        return loss * math.nan if step in bad else loss
+
+    t = Trainer(model, loss_fn, BatchIterator(make_data(), 8, seed=2), _cfg(steps=steps, **kw), run_dir)
+    assert t.device_skip  # fused and not sharded
+    t.device_skip = device_skip
+    return t, snapshots
+
+
+def test_device_side_skip_equals_host_side_skip(tmp_path, monkeypatch):
+    runs = {}
+    for mode in (True, False):
+        t, snaps = _nan_run(tmp_path / str(mode), device_skip=mode, monkeypatch=monkeypatch, max_nonfinite=3)
+        runs[mode] = (t, t.fit(), snaps)
+    (a, out_a, snaps), (b, out_b, _) = runs[True], runs[False]
+    assert out_a["nonfinite_total"] == out_b["nonfinite_total"] == 3
+    for s in (3, 4, 7):  # the fused kernel's found_inf skipped the update: weights entering s+1 == entering s
+        assert all(torch.equal(x, y) for x, y in zip(snaps[s], snaps[s + 1]))
+    assert not all(torch.equal(x, y) for x, y in zip(snaps[5], snaps[6]))
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]) and torch.equal(a.ema.shadow[k], b.ema.shadow[k])
+    sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i][key], sb[i][key]) for i in sa for key in sa[i])
+    assert float(sa[0]["step"]) == 7  # 10 steps, 3 skipped: the skipped ones did not advance Adam's step
+    rows = [read_metrics(tmp_path / m / "metrics.csv") for m in ("True", "False")]
+    assert rows[0] == [{**r, "images_per_s": rows[0][i]["images_per_s"]} for i, r in enumerate(rows[1])]
+
+
+def test_no_host_reads_between_sync_points(tmp_path, monkeypatch):
+    """With the skip on the device, a step reads nothing back: the only reads are the guard's, at log / checkpoint
+    steps and every max_nonfinite steps."""
+    from simdiff.train.guard import StepGuard
+
+    t, _ = _nan_run(tmp_path, device_skip=True, monkeypatch=monkeypatch, bad=(), steps=24, log_every=8,
+                    max_nonfinite=12)
+    reads, host = [], []
+    real_read = StepGuard.read
+    monkeypatch.setattr(StepGuard, "read", lambda self, **kw: (reads.append(t.step), real_read(self, **kw))[1])
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _r=real, _n=name, **k: (host.append((_n, t.step)), _r(self, *a, **k))[1])
+    t.fit()
+    monkeypatch.undo()
+    assert sorted(set(reads)) == [8, 12, 16, 24]  # log steps 8, 16, 24; guard-only reads at 12 (and 24)
+    assert {s for _, s in host} <= set(reads), host  # host reads happen at sync points only (checkpoint IO at 24)
+
+
+def test_abort_found_late_reports_and_keeps_the_state_of_the_trip_step(tmp_path, monkeypatch):
+    # non-finite from step 5 on, max 3 consecutive: trips at step 7; with no log/checkpoint steps the guard is read
+    # at step 9 (every max_nonfinite steps), and nothing after step 7 changed the weights.
+    t, snaps = _nan_run(tmp_path, device_skip=True, monkeypatch=monkeypatch, bad=set(range(5, 30)), steps=30,
+                        log_every=0, max_nonfinite=3)
+    with pytest.raises(NonFiniteError, match="aborting at step 7: 3 consecutive non-finite updates"):
+        t.fit()
+    assert t.step == 9 and t.nonfinite_total == 3 and list_checkpoints(tmp_path) == []
+    assert all(torch.equal(x, y) for x, y in zip(snaps[5], t.model.parameters()))
+
+
+def test_checkpoint_config_with_removed_num_workers_still_loads():
+    from simdiff.train.config import upgrade_train_dict
+
+    saved = {"steps": 5, "num_workers": 0, "optim": {"lr": 1e-3}}  # as written by earlier versions
+    cfg = from_dict(TrainConfig, upgrade_train_dict(saved))
+    assert cfg.steps == 5 and not hasattr(cfg, "num_workers")
+    with pytest.raises(ConfigError, match="unknown config key 'train.num_workers'"):
+        from_dict(TrainConfig, {"num_workers": 0}, where="train")
+    with pytest.raises(ConfigError, match=r"'train.num_workers' was removed .*; delete the key \(got 4\)"):
+        upgrade_train_dict({"num_workers": 4})
+
+
+# ------------------------------------------------------------------------- CUDA niceties: CPU-equivalent paths
+def test_cuda_flags_are_ignored_on_cpu(tmp_path):
+    before = torch.backends.cuda.matmul.allow_tf32
+    t = Trainer(TinyNet(), noisy_loss, BatchIterator(make_data(), 8), _cfg(steps=1, tf32=True, channels_last=True),
+                tmp_path)
+    assert not t.channels_last and not t.device_skip and torch.backends.cuda.matmul.allow_tf32 == before
+
+
+def test_additive_context_mask_equals_bool_mask_and_reference():
+    from simdiff.nets.layers import additive_mask, attend
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, n, 16, generator=g) for n in (5, 7, 7))
+    mask = torch.rand(3, 1, 1, 7, generator=g) > 0.4
+    mask[..., 0] = True  # every query can attend somewhere (the null token in the nets)
+    ident = nn.Identity()
+    got = attend(q, k, v, num_heads=2, q_norm=ident, k_norm=ident, mask=mask)
+    same = attend(q, k, v, num_heads=2, q_norm=ident, k_norm=ident, mask=additive_mask(mask, q.dtype))
+    qh, kh, vh = (x.view(3, -1, 2, 8).transpose(1, 2) for x in (q, k, v))
+    bool_sdpa = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+    logits = (qh @ kh.transpose(-1, -2) / 8**0.5).masked_fill(~mask, float("-inf"))
+    ref = (logits.softmax(-1) @ vh).transpose(1, 2).reshape(3, 5, 16)
+    assert torch.equal(got, same)
+    torch.testing.assert_close(got, bool_sdpa.transpose(1, 2).reshape(3, 5, 16), rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    masked_keys_ignored = attend(q, k.masked_fill(~mask[:, 0, 0, :, None], 1e3), v.masked_fill(
+        ~mask[:, 0, 0, :, None], 1e3), num_heads=2, q_norm=ident, k_norm=ident, mask=mask)
+    torch.testing.assert_close(masked_keys_ignored, got, rtol=0, atol=1e-5)
+
+
+def test_channels_last_unet_matches_contiguous_on_cpu():
+    from simdiff.nets.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(channels=(8, 16), attention_levels=(1,), num_heads=2), image_channels=1, image_size=8,
+               num_classes=0)
+    for p in net.parameters():  # perturb the zero-initialised output layers so the output depends on everything
+        p.data.add_(0.05 * torch.randn_like(p))
+    z, lam = torch.randn(2, 1, 8, 8), torch.tensor([-1.0, 2.0])
+    ref = net(z, lam)
+    net.to(memory_format=torch.channels_last)
+    assert net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    got = net(z.contiguous(memory_format=torch.channels_last), lam)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

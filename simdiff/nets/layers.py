@@ -23,6 +23,7 @@ __all__ = [
     "HeadNorm",
     "make_qk_norm",
     "attend",
+    "additive_mask",
     "Attention",
     "MLP",
     "TransformerBlock",
@@ -80,7 +81,10 @@ def attend(
 
     Args:
         q: ``[B, N, C]``; k, v: ``[B, L, C]``; ``C`` divisible by ``num_heads``.
-        mask: optional bool ``[B, 1, 1, L]`` (True = attend), broadcast over heads and queries.
+        mask: optional ``[B, 1, 1, L]``, broadcast over heads and queries: bool (True = attend) or an additive
+            float mask (0 = attend, -inf = not). A bool mask is turned into the additive form (:func:`additive_mask`)
+            in the query dtype, which SDPA's memory-efficient CUDA kernel takes; with no mask (no padding) SDPA can
+            also use the flash kernel. Every query must be able to attend to at least one key.
     Returns:
         ``[B, N, C]``.
     """
@@ -89,8 +93,17 @@ def attend(
     q = q_norm(q.view(b, n, num_heads, d).transpose(1, 2))
     k = k_norm(k.view(b, k.shape[1], num_heads, d).transpose(1, 2))
     v = v.view(b, v.shape[1], num_heads, d).transpose(1, 2)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = additive_mask(mask, q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(b, n, c)
+
+
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Bool attention mask (True = attend) -> additive float mask of ``dtype`` (0 where True, -inf where False).
+
+    Softmax with ``-inf`` logits gives those keys weight exactly 0, as the bool mask does."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 class Attention(nn.Module):
