@@ -161,8 +161,8 @@ class FrozenEncoder:
     The module is put in eval mode with ``requires_grad=False`` and stored on this object, which is not an
     ``nn.Module``: assigning a ``FrozenEncoder`` to an attribute of a network does not register its weights, so
     they are never in the network's ``parameters()``, ``state_dict()``, an optimizer built from them, the EMA or a
-    checkpoint. Embeddings are computed under ``torch.no_grad()`` (ordinary tensors, usable as inputs of a network
-    being trained).
+    checkpoint. Embeddings are computed under ``torch.no_grad()`` and outside inference mode even when called from
+    inside it (ordinary tensors, usable as inputs of a network being trained).
 
     Args:
         module: the frozen network.
@@ -211,7 +211,7 @@ class FrozenEncoder:
         """``[len(keys), ...]`` embeddings of ``keys``; each key not in the cache is encoded once."""
         new = list(dict.fromkeys(k for k in keys if k not in self._cache))
         if new:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():  # cached rows must be usable in training later
                 rows = self.encode(new)
             if not torch.is_tensor(rows) or rows.dim() == 0 or rows.shape[0] != len(new):
                 got = tuple(rows.shape) if torch.is_tensor(rows) else type(rows).__name__

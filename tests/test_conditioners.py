@@ -132,7 +132,10 @@ def test_frozen_encoder_stays_outside_the_trained_model_and_caches_per_key():
     assert not frozen & {id(p) for group in opt.param_groups for p in group["params"]}
 
     batch = {"captions": ["a cat", "a dog", "a cat", ""]}
+    with torch.inference_mode():  # e.g. first seen while sampling: the cached rows are still ordinary tensors
+        enc(batch)
     cond = enc(batch)
+    assert not cond["context"].is_inference()
     assert cond["context"].shape == (4, 1, 4) and module.encoded == ["a cat", "a dog", ""]  # one call per key
     torch.testing.assert_close(cond["context"][0], cond["context"][2], rtol=0, atol=0)
     cond2 = enc({"captions": ["a dog", "a bird", "a bird"]})
