@@ -95,8 +95,13 @@ class AuxModel:
         self.opt = torch.optim.Adam(self.params, lr=lr, betas=betas)
 
     def step(self, loss: Tensor) -> None:
+        """One Adam step on ``loss``. Under ``torch.distributed`` the gradients are first averaged over ranks, so
+        every rank's auxiliary network and Adam state stay identical (the step of the global batch)."""
+        from simdiff.train.distributed import all_reduce_grads_mean  # lazy: keeps simdiff.train out of imports
+
         self.opt.zero_grad(set_to_none=True)
         loss.backward(inputs=self.params)
+        all_reduce_grads_mean(self.params)
         self.opt.step()
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -327,6 +332,9 @@ class MomentMatching(DistillationLoss):
         if self.preconditioner == "identity":
             return [torch.ones_like(g) for g in g_mean]
         if update:
+            from simdiff.train.distributed import all_reduce_mean_  # lazy: keeps simdiff.train out of imports
+
+            all_reduce_mean_(g_mean)  # under torch.distributed every rank keeps the same preconditioner
             beta = 0.999
             if self._sq_avg is None:
                 self._sq_avg = [torch.zeros_like(g) for g in g_mean]

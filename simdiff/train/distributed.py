@@ -29,7 +29,8 @@ from torch import nn
 
 __all__ = [
     "DistInfo", "init_distributed", "cleanup", "is_distributed", "get_rank", "get_world_size", "is_main",
-    "barrier", "all_reduce_mean", "wrap_model", "unwrap_model", "STRATEGIES", "shard_model", "is_sharded",
+    "barrier", "all_reduce_mean", "all_reduce_grads_mean", "all_reduce_mean_",
+    "wrap_model", "unwrap_model", "STRATEGIES", "shard_model", "is_sharded",
     "full_tensor", "shard_like", "full_model_state_dict", "full_optimizer_state_dict", "load_full_model_state_dict",
     "load_full_optimizer_state_dict",
 ]
@@ -114,6 +115,48 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     y = x.detach().clone()
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y / dist.get_world_size()
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over ranks, in place (one all-reduce per dtype). No-op in one process."""
+    if not is_distributed() or not tensors:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    world = dist.get_world_size()
+    for group in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world
+        offset = 0
+        for t in group:
+            t.detach().copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def all_reduce_grads_mean(params: list[torch.Tensor]) -> None:
+    """Average ``p.grad`` over ranks in place, for a model that is not wrapped in DDP (e.g. a loss object's
+    auxiliary network with its own optimizer), so that every rank takes the same optimizer step: the gradient of
+    the mean loss over the *global* batch when each rank's loss is the mean over its equal share.
+
+    A rank where a parameter has no gradient contributes zeros; a parameter without a gradient on every rank keeps
+    ``grad = None`` (the optimizer skips it, as in one process). No-op in one process. Every rank must call it with
+    the same parameters in the same order."""
+    if not is_distributed():
+        return
+    params = list(params)
+    if not params:
+        return
+    device = params[0].device
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_reduce_mean_([present, *[p.grad for p in params]])
+    for p, flag in zip(params, present.tolist()):
+        if flag == 0:
+            p.grad = None
 
 
 def wrap_model(model: nn.Module, strategy: str = "ddp", *, find_unused_parameters: bool = False) -> nn.Module:
