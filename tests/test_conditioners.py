@@ -134,6 +134,7 @@ def test_frozen_encoder_stays_outside_the_trained_model_and_caches_per_key():
     batch = {"captions": ["a cat", "a dog", "a cat", ""]}
     with torch.inference_mode():  # e.g. first seen while sampling: the cached rows are still ordinary tensors
         enc(batch)
+    assert not any(row.is_inference() for row in enc._cache.values())
     cond = enc(batch)
     assert not cond["context"].is_inference()
     assert cond["context"].shape == (4, 1, 4) and module.encoded == ["a cat", "a dog", ""]  # one call per key
