@@ -111,7 +111,7 @@ def _parse_labels(text: str | None, num: int, num_classes: int) -> torch.Tensor 
 def cmd_sample(args: argparse.Namespace) -> int:
     from simdiff.generate import generate
     from simdiff.images import save_grid, save_images
-    from simdiff.runs import check_student_sampling, describe, load_model
+    from simdiff.runs import check_student_sampling, class_null_cond, describe, load_model
 
     loaded = load_model(_source(args.source), device=args.device)
     if args.info:
@@ -121,9 +121,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_student_sampling(loaded.meta, scfg)
     labels = _parse_labels(args.labels, scfg.num, loaded.num_classes)
     start = time.perf_counter()
-    with torch.no_grad():
-        x = generate(loaded.model, loaded.schedule, loaded.image_shape, scfg, labels=labels,
-                     num_classes=loaded.num_classes, device=args.device, progress=True)
+    x = generate(loaded.model, loaded.schedule, loaded.image_shape, scfg, labels=labels,
+                 num_classes=loaded.num_classes, null_cond=class_null_cond(loaded.num_classes), device=args.device,
+                 progress=True)
     secs = time.perf_counter() - start
     if args.out_dir:
         save_images(x, args.out_dir)

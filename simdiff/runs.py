@@ -42,6 +42,7 @@ __all__ = [
     "describe",
     "student_sample_config",
     "check_student_sampling",
+    "class_null_cond",
     "reference_images",
     "evaluate_model",
 ]
@@ -119,6 +120,11 @@ def batch_transform(dataset: ImageDataset, *, labels: bool = True):
     return transform
 
 
+def class_null_cond(num_classes: int) -> dict[str, Any] | None:
+    """Classifier-free guidance's "unconditional" input of a simdiff network: the null class row ``num_classes``."""
+    return {"labels": num_classes} if num_classes > 0 else None
+
+
 def sample_grid(
     model,
     schedule: Schedule,
@@ -133,9 +139,8 @@ def sample_grid(
     """Sample ``num`` images (classes cycling 0..C-1 for a class-conditional model) and save them as a PNG grid."""
     num = sample_cfg.num if num is None else num
     labels = torch.arange(num) % num_classes if num_classes > 0 else None
-    with torch.no_grad():
-        x = generate(model, schedule, image_shape, sample_cfg, num=num, labels=labels, num_classes=num_classes,
-                     device=device)
+    x = generate(model, schedule, image_shape, sample_cfg, num=num, labels=labels, num_classes=num_classes,
+                 null_cond=class_null_cond(num_classes), device=device)
     nrow = num_classes if num_classes > 0 and num % num_classes == 0 and num_classes <= 16 else None
     scale = max(1, 64 // image_shape[-1])
     return save_grid(x, out, nrow=nrow, scale=scale)
@@ -291,8 +296,8 @@ def evaluate_model(
     labels = torch.arange(num) % loaded.num_classes if loaded.num_classes > 0 else None
     if labels is None:
         metrics = tuple(m for m in metrics if m != "accuracy")
-    with torch.no_grad():
-        x = generate(loaded.model, loaded.schedule, loaded.image_shape, sample_cfg, num=num, labels=labels,
-                     num_classes=loaded.num_classes, device=device, progress=progress)
+    x = generate(loaded.model, loaded.schedule, loaded.image_shape, sample_cfg, num=num, labels=labels,
+                 num_classes=loaded.num_classes, null_cond=class_null_cond(loaded.num_classes), device=device,
+                 progress=progress)
     ref, key = reference_images(loaded.config, max(num, 1000))
     return evaluate_samples(x, ref, metrics=metrics, labels=labels, reference_key=key, progress=progress)

@@ -186,16 +186,16 @@ def test_progressive_continues_from_a_progressive_student(root, students, tmp_pa
 
 
 def test_generate_student_samplers_match_the_loss_objects(root, students):
-    from simdiff.distill.experiment import student_sampler
+    """The registered student samplers (``simdiff.samplers.SAMPLERS``) are what the loss objects sample with."""
     from simdiff.distill.moment_matching import MomentMatching
     from simdiff.generate import SampleConfig, generate
-    from simdiff.samplers import make_grid
+    from simdiff.samplers import get_sampler, make_grid
 
     loaded = experiment.load_model(students["moment_matching"])
     mm = MomentMatching(loaded.model, loaded.model, loaded.schedule, steps=2)
     z, labels = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
     ref = mm.sample(loaded.model, z, generator=torch.Generator().manual_seed(5), cond={"labels": labels})
-    got = student_sampler("moment_matching", loaded.schedule, 2)(
+    got = get_sampler("moment_matching")(
         loaded.model, z, make_grid(loaded.schedule, 2, kind="uniform_t"), generator=torch.Generator().manual_seed(5),
         cond={"labels": labels})
     torch.testing.assert_close(got, ref)

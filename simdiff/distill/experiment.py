@@ -33,30 +33,28 @@ import copy
 import dataclasses
 import inspect
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from torch import Tensor, nn
+from torch import nn
 
 from simdiff.configuration import ConfigError, apply_overrides, from_dict, get_registered, load_yaml, to_dict
 from simdiff.data import DataConfig
 from simdiff.distill.consistency import MultistepConsistency
 from simdiff.distill.em import EMDistillation
-from simdiff.distill.guided import GuidanceDistillation, GuidedProgressiveDistillation, sample_stochastic
+from simdiff.distill.guided import GuidanceDistillation, GuidedProgressiveDistillation
 from simdiff.distill.moment_matching import MomentMatching
 from simdiff.distill.progressive import ProgressiveDistillation, ProgressiveSchedule
 from simdiff.generate import SampleConfig
 from simdiff.nets.students import GuidanceConditioned, wrap_student
-from simdiff.process import ddpm_step
 from simdiff.runs import student_sample_config
 from simdiff.train import TrainConfig, Trainer
 
-__all__ = ["DistillConfig", "METHODS", "TEACHER_KINDS", "STUDENT_SAMPLERS", "GuidanceConditioned",
-           "load_distill_config", "distill", "build_loss", "wrap_student", "student_sampler"]
+__all__ = ["DistillConfig", "METHODS", "TEACHER_KINDS", "GuidanceConditioned", "load_distill_config", "distill",
+           "build_loss", "wrap_student"]
 
 #: method name -> loss class.
 METHODS: dict[str, type] = {
@@ -117,46 +115,6 @@ def load_distill_config(path: str | Path | None = None, overrides: list[str] | t
     if "steps" in data:
         raise ConfigError(_RENAMED_STEPS)
     return from_dict(DistillConfig, data)
-
-
-def _sample_moment_matching(variance: str) -> Callable:
-    def sample(denoise, z: Tensor, logsnrs: Tensor, *, generator=None, cond=None, **_: Any) -> Tensor:
-        """Salimans et al. 2024 sec. 3.1: ``x = g(z_t)``, ``z_s ~ q(z_s | z_t, x)`` down the grid; last ``x``."""
-        cond, lam = dict(cond or {}), logsnrs.to(device=z.device, dtype=z.dtype)
-        x = z
-        for i in range(lam.shape[0] - 1):
-            lt = lam[i].expand(z.shape[0])
-            x = denoise(z, lt, **cond).x.to(z.dtype)
-            if i + 2 < lam.shape[0]:
-                noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-                z = ddpm_step(z_t=z, x=x, logsnr_s=lam[i + 1].expand(z.shape[0]), logsnr_t=lt, noise=noise,
-                              variance=variance)
-        return x
-
-    return sample
-
-
-def _sample_generator(denoise, z: Tensor, logsnrs: Tensor, *, generator=None, cond=None, **_: Any) -> Tensor:
-    """EMD's one-step generator: ``x = g(z)``."""
-    return denoise(z, **dict(cond or {}))
-
-
-#: sampler names recorded by distilled students that ``simdiff.generate`` does not have in ``samplers.SAMPLERS``.
-STUDENT_SAMPLERS = ("moment_matching", "moment_matching_large", "generator", "guided_stochastic")
-
-
-def student_sampler(name: str, schedule, steps: int) -> Callable:
-    """A student sampler with the shared signature ``f(denoise, z, logsnrs, *, generator, cond)``."""
-    if name == "moment_matching":
-        return _sample_moment_matching("small")
-    if name == "moment_matching_large":
-        return _sample_moment_matching("large")
-    if name == "generator":
-        return _sample_generator
-    if name == "guided_stochastic":
-        return lambda denoise, z, logsnrs, *, generator=None, cond=None, **_: sample_stochastic(
-            denoise, z, schedule, steps, generator=generator, cond=cond)
-    raise ValueError(f"unknown student sampler {name!r}; valid: {', '.join(STUDENT_SAMPLERS)}")
 
 
 def _check_params(method: str, params: dict[str, Any]) -> None:
