@@ -130,6 +130,39 @@ def test_guided_student_starts_as_teacher_and_takes_w(root, students):
     assert (a - b).abs().max() > 0  # the w-embedding was trained away from zero
 
 
+@pytest.mark.parametrize("arch", ["uvit", "unet"])
+def test_guided_student_passes_w_explicitly_as_the_former_hook_did(arch):
+    """The w-embedding reaches the backbone as ``extra_emb`` (no forward hook): with a non-zero embedding the output
+    equals the former construction (a hook adding ``w_embed(w)`` to ``backbone.cond.logsnr``'s output) to float
+    rounding, and the state_dict keys are the former ones (``model.*`` + ``w_embed.*``), so old guided checkpoints
+    load and give the same images."""
+    from simdiff.nets import build_model
+
+    opts = {"uvit": {"channels": [8], "dim": 16, "depth": 1, "num_heads": 2, "num_res_blocks": 1},
+            "unet": {"channels": [8, 16], "num_res_blocks": 1, "attention_levels": [], "num_heads": 2}}[arch]
+    torch.manual_seed(0)
+    teacher = build_model(arch, "v", opts, image_channels=1, image_size=8, num_classes=3).double()
+    for p in teacher.parameters():  # the zero-initialised output heads would hide any difference
+        p.data.add_(0.05 * torch.randn_like(p))
+    student = GuidanceConditioned(copy.deepcopy(teacher)).double()
+    assert not student.model.backbone.cond.logsnr._forward_hooks
+    assert set(student.state_dict()) == {f"model.{k}" for k in teacher.state_dict()} | {
+        f"w_embed.{k}" for k in student.w_embed.state_dict()}
+    z, lam, labels = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.tensor([-2.0, 0.5, 3.0]), torch.arange(3)
+    w = torch.tensor([0.0, 1.5, 4.0])
+    torch.testing.assert_close(student(z, lam, labels=labels, guidance=w).x, teacher(z, lam, labels=labels).x,
+                               rtol=0, atol=0)  # zero-initialised: exactly the teacher
+    torch.nn.init.normal_(student.w_embed.mlp[-1].weight, std=0.3)
+    torch.nn.init.normal_(student.w_embed.mlp[-1].bias, std=0.3)
+    reference = copy.deepcopy(teacher)
+    w_embed = student.w_embed
+    reference.backbone.cond.logsnr.register_forward_hook(lambda _m, _i, out: out + w_embed(w).to(out.dtype))
+    got = student(z, lam, labels=labels, guidance=w).x
+    want = reference(z, lam, labels=labels).x
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert (got - teacher(z, lam, labels=labels).x).abs().max() > 1e-3  # the embedding does reach the output
+
+
 def test_progressive_rounds_recorded(root, tmp_path):
     cfg = load_distill_config(Path(__file__).parents[1] / "simdiff" / "configs" / "distill_progressive.yaml")
     assert cfg.method == "progressive" and cfg.student_steps == 4 and cfg.method_params["start_steps"] == 16
