@@ -11,7 +11,8 @@ import json
 import time
 from pathlib import Path
 
-from simdiff.experiment import evaluate_model, load_config, load_model, train
+from simdiff.experiment import load_config, train
+from simdiff.runs import evaluate_model, load_model
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"

@@ -131,3 +131,24 @@ def test_unconditional_training_on_labelled_data(tmp_path, capsys):
     conditional = load_config(cfg)
     assert conditional.model.class_conditional is True  # the default: old configs and checkpoints unchanged
     _one_line_error(capsys, ["train", str(cfg), "--set", "model.class_conditional=maybe"], "class_conditional")
+
+
+def test_eval_picks_metrics_from_the_data(run, monkeypatch, capsys):
+    """``simdiff eval`` without ``--metrics`` on 8x8 digits scores with Inception metrics (not the MNIST classifier);
+    an explicitly requested MNIST-classifier metric is refused with one line before any sampling."""
+    import simdiff.eval
+
+    asked = []
+
+    def fake_scores(x, ref, *, metrics, **_):  # the scoring itself is tested in test_eval.py
+        asked.append(tuple(metrics))
+        return {m: 0.0 for m in metrics}
+
+    monkeypatch.setattr(simdiff.eval, "evaluate_samples", fake_scores)
+    capsys.readouterr()
+    assert main(["eval", str(run / "run"), "--num", "4", "--steps", "2"]) == 0
+    assert asked == [("fid", "kid", "precision_recall")]
+    assert {"fid", "kid", "precision_recall"} <= set(json.loads(capsys.readouterr().out))
+    _one_line_error(capsys, ["eval", str(run / "run"), "--num", "4", "--metrics", "mnist_fd,fid"],
+                    "fit only MNIST digits")
+    assert len(asked) == 1
