@@ -201,3 +201,44 @@ def test_evaluate_samples_mnist_space(mnist_test, tmp_path):
         evaluate_samples(x[:10], x[10:20], metrics=("fd",))
     with pytest.raises(ValueError, match="needs `labels`"):
         evaluate_samples(x[:10], None, metrics=("accuracy",))
+
+
+# ----------------------------------------------------------------------------------------------- metric choice
+
+from simdiff.configuration import ConfigError  # noqa: E402
+from simdiff.eval import METRICS, check_metrics, default_metrics  # noqa: E402
+
+
+@pytest.mark.parametrize("shape, name, expect", [
+    ((1, 28, 28), "mnist", ("mnist_fd", "fid", "accuracy")),
+    ([1, 28, 28], "MNIST", ("mnist_fd", "fid", "accuracy")),
+    ((1, 28, 28), "fashion_mnist", ("fid", "kid", "precision_recall")),
+    ((1, 28, 28), "animal-mnist", ("fid", "kid", "precision_recall")),
+    ((1, 28, 28), "folder", ("fid", "kid", "precision_recall")),
+    ((1, 28, 28), None, ("fid", "kid", "precision_recall")),
+    ((1, 32, 32), "mnist", ("fid", "kid", "precision_recall")),  # resized MNIST: the classifier takes 28x28
+    ((3, 28, 28), "mnist", ("fid", "kid", "precision_recall")),
+    ((3, 64, 64), "folder", ("fid", "kid", "precision_recall")),
+    ((1, 8, 8), "digits", ("fid", "kid", "precision_recall")),
+])
+def test_default_metrics_follow_the_data(shape, name, expect):
+    got = default_metrics(shape, name)
+    assert got == expect and set(got) <= set(METRICS)
+    check_metrics(got, shape, name)  # the defaults always pass the check
+
+
+def test_check_metrics_refuses_what_does_not_fit():
+    check_metrics(["mnist_fd", "accuracy", "fid", "kid", "precision_recall"], (1, 28, 28), "mnist")
+    check_metrics(("fid", "kid"), (1, 28, 28), "fashion_mnist")
+    with pytest.raises(ConfigError, match=r"mnist_fd, accuracy use the MNIST digit classifier .* 'fashion_mnist'"):
+        check_metrics(["fid", "mnist_fd", "accuracy"], (1, 28, 28), "fashion_mnist")
+    with pytest.raises(ValueError, match=r"accuracy use the MNIST digit classifier .* at 1x32x32"):
+        check_metrics(["accuracy"], (1, 32, 32), "mnist")
+    with pytest.raises(ValueError, match=r"unknown metric\(s\) \['is'\]"):
+        check_metrics(["fid", "is"], (3, 32, 32), "folder")
+    with pytest.raises(ValueError, match="unknown metric"):
+        check_metrics([], (3, 32, 32), "folder")
+    with pytest.raises(ValueError, match=r"C in \(1, 3\), got \(4, 8, 8\)"):
+        default_metrics((4, 8, 8), "gmm_images")
+    with pytest.raises(ValueError, match=r"C in \(1, 3\)"):
+        check_metrics(["fid"], (2, 8, 8), "gmm_images")

@@ -12,16 +12,75 @@ import warnings
 import torch
 from torch import Tensor
 
+from simdiff.configuration import ConfigError
 from simdiff.eval.features import InceptionFeatures, check_images
 from simdiff.eval.fid import feature_stats, frechet_distance, kid
 from simdiff.eval.mnist import MNISTFeatures
 from simdiff.eval.prdc import precision_recall
 from simdiff.eval.refstats import ReferenceStats, RefStats
 
-__all__ = ["evaluate_samples", "METRICS", "FEATURE_SPACES"]
+__all__ = ["evaluate_samples", "default_metrics", "check_metrics", "METRICS", "MNIST_METRICS", "FEATURE_SPACES",
+           "MNIST_DATA"]
 
 METRICS = ("mnist_fd", "fid", "kid", "precision_recall", "accuracy")
 FEATURE_SPACES = ("inception", "mnist")
+#: metrics computed with the MNIST digit classifier (they mean something only on MNIST digits).
+MNIST_METRICS = ("mnist_fd", "accuracy")
+#: data set names (``DataConfig.name``, case and ``-``/``_`` ignored) whose images are MNIST digits.
+MNIST_DATA = frozenset({"mnist"})
+
+
+def _is_mnist_digits(image_shape: tuple[int, ...], data_name: str | None) -> bool:
+    name = (data_name or "").strip().lower().replace("-", "_")
+    return tuple(int(v) for v in image_shape) == (1, 28, 28) and name in MNIST_DATA
+
+
+def _channels(image_shape: tuple[int, ...]) -> int:
+    shape = tuple(int(v) for v in image_shape)
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise ConfigError(f"evaluation needs images of shape (C, H, W) with C in (1, 3), got {shape}")
+    return shape[0]
+
+
+def default_metrics(image_shape: tuple[int, ...], data_name: str | None) -> tuple[str, ...]:
+    """The metrics ``simdiff eval`` computes when none are requested, chosen from the data.
+
+    MNIST digits (data set ``mnist`` at its native 1 x 28 x 28): ``("mnist_fd", "fid", "accuracy")`` (the MNIST
+    classifier's Fréchet distance and class accuracy, plus Inception FID); any other data (Fashion-MNIST, other
+    28 x 28 grey sets, resized or RGB MNIST, image folders): ``("fid", "kid", "precision_recall")`` on Inception
+    features. ``accuracy`` needs class labels; a caller sampling an unconditional model drops it.
+
+    Args:
+        image_shape: ``(C, H, W)`` of the data. data_name: the data set's registry name (``DataConfig.name``).
+
+    Raises:
+        ValueError: images whose channel count no metric supports (not 1 or 3).
+    """
+    _channels(image_shape)
+    if _is_mnist_digits(image_shape, data_name):
+        return ("mnist_fd", "fid", "accuracy")
+    return ("fid", "kid", "precision_recall")
+
+
+def check_metrics(metrics: tuple[str, ...] | list[str], image_shape: tuple[int, ...], data_name: str | None) -> None:
+    """Refuse, with one line, requested ``metrics`` that are unknown or do not fit the data.
+
+    The MNIST-classifier metrics (:data:`MNIST_METRICS`) fit only MNIST digits at 1 x 28 x 28 (see
+    :func:`default_metrics`); the Inception metrics fit any 1- or 3-channel images.
+
+    Raises:
+        ConfigError: (a ValueError) an empty list, an unknown metric, or a metric that does not fit the data.
+    """
+    metrics = tuple(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ConfigError(f"unknown metric(s) {unknown or list(metrics)}; valid: {', '.join(METRICS)}")
+    _channels(image_shape)
+    unfit = [m for m in metrics if m in MNIST_METRICS]
+    if unfit and not _is_mnist_digits(image_shape, data_name):
+        shape = "x".join(str(int(v)) for v in image_shape)
+        raise ConfigError(f"metric(s) {', '.join(unfit)} use the MNIST digit classifier and fit only MNIST digits at "
+                         f"1x28x28; this data is {data_name!r} at {shape} (use fid, kid, precision_recall)")
 
 
 def evaluate_samples(
