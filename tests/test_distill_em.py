@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from simdiff.distill.base import ddim_sample, frozen_copy, uniform_t_grid
+from simdiff.distill.base import frozen_copy, uniform_t_grid
 from simdiff.distill.em import DenoiserGenerator, EMDistillation
 from simdiff.process import alpha_sigma
+from simdiff.samplers import sample_ddim
 from simdiff.schedules import CosineSchedule
 from simdiff.toy import GaussianMixture, sliced_wasserstein
 from simdiff.toy_nets import MLPDenoiser, fit_denoiser, train_loop
@@ -38,7 +39,7 @@ def test_one_step_generator_improves_and_beats_teacher_ddim(fitted):
     g = torch.Generator().manual_seed(1)
     ref = GM.sample(4000, generator=g)[0]
     z = torch.randn(4000, 2, generator=g, dtype=torch.float64)
-    teacher_sw = _sw(ddim_sample(GM.denoise, z, uniform_t_grid(SCHED, 1)), ref)
+    teacher_sw = _sw(sample_ddim(GM.denoise, z, uniform_t_grid(SCHED, 1)), ref)
     gen = DenoiserGenerator(copy.deepcopy(fitted), logsnr_star=0.0)
     method = EMDistillation(gen, GM.denoise, SCHED, aux_lr=3e-3)
     with torch.no_grad():
@@ -61,7 +62,7 @@ def test_class_conditional_generator_beats_teacher_one_step(conditional_mixture)
     ref = cm.mixture.sample(4000, labels=labels, generator=g)[0]
     z = torch.randn(4000, 2, generator=g, dtype=torch.float64)
     cond = {"labels": labels}
-    teacher_sw = cm.per_class_sw(ddim_sample(cm.teacher, z, uniform_t_grid(cm.schedule, 1), cond=cond), ref, labels)
+    teacher_sw = cm.per_class_sw(sample_ddim(cm.teacher, z, uniform_t_grid(cm.schedule, 1), cond=cond), ref, labels)
     gen = DenoiserGenerator(copy.deepcopy(cm.fitted), logsnr_star=0.0)
     method = EMDistillation(gen, cm.teacher, cm.schedule, aux_lr=3e-3)
     with torch.no_grad():

@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 
-from simdiff.distill.base import ddim_sample, uniform_t_grid
+from simdiff.distill.base import uniform_t_grid
 from simdiff.distill.moment_matching import MixtureMeansTeacher, MomentMatching, NullLabelMixture
 from simdiff.process import add_noise
+from simdiff.samplers import sample_ddim
 from simdiff.schedules import CosineSchedule
 from simdiff.toy import GaussianMixture, sliced_wasserstein
 from simdiff.toy_nets import MLPDenoiser, fit_denoiser, train_loop
@@ -39,7 +40,7 @@ def test_alternating_student_beats_teacher_ddim(fitted, steps, teacher_floor, ra
     g = torch.Generator().manual_seed(1)
     ref = GM.sample(4000, generator=g)[0]
     z = torch.randn(4000, 2, generator=g, dtype=torch.float64)
-    teacher_sw = _sw(ddim_sample(GM.denoise, z, uniform_t_grid(SCHED, steps)), ref)
+    teacher_sw = _sw(sample_ddim(GM.denoise, z, uniform_t_grid(SCHED, steps)), ref)
     student = copy.deepcopy(fitted)
     loss = MomentMatching(student, GM.denoise, SCHED, steps=steps, aux_lr=3e-3)
     train_loop(loss, student, _batch, steps=300, lr=3e-4, seed=0)
@@ -155,8 +156,8 @@ def test_guided_student_beats_guided_teacher_ddim(conditional_mixture, steps, tr
     loss = MomentMatching(student, cm.teacher, cm.schedule, steps=steps, aux_lr=3e-3, guidance_weight=w,
                           null_cond={"labels": 2})
     cond = {"labels": labels}
-    ref = ddim_sample(loss.teacher, z_ref, uniform_t_grid(cm.schedule, 256), cond=cond)
-    teacher_sw = cm.per_class_sw(ddim_sample(loss.teacher, z, uniform_t_grid(cm.schedule, steps), cond=cond), ref,
+    ref = sample_ddim(loss.teacher, z_ref, uniform_t_grid(cm.schedule, 256), cond=cond)
+    teacher_sw = cm.per_class_sw(sample_ddim(loss.teacher, z, uniform_t_grid(cm.schedule, steps), cond=cond), ref,
                                  labels)
     train_loop(loss, student, cm.batch, steps=train_steps, lr=3e-4, seed=0)
     with torch.no_grad():
