@@ -1,7 +1,7 @@
 """Training: config, the loop, EMA, atomic checkpoints with exact resume, multi-process (torchrun) data parallel.
 
 The trainer knows nothing of diffusion: it takes ``model``, ``loss_fn(model, batch, generator) -> Tensor[B]`` and a
-:class:`BatchIterator` (ARCHITECTURE.md contract 6).
+:class:`BatchIterator`.
 """
 
 from simdiff.train.batches import BatchIterator, mix_seed

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
@@ -33,7 +35,7 @@ from safetensors.torch import save as st_save
 __all__ = [
     "CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "load_latest", "list_checkpoints",
     "flatten_optimizer_state", "unflatten_optimizer_state", "export_inference", "load_inference",
-    "library_version",
+    "library_version", "rng_tensors", "host_rng_doc", "restore_rng",
 ]
 
 FORMAT = "simdiff-checkpoint-v1"
@@ -326,3 +328,40 @@ def load_inference(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: bad config JSON in metadata ({e})") from None
     return state, config
+
+
+# ----------------------------------------------------------------------------------------------- RNG states
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """The torch CPU (and initialised CUDA) RNG states as uint8 tensors (for ``rng.safetensors``)."""
+    out = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return out
+
+
+def host_rng_doc() -> dict[str, list[Any]]:
+    """The python and numpy global RNG states as JSON-safe lists (for ``state.json``)."""
+    return {"python": _py_rng_state(), "numpy": _np_rng_state()}
+
+
+def _py_rng_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _np_rng_state() -> list[Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> None:
+    """Restore the RNG states written by :func:`rng_tensors` and :func:`host_rng_doc`."""
+    if "torch_cpu" in tensors:
+        torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = doc["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = doc["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))

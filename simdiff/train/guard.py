@@ -19,7 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["StepGuard", "GuardState"]
+__all__ = ["StepGuard", "GuardState", "NonFiniteError"]
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite (NaN/inf) losses or gradients."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The training loop: accumulate, clip, skip non-finite updates, EMA, checkpoint, log. Knows nothing of diffusion.
 
-Contract (ARCHITECTURE.md, contract 6): ``loss_fn(model, batch, generator) -> Tensor[B]`` returns per-example
+Contract: ``loss_fn(model, batch, generator) -> Tensor[B]`` returns per-example
 losses; the trainer takes their mean. Randomness is a pure function of ``(seed, rank, step)``: before step ``k``
 the global torch RNG (dropout) is seeded with ``mix_seed("global", seed, rank, k)`` and the generator handed to
 ``loss_fn`` with ``mix_seed("loss", seed, rank, k, micro)``; the data order is a pure function of
@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import logging as pylogging
 import math
-import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -43,7 +42,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -53,7 +51,7 @@ from simdiff.train import distributed as D
 from simdiff.train.batches import BatchIterator, DevicePrefetcher, mix_seed
 from simdiff.train.config import TrainConfig, ema_decay, lr_at, validate_train_config
 from simdiff.train.ema import EMA
-from simdiff.train.guard import GuardState, StepGuard
+from simdiff.train.guard import GuardState, NonFiniteError, StepGuard
 from simdiff.train.logging import MetricsLogger, plot_loss_curve
 
 __all__ = ["Trainer", "NonFiniteError", "LossFn", "Hook"]
@@ -62,10 +60,6 @@ log = pylogging.getLogger(__name__)
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Generator], torch.Tensor]
 Hook = Callable[["Trainer", int], None]
 _RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "optim", "ema_half_life_images", "ema_rampup_ratio")
-
-
-class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite (NaN/inf) losses or gradients."""
 
 
 class Trainer:
@@ -342,7 +336,7 @@ class Trainer:
         if self.is_main:
             aux = self.loss_fn.aux_state_dict() if hasattr(self.loss_fn, "aux_state_dict") else None
             self.last_checkpoint = ckpt_io.save_checkpoint(
-                self.run_dir, self.step, model=model, optimizer=optim, ema=ema, rng=_rng_tensors(),
+                self.run_dir, self.step, model=model, optimizer=optim, ema=ema, rng=ckpt_io.rng_tensors(),
                 state=self._state_doc(), keep_last=self.cfg.keep_last, aux=aux)
         else:
             self.last_checkpoint = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
@@ -353,7 +347,7 @@ class Trainer:
         return {"images_seen": self.images_seen, "config": self.config_dict, "train_config": to_dict(self.cfg),
                 "data": self._batches.state_dict(), "world_size": self.world_size,
                 "nonfinite": {"total": self.nonfinite_total, "consecutive": self.nonfinite_consecutive},
-                "rng": {"python": _py_rng_state(), "numpy": _np_rng_state()}}
+                "rng": ckpt_io.host_rng_doc()}
 
     def _maybe_resume(self) -> int:
         if self._resumed:
@@ -394,7 +388,7 @@ class Trainer:
         self.step, self.images_seen = ck.step, int(st["images_seen"])
         self.nonfinite_total = int(st["nonfinite"]["total"])
         self.nonfinite_consecutive = int(st["nonfinite"]["consecutive"])
-        _restore_rng(ck.rng, st["rng"])
+        ckpt_io.restore_rng(ck.rng, st["rng"])
         self.last_checkpoint, self._resumed = ck.path, True
         if self.is_main:
             log.info("resumed from %s (step %d)", ck.path, ck.step)
@@ -416,32 +410,3 @@ def _use_fused(device: torch.device) -> bool:
 
 def _step_of(path: Path) -> int:
     return int(path.name.split("_")[-1])
-
-
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return out
-
-
-def _py_rng_state() -> list[Any]:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _np_rng_state() -> list[Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-
-
-def _restore_rng(tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> None:
-    if "torch_cpu" in tensors:
-        torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    version, internal, gauss = doc["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = doc["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
