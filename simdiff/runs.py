@@ -27,7 +27,7 @@ from simdiff.nets import DiffusionModel, build_model
 from simdiff.nets.students import wrap_student
 from simdiff.schedules import Schedule, schedule_from_dict
 from simdiff.train.checkpoint import CheckpointError, load_checkpoint, load_inference, load_latest
-from simdiff.train.config import TrainConfig
+from simdiff.train.config import TrainConfig, upgrade_train_dict
 
 __all__ = [
     "ModelConfig",
@@ -81,7 +81,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def config_from_dict(d: dict[str, Any]) -> ExperimentConfig:
-    """A stored experiment config (a checkpoint's ``experiment`` entry) -> :class:`ExperimentConfig`."""
+    """A stored experiment config (a checkpoint's ``experiment`` entry) -> :class:`ExperimentConfig`; keys that
+    earlier versions wrote and that were removed since (holding their old value) are dropped."""
+    d = dict(d)
+    if isinstance(d.get("train"), dict):
+        d["train"] = upgrade_train_dict(d["train"])
     return from_dict(ExperimentConfig, d)
 
 
