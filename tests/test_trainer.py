@@ -385,3 +385,34 @@ def test_channels_last_unet_matches_contiguous_on_cpu():
     assert net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     got = net(z.contiguous(memory_format=torch.channels_last), lam)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_prefetcher_yields_the_same_batches_and_resumes_at_the_first_unconsumed(tmp_path, monkeypatch):
+    from simdiff.train.batches import DevicePrefetcher
+
+    data = {"i": torch.arange(20)}
+    ref = [next(it)["i"] for it in [BatchIterator(data, 6, seed=5)] for _ in range(8)]
+    pre = DevicePrefetcher(BatchIterator(data, 6, seed=5), torch.device("cpu"), depth=3)
+    got = [next(pre)["i"] for _ in range(5)]
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    state = pre.state_dict()  # the thread has run ahead, the state has not
+    pre.close()
+    assert state == {"epoch": 1, "position": 2}
+    again = BatchIterator(data, 6, seed=5)
+    again.load_state_dict(state)
+    assert torch.equal(next(again)["i"], ref[5])
+    # the trainer with the prefetcher (forced on for the CPU) repeats the run without it, checkpoints included
+    import simdiff.train.trainer as trainer_mod
+
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(trainer_mod, "_use_prefetcher", lambda device, _on=on: _on)
+        torch.manual_seed(0)
+        t = Trainer(TinyNet(), noisy_loss, BatchIterator(make_data(), 8, seed=2), _cfg(steps=11, checkpoint_every=4),
+                    tmp_path / str(on))
+        t.fit()
+        outs[on] = (read_metrics(tmp_path / str(on) / "metrics.csv"), load_latest(tmp_path / str(on)), t.data)
+    (rows_a, ck_a, data_a), (rows_b, ck_b, data_b) = outs[False], outs[True]
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+    assert ck_a.state["data"] == ck_b.state["data"] == data_b.state_dict() == data_a.state_dict()
+    assert all(torch.equal(ck_a.model[k], ck_b.model[k]) for k in ck_a.model)

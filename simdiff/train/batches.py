@@ -14,6 +14,7 @@ first batch not yet handed out, so checkpoints resume at the right batch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import queue
 import threading
@@ -125,22 +126,22 @@ class BatchIterator:
 
 
 class DevicePrefetcher:
-    """Iterate ``batches`` (e.g. a :class:`BatchIterator`) with the next batch already on ``device`` (CUDA).
+    """Iterate ``batches`` (e.g. a :class:`BatchIterator`) with the next batch already on ``device``.
 
-    A daemon thread takes batches in order, pins their tensors, and copies them to ``device`` on a side stream
-    (``non_blocking``); the consumer's stream waits on the copy's event, so no host synchronisation is needed.
-    ``channels_last``: 4-D floating tensors are laid out channels-last on the device (same values).
+    A daemon thread takes batches in order and, on CUDA, pins their tensors and copies them to ``device`` on a side
+    stream (``non_blocking``); the consumer's stream waits on the copy's event, so no host synchronisation is
+    needed. On other devices the thread only gathers ahead (``.to(device)``; the trainer uses this class on CUDA
+    only). ``channels_last``: 4-D floating tensors are laid out channels-last on the device (same values).
 
     Args:
         batches: an iterator of ``dict[str, Tensor]`` with ``state_dict()`` (the next batch it will produce).
-        device: a CUDA device. depth: batches staged ahead (default 2).
+        device: where batches go. depth: batches staged ahead (default 2).
     """
 
     def __init__(self, batches: Any, device: torch.device, *, channels_last: bool = False, depth: int = 2):
-        if device.type != "cuda":
-            raise ValueError(f"DevicePrefetcher needs a CUDA device, got {device}")
-        self.batches, self.device, self.channels_last = batches, device, channels_last
-        self._stream = torch.cuda.Stream(device)
+        self.batches, self.device, self.channels_last = batches, torch.device(device), channels_last
+        self._cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._state = batches.state_dict()
@@ -149,24 +150,27 @@ class DevicePrefetcher:
 
     def _stage(self, batch: Batch) -> Batch:
         out = {}
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.stream(self._stream) if self._cuda else contextlib.nullcontext():
             for k, v in batch.items():
                 if torch.is_tensor(v):
-                    v = v.pin_memory().to(self.device, non_blocking=True)
+                    v = (v.pin_memory() if self._cuda else v).to(self.device, non_blocking=self._cuda)
                     if self.channels_last and v.dim() == 4 and v.is_floating_point():
                         v = v.contiguous(memory_format=torch.channels_last)
                 out[k] = v
         return out
 
     def _work(self) -> None:
-        torch.cuda.set_device(self.device)
+        if self._cuda:
+            torch.cuda.set_device(self.device)
         try:
             while not self._stop.is_set():
                 batch = next(self.batches)
                 state = self.batches.state_dict()  # after this batch: where a resume continues
                 staged = self._stage(batch)
-                event = torch.cuda.Event()
-                event.record(self._stream)
+                event = None
+                if self._cuda:
+                    event = torch.cuda.Event()
+                    event.record(self._stream)
                 self._put((staged, state, event))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
             self._put(e)
@@ -187,11 +191,12 @@ class DevicePrefetcher:
         if isinstance(item, BaseException):
             raise item
         batch, state, event = item
-        current = torch.cuda.current_stream(self.device)
-        current.wait_event(event)
-        for v in batch.values():
-            if torch.is_tensor(v):
-                v.record_stream(current)  # the side stream's allocator must not reuse it while the step runs
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for v in batch.values():
+                if torch.is_tensor(v):
+                    v.record_stream(current)  # the side stream's allocator must not reuse it while the step runs
         self._state = state
         return batch
 

@@ -146,7 +146,7 @@ class Trainer:
         self._guard = StepGuard(self.device, cfg.max_nonfinite, total=self.nonfinite_total,
                                 consecutive=self.nonfinite_consecutive)
         self._batches = DevicePrefetcher(self.data, self.device, channels_last=self.channels_last) \
-            if self.device.type == "cuda" else self.data
+            if _use_prefetcher(self.device) else self.data
         t_window, last_loss = time.perf_counter(), math.nan
         try:
             while self.step < cfg.steps:
@@ -405,6 +405,11 @@ class Trainer:
 
 def _use_fused(device: torch.device) -> bool:
     """Fused AdamW (and the device-side skip) on CUDA; foreach AdamW elsewhere."""
+    return device.type == "cuda"
+
+
+def _use_prefetcher(device: torch.device) -> bool:
+    """Stage batches in a background thread (pinned memory, side-stream copies) on CUDA only."""
     return device.type == "cuda"
 
 
