@@ -93,8 +93,8 @@ class CosineSchedule(Schedule):
     """Clipped cosine schedule ``logsnr(t) = -2 log tan(u)``, ``u = t_min + t (t_max - t_min)``.
 
     ``t_min = atan(exp(-logsnr_max / 2))``, ``t_max = atan(exp(-logsnr_min / 2))``, so the curve runs exactly from
-    ``logsnr_max`` to ``logsnr_min``; ``dlogsnr/dt = -4 (t_max - t_min) / sin(2u)`` (ALGORITHMS.md sec. 0;
-    Nichol & Dhariwal 2021 alpha^2 = cos^2 in log-SNR form). Numerics: with ``v = pi/2 - u`` computed from its own
+    ``logsnr_max`` to ``logsnr_min``; ``dlogsnr/dt = -4 (t_max - t_min) / sin(2u)`` (Nichol &
+    Dhariwal 2021, eq. 17, alpha^2 = cos^2, in log-SNR form as in Kingma et al. 2021). Numerics: with ``v = pi/2 - u`` computed from its own
     offset ``atan(exp(logsnr_min / 2))``, ``tan`` is only ever taken of the smaller of ``u`` and ``v``.
     """
 
@@ -136,7 +136,7 @@ class ShiftedCosineSchedule(Schedule):
     """Resolution-shifted cosine: ``logsnr(t) = logsnr_cosine(t) + 2 log(noise_size / image_size)``.
 
     Hoogeboom et al. 2023 (simple diffusion), sec. 3.1: SNR at ``image_size`` is ``(noise_size/image_size)^2``
-    times the reference-resolution SNR. Two clip conventions (ALGORITHMS.md 1.1) for ``[clip_min, clip_max]``:
+    times the reference-resolution SNR. Two clip conventions for ``[clip_min, clip_max]``:
 
     * ``"shift_range"`` (default): clip the base cosine to ``[clip_min, clip_max]`` then add the shift, so the
       range moves to ``[clip_min + shift, clip_max + shift]``. Default because it is the paper's reference
