@@ -94,8 +94,9 @@ class CosineSchedule(Schedule):
 
     ``t_min = atan(exp(-logsnr_max / 2))``, ``t_max = atan(exp(-logsnr_min / 2))``, so the curve runs exactly from
     ``logsnr_max`` to ``logsnr_min``; ``dlogsnr/dt = -4 (t_max - t_min) / sin(2u)`` (Nichol &
-    Dhariwal 2021, eq. 17, alpha^2 = cos^2, in log-SNR form as in Kingma et al. 2021). Numerics: with ``v = pi/2 - u`` computed from its own
-    offset ``atan(exp(logsnr_min / 2))``, ``tan`` is only ever taken of the smaller of ``u`` and ``v``.
+    Dhariwal 2021, eq. 17, alpha^2 = cos^2, in log-SNR form as in Kingma et al. 2021). Numerics: with
+    ``v = pi/2 - u`` computed from its own offset ``atan(exp(logsnr_min / 2))``, ``tan`` is only ever
+    taken of the smaller of ``u`` and ``v``.
     """
 
     name: ClassVar[str] = "cosine"
