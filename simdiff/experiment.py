@@ -24,6 +24,7 @@ from simdiff.runs import (
     batch_transform,
     build_network,
     check_student_sampling,
+    conditioner_for,
     config_from_dict,
     describe,
     evaluate_model,
@@ -94,7 +95,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = True) ->
     data = BatchIterator(dataset, cfg.train.batch_size, seed=cfg.train.seed, rank=info.rank,
                          world_size=info.world_size, transform=batch_transform(dataset, labels=num_classes > 0))
     config_dict = {"kind": "diffusion", "experiment": to_dict(cfg), "image_shape": list(image_shape),
-                   "num_classes": num_classes}
+                   "num_classes": num_classes, "conditioner": conditioner_for(num_classes).identity()}
     hooks = []
     if cfg.train.sample_every > 0:  # the trainer calls hooks every train.sample_every steps
         hooks.append(_sample_hook(cfg, loss.schedule, run_dir, num_classes, image_shape))

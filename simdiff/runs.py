@@ -43,6 +43,7 @@ __all__ = [
     "student_sample_config",
     "check_student_sampling",
     "class_null_cond",
+    "conditioner_for",
     "reference_images",
     "evaluate_model",
 ]
@@ -124,9 +125,17 @@ def batch_transform(dataset: ImageDataset, *, labels: bool = True):
     return transform
 
 
+def conditioner_for(num_classes: int):
+    """The conditioner of an image model: :class:`~simdiff.conditioners.ClassLabels` or
+    :class:`~simdiff.conditioners.NoCondition`. Its ``identity()`` is recorded in every checkpoint's config."""
+    from simdiff.conditioners import ClassLabels, NoCondition
+
+    return ClassLabels(num_classes) if num_classes > 0 else NoCondition()
+
+
 def class_null_cond(num_classes: int) -> dict[str, Any] | None:
     """Classifier-free guidance's "unconditional" input of a simdiff network: the null class row ``num_classes``."""
-    return {"labels": num_classes} if num_classes > 0 else None
+    return dict(conditioner_for(num_classes).null_cond) or None
 
 
 def sample_grid(

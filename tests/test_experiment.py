@@ -41,6 +41,7 @@ def test_train_writes_run_artifacts(run):
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
     rows = (d / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 6
+    assert load_model(d).meta["conditioner"] == {"name": "class_labels", "version": 1, "num_classes": 10}
 
 
 def test_resume_extends_the_run(run, tmp_path):
@@ -121,6 +122,7 @@ def test_unconditional_training_on_labelled_data(tmp_path, capsys):
     assert main(["train", str(cfg), "--run-dir", str(run), "--set", "model.class_conditional=false"]) == 0
     loaded = load_model(run)
     assert loaded.num_classes == 0 and loaded.meta["num_classes"] == 0
+    assert loaded.meta["conditioner"] == {"name": "none", "version": 1}  # the conditioner's identity is recorded
     assert loaded.model.backbone.cond.label.num_embeddings == 1  # the null row only: no class embedding
     assert loaded.config.model.class_conditional is False and loaded.config.diffusion.cond_drop_prob == 0.0
     assert (run / "samples" / "final.png").is_file()

@@ -50,7 +50,7 @@ from simdiff.distill.moment_matching import MomentMatching
 from simdiff.distill.progressive import ProgressiveDistillation, ProgressiveSchedule
 from simdiff.generate import SampleConfig
 from simdiff.nets.students import GuidanceConditioned, wrap_student
-from simdiff.runs import student_sample_config
+from simdiff.runs import conditioner_for, student_sample_config
 from simdiff.train import TrainConfig, Trainer
 
 __all__ = ["DistillConfig", "METHODS", "TEACHER_KINDS", "GuidanceConditioned", "load_distill_config", "distill",
@@ -145,7 +145,7 @@ def build_loss(cfg: DistillConfig, student: nn.Module, teacher: nn.Module, sched
     method = cfg.method
     _check_params(method, cfg.method_params)
     params = {k: v for k, v in cfg.method_params.items() if k not in _GLUE_PARAMS.get(method, set())}
-    null = {"labels": num_classes}
+    null = dict(conditioner_for(num_classes).null_cond)
     if method == "progressive":
         return ProgressiveDistillation(student, teacher, schedule, curriculum=_progressive_curriculum(cfg), **params)
     if method == "guided":
@@ -273,7 +273,8 @@ def distill(cfg: DistillConfig, run_dir: str | Path, *, resume: bool = True) -> 
     exp = dataclasses.replace(teacher.config, name=cfg.name, data=data_cfg, train=cfg.train)
     config_dict = {"kind": cfg.method, "experiment": to_dict(exp), "image_shape": list(teacher.image_shape),
                    "num_classes": teacher.num_classes, "student": student_info, "distill": to_dict(cfg),
-                   "teacher_kind": teacher.meta.get("kind", "diffusion")}
+                   "teacher_kind": teacher.meta.get("kind", "diffusion"),
+                   "conditioner": conditioner_for(teacher.num_classes).identity()}
     _record_sampler_spec(config_dict, loss.sampler_spec(), cfg.sample)
     data = BatchIterator(dataset, cfg.train.batch_size, seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
                          transform=batch_transform(dataset, labels=teacher.num_classes > 0))
