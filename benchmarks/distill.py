@@ -245,7 +245,7 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
         lines += ["* --quick: a tiny uvit teacher trained for about a minute on the 8x8 `digits` set (resized to "
                   "28x28 for MNIST features) and a handful of distillation steps. It proves the harness runs end "
                   "to end; its numbers say nothing about the methods."]
-    lines += ["* Paper-scale run (a GPU session; days on CPU): `python benchmarks/distill.py --device cuda "
+    lines += ["* Paper-scale run (needs a GPU; days on CPU): `python benchmarks/distill.py --device cuda "
               "--train-steps 20000 --batch 128 --fd-samples 10000 --fid-samples 10000 --progressive-start 256` "
               "(progressive students then halve 256 -> K over log2(256/K) rounds)."]
     return "\n".join(lines) + "\n"

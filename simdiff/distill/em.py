@@ -1,7 +1,7 @@
 """EM distillation, EMD (Xie, Xiao, Kingma, Hou, Wu, Murphy, Salimans, Poole & Gao, NeurIPS 2024, arXiv 2405.16852).
 
 A one-step generator ``x = g(z)``, ``z ~ N(0, I)``, is fitted by maximum likelihood to the teacher's noisy marginals
-(ALGORITHMS.md 4.1) with EM. Per call, with ``t ~ U[t_min, t_max]`` per example:
+(Xie et al. 2024, sec. 3) with EM. Per call, with ``t ~ U[t_min, t_max]`` per example:
 
 * **Aux step** (inside ``__call__``, before the generator loss, on *detached* generator samples): the student-score
   network ``psi`` (attribute ``aux``, its own Adam) takes ``aux_updates`` denoising-score-matching steps,
@@ -15,17 +15,18 @@ A one-step generator ``x = g(z)``, ``z ~ N(0, I)``, is fitted by maximum likelih
       grad_z   = -z + J_g(z)^T (alpha / sigma) (eps_psi - eps_phi)(x_t)
       eps <- eps + gamma grad_eps + sqrt(2 gamma) n_eps;   z <- z + gamma_z grad_z + sqrt(2 gamma_z) n_z
 
-* **Noise cancellation** ([mem]; ``noise_cancellation=``): the eps-update is linear in eps, so
-  ``eps_K = S_K + N_K`` with the pure-noise part ``N_{k+1} = (1 - gamma) N_k + sqrt(2 gamma) n_k`` book-kept exactly
-  and ``S_K`` the accumulated score drift. ``"all"`` (default) starts ``N_0 = eps_0`` (the initial noise is cancelled
-  too; then one step is exactly the VSD / Diff-Instruct direction, ALGORITHMS.md 4.3), ``"injected"`` starts
-  ``N_0 = 0`` (only the Langevin noise), ``"none"`` keeps ``eps_K``. The M-step target uses ``eps_K - N_K``; the
-  chain itself (the scores' inputs) keeps its noise. The test shows "all" < "injected" < "none" in M-step gradient
-  variance.
+* **Noise cancellation** (``noise_cancellation=``; which noise the paper cancels is not verified against it):
+  the eps-update is linear in eps, so ``eps_K = S_K + N_K`` with the pure-noise part
+  ``N_{k+1} = (1 - gamma) N_k + sqrt(2 gamma) n_k`` book-kept exactly and ``S_K`` the accumulated score drift.
+  ``"all"`` (default) starts ``N_0 = eps_0`` (the initial noise is cancelled too; then one step is exactly the
+  VSD / Diff-Instruct direction of Wang et al. 2023 / Luo et al. 2023), ``"injected"`` starts ``N_0 = 0`` (only
+  the Langevin noise), ``"none"`` keeps ``eps_K``. The M-step target uses ``eps_K - N_K``; the chain itself (the
+  scores' inputs) keeps its noise. The test shows "all" < "injected" < "none" in M-step gradient variance.
 * **M-step** (4.3): ``||sg(x_t^K) - alpha g(z^K)||^2 / sigma^2`` written in x-space,
   ``w(lambda) mean((g(z^K) - sg(g(z^K) + (sigma / alpha) r))^2)`` with ``r`` the (cancelled) eps residual.
   ``weighting="eps"`` (``w = SNR``) is the literal likelihood form; the default ``"x"`` (``w = 1``) gives the
-  bounded x-space step of VSD/DMD (the SNR factor blows up at small ``t``; the paper's weighting is [mem]).
+  bounded x-space step of VSD/DMD (the SNR factor blows up at small ``t``; the paper's M-step weighting is not verified
+  against the paper).
 
 ``K = 8`` Langevin steps by default (the paper's ablation setting); ``step_size`` (``gamma`` for eps) and
 ``z_step_size`` (default: same) are options. Generator initialisation (paper: the teacher denoiser at a fixed

@@ -1,4 +1,4 @@
-"""Moment matching distillation (Salimans, Mensink, Heek & Hoogeboom, NeurIPS 2024, arXiv 2406.04103; ALGORITHMS.md 3).
+"""Moment matching distillation (Salimans, Mensink, Heek & Hoogeboom, NeurIPS 2024, arXiv 2406.04103).
 
 A ``k``-step *stochastic* student ``x_tilde = g(z_t, t)`` is trained so that the conditional moments of its samples
 match the teacher's, ``E_g[x_tilde | z_s] = x_hat_teacher(z_s, s)``, along its own sampling path.
@@ -8,7 +8,7 @@ Sampler (3.1): ``z_1 ~ N(0, I)``; for ``t = 1, ..., 1/k``: ``x_tilde = g(z_t, t)
 
 Training data flow (3.2): ``x ~ data``, ``t ~ U{1/k, ..., 1}``, ``z_t = alpha_t x + sigma_t eps``,
 ``x_tilde = g(z_t, t)``, ``s`` in ``[t - 1/k, t)`` and ``z_s ~ q(z_s | z_t, x_tilde)``. The exact ``s`` distribution
-is not verified ([mem]): ``s_sampling="uniform"`` (default, as the brief's reading: ``s ~ U[t - 1/k, t)``) or
+is not verified against the paper: ``s_sampling="uniform"`` (default, our reading of sec. 3: ``s ~ U[t - 1/k, t)``) or
 ``"grid"`` (``s = t - 1/k``, the next sampler state).
 
 Variant A, ``variant="alternating"`` (3.3): an auxiliary denoiser ``x_hat_phi`` (attribute ``aux``; default a
@@ -36,7 +36,7 @@ Guidance: ``guidance_weight = w > 0`` wraps the teacher in ``simdiff.guidance.cl
 differentiates ``param_teacher`` as given (wrap it yourself if it should be guided).
 
 The weighting ``w`` names a ``simdiff.weighting`` x-space weight; default ``"x"`` (``w = 1``): with ``s`` reaching
-``t = 0`` on the last student step the SNR-type weights explode, and the paper's choice is not verified [mem].
+``t = 0`` on the last student step the SNR-type weights explode, and the paper's choice is not verified against it.
 """
 
 from __future__ import annotations
