@@ -7,7 +7,7 @@ A one-step generator ``x = g(z)``, ``z ~ N(0, I)``, is fitted by maximum likelih
   network ``psi`` (attribute ``aux``, its own Adam) takes ``aux_updates`` denoising-score-matching steps,
   ``w_v(lambda) ||x - x_hat_psi(alpha x + sigma n, lambda)||^2`` with ``x = sg(g(z))``, ``t ~ U[0, 1]`` (VSD/DMD style).
   The trainer only steps the generator's optimizer.
-* **E-step** (4.2): ``K`` Langevin steps on ``(eps, z)`` with ``x_t = alpha g(z) + sigma eps`` initialised at a fresh
+* **E-step**: ``K`` Langevin steps on ``(eps, z)`` with ``x_t = alpha g(z) + sigma eps`` initialised at a fresh
   generator sample, using the reparametrised scores (``sigma (s_phi - s_psi) = eps_psi - eps_phi`` from the two
   denoisers' eps-views)::
 
@@ -22,7 +22,7 @@ A one-step generator ``x = g(z)``, ``z ~ N(0, I)``, is fitted by maximum likelih
   VSD / Diff-Instruct direction of Wang et al. 2023 / Luo et al. 2023), ``"injected"`` starts ``N_0 = 0`` (only
   the Langevin noise), ``"none"`` keeps ``eps_K``. The M-step target uses ``eps_K - N_K``; the chain itself (the
   scores' inputs) keeps its noise. The test shows "all" < "injected" < "none" in M-step gradient variance.
-* **M-step** (4.3): ``||sg(x_t^K) - alpha g(z^K)||^2 / sigma^2`` written in x-space,
+* **M-step**: ``||sg(x_t^K) - alpha g(z^K)||^2 / sigma^2`` written in x-space,
   ``w(lambda) mean((g(z^K) - sg(g(z^K) + (sigma / alpha) r))^2)`` with ``r`` the (cancelled) eps residual.
   ``weighting="eps"`` (``w = SNR``) is the literal likelihood form; the default ``"x"`` (``w = 1``) gives the
   bounded x-space step of VSD/DMD (the SNR factor blows up at small ``t``; the paper's M-step weighting is not verified

@@ -3,15 +3,15 @@
 A ``k``-step *stochastic* student ``x_tilde = g(z_t, t)`` is trained so that the conditional moments of its samples
 match the teacher's, ``E_g[x_tilde | z_s] = x_hat_teacher(z_s, s)``, along its own sampling path.
 
-Sampler (3.1): ``z_1 ~ N(0, I)``; for ``t = 1, ..., 1/k``: ``x_tilde = g(z_t, t)``, ``z_s ~ q(z_s | z_t, x_tilde)``
+Sampler: ``z_1 ~ N(0, I)``; for ``t = 1, ..., 1/k``: ``x_tilde = g(z_t, t)``, ``z_s ~ q(z_s | z_t, x_tilde)``
 (``process.ddpm_step``, "small" posterior variance); return the last ``x_tilde``.
 
-Training data flow (3.2): ``x ~ data``, ``t ~ U{1/k, ..., 1}``, ``z_t = alpha_t x + sigma_t eps``,
+Training data flow: ``x ~ data``, ``t ~ U{1/k, ..., 1}``, ``z_t = alpha_t x + sigma_t eps``,
 ``x_tilde = g(z_t, t)``, ``s`` in ``[t - 1/k, t)`` and ``z_s ~ q(z_s | z_t, x_tilde)``. The exact ``s`` distribution
 is not verified against the paper: ``s_sampling="uniform"`` (default, our reading of sec. 3: ``s ~ U[t - 1/k, t)``) or
 ``"grid"`` (``s = t - 1/k``, the next sampler state).
 
-Variant A, ``variant="alternating"`` (3.3): an auxiliary denoiser ``x_hat_phi`` (attribute ``aux``; default a
+Variant A, ``variant="alternating"``: an auxiliary denoiser ``x_hat_phi`` (attribute ``aux``; default a
 trainable deep copy of the student at construction, i.e. "initialised from the teacher" when the student was) is
 fitted to the student's *detached* samples with ``w(s) ||x_tilde - x_hat_phi(z_s, s)||^2`` (+ optional
 ``aux_teacher_reg * w(s) ||x_hat_phi - x_hat_teacher||^2``, the unofficial port's regulariser). The student loss is
@@ -19,7 +19,7 @@ fitted to the student's *detached* samples with ``w(s) ||x_tilde - x_hat_phi(z_s
 ``w(s) J^T (x_hat_phi - x_hat_teacher) / d``. The aux update happens **inside** ``__call__`` (its own Adam,
 ``aux_updates`` steps per call) *before* the student loss is built; the trainer only steps the student's optimizer.
 
-Variant B, ``variant="parameter"`` (3.4): ``L = g_A^T Lambda g_B`` with ``g_{A,B}`` the gradient of the teacher's
+Variant B, ``variant="parameter"``: ``L = g_A^T Lambda g_B`` with ``g_{A,B}`` the gradient of the teacher's
 denoising loss ``w(s) ||x_tilde - x_hat_theta(z_s, s)||^2 / d`` w.r.t. the teacher's parameters ``theta`` on two
 independent halves of the batch (double backprop through ``x_tilde``). This needs a *parametric* teacher
 (``param_teacher``, an ``nn.Module`` denoiser); for the exact mixture use :class:`MixtureMeansTeacher`, whose
@@ -257,7 +257,7 @@ class MomentMatching(DistillationLoss):
     def sample(
         self, student: Denoise, z: Tensor, *, generator: torch.Generator | None = None, cond: dict | None = None
     ) -> Tensor:
-        """The stochastic ``k``-step student sampler (3.1): ancestral steps through ``q(z_s | z_t, x_tilde)`` on the
+        """The stochastic ``k``-step student sampler: ancestral steps through ``q(z_s | z_t, x_tilde)`` on the
         uniform-t grid (the registered ``moment_matching`` / ``moment_matching_large`` sampler)."""
         sampler = sample_moment_matching_large if self.posterior_variance == "large" else sample_moment_matching
         return sampler(student, z, uniform_t_grid(self.schedule, self.steps), generator=generator, cond=cond)
@@ -311,7 +311,7 @@ class MomentMatching(DistillationLoss):
     def parameter_space_loss(
         self, x_tilde: Tensor, z_s: Tensor, lam_s: Tensor, cond: dict, *, update_preconditioner: bool = False
     ) -> Tensor:
-        """Variant B: ``L = g_A^T Lambda g_B`` (3.4), returned repeated over the batch ``[B]``.
+        """Variant B: ``L = g_A^T Lambda g_B``, returned repeated over the batch ``[B]``.
 
         ``x_tilde`` may carry the student's graph (then ``L`` is differentiable in the student's parameters).
         Minibatch A is the first half of the batch, B the second.
