@@ -1,7 +1,7 @@
 """EM distillation, EMD (Xie, Xiao, Kingma, Hou, Wu, Murphy, Salimans, Poole & Gao, NeurIPS 2024, arXiv 2405.16852).
 
 A one-step generator ``x = g(z)``, ``z ~ N(0, I)``, is fitted by maximum likelihood to the teacher's noisy marginals
-(Xie et al. 2024, sec. 3) with EM. Per call, with ``t ~ U[t_min, t_max]`` per example:
+(Xie et al. 2024) with EM. Per call, with ``t ~ U[t_min, t_max]`` per example:
 
 * **Aux step** (inside ``__call__``, before the generator loss, on *detached* generator samples): the student-score
   network ``psi`` (attribute ``aux``, its own Adam) takes ``aux_updates`` denoising-score-matching steps,

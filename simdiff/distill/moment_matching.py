@@ -8,7 +8,7 @@ Sampler: ``z_1 ~ N(0, I)``; for ``t = 1, ..., 1/k``: ``x_tilde = g(z_t, t)``, ``
 
 Training data flow: ``x ~ data``, ``t ~ U{1/k, ..., 1}``, ``z_t = alpha_t x + sigma_t eps``,
 ``x_tilde = g(z_t, t)``, ``s`` in ``[t - 1/k, t)`` and ``z_s ~ q(z_s | z_t, x_tilde)``. The exact ``s`` distribution
-is not verified against the paper: ``s_sampling="uniform"`` (default, our reading of sec. 3: ``s ~ U[t - 1/k, t)``) or
+is not verified against the paper: ``s_sampling="uniform"`` (default, our reading: ``s ~ U[t - 1/k, t)``) or
 ``"grid"`` (``s = t - 1/k``, the next sampler state).
 
 Variant A, ``variant="alternating"``: an auxiliary denoiser ``x_hat_phi`` (attribute ``aux``; default a
