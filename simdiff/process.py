@@ -1,4 +1,7 @@
-"""Variance-preserving Gaussian diffusion in log-SNR form: the only module that does alpha/sigma algebra.
+"""The isotropic variance-preserving Gaussian process in log-SNR form, as pure functions.
+
+One scalar log-SNR per example (or per leading index). Per-coordinate coefficients, non-VP alpha/sigma and other
+bases live in :mod:`simdiff.processes`, whose isotropic member calls these functions.
 
 Convention (used everywhere in simdiff):
 
@@ -45,7 +48,6 @@ __all__ = [
     "x_from_v",
     "eps_from_v",
     "to_output",
-    "from_output",
     "posterior",
     "ddim_step",
     "ddim_invert_x",
@@ -186,11 +188,6 @@ def to_output(kind: str, pred: Tensor, *, z: Tensor, logsnr: Tensor) -> Denoiser
     else:
         raise ValueError(f"unknown parameterisation {kind!r}; valid: {', '.join(PARAMETERISATIONS)}")
     return DenoiserOutput(x=x, eps=eps, v=v)
-
-
-def from_output(kind: str, out: DenoiserOutput) -> Tensor:
-    """Inverse of :func:`to_output`: pick the view a network of parameterisation ``kind`` would emit."""
-    return out.get(kind)
 
 
 def posterior(
