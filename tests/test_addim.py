@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from simdiff.distill.addim import addim_step, analytic_x_var, estimated_x_var, sample_addim
-from simdiff.distill.base import ddim_sample, uniform_t_grid
 from simdiff.process import add_noise, alpha_sigma, ddim_step, sigma_ratio
+from simdiff.samplers import make_grid, sample_ddim
+from simdiff.samplers.addim import addim_step, analytic_x_var, estimated_x_var, sample_addim
 from simdiff.schedules import get_schedule
 from simdiff.toy import GaussianMixture
 
@@ -102,11 +102,11 @@ def test_x_var_helpers():
 
 def test_sample_addim_matches_ddim_with_zero_variance_and_validates_grid():
     mix = GaussianMixture.random(2, 3, seed=0)
-    grid = uniform_t_grid(get_schedule("cosine"), 4)
+    grid = make_grid(get_schedule("cosine"), 4, kind="uniform_t")
     z = torch.randn(50, 2, generator=torch.Generator().manual_seed(2), dtype=D)
     calls = []
     out = sample_addim(mix.denoise, z, grid, x_var_fn=lambda lam: 0.0, callback=calls.append)
-    torch.testing.assert_close(out, ddim_sample(mix.denoise, z, grid), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, sample_ddim(mix.denoise, z, grid), rtol=1e-12, atol=1e-12)
     assert len(calls) == 4
     assert not torch.allclose(sample_addim(mix.denoise, z, grid), out)
     with pytest.raises(ValueError, match="needs an increasing logsnr grid"):

@@ -118,13 +118,28 @@ def test_ancestral_reproduces_mixture(gm):
 
 
 def test_ddpm_large_variance_differs_and_ends_clean(gm, z0):
+    """Both variances end clean: the output is the x-prediction at the last finite grid point, no noise added."""
     grid = make_grid(get_schedule("cosine"), 30)
-    a = get_sampler("ddpm")(gm.denoise, z0, grid, variance="large", generator=torch.Generator().manual_seed(1))
-    b = get_sampler("ddpm")(gm.denoise, z0, grid, variance="small", generator=torch.Generator().manual_seed(1))
+    out, last_z = {}, {}
+    for variance in ("large", "small"):
+        seen = []
+        out[variance] = get_sampler("ddpm")(gm.denoise, z0, grid, variance=variance, callback=seen.append,
+                                            generator=torch.Generator().manual_seed(1))
+        last_z[variance] = seen[-2]["z"]  # the state at the last finite log-SNR, grid[-2]
+        assert math.isinf(float(seen[-1]["logsnr"])) and torch.equal(seen[-1]["z"], out[variance])
+        x_hat = gm.denoise(last_z[variance], grid[-2].expand(z0.shape[0])).x
+        torch.testing.assert_close(out[variance], x_hat, rtol=0, atol=1e-12)
+    a, b = out["large"], out["small"]
     assert a.shape == z0.shape and torch.isfinite(a).all() and rms(a, b) > 1e-3
+    # an ancestral step to the last finite point still adds visible noise, so ending on x_hat is a real choice
+    assert rms(last_z["small"], out["small"]) > 1e-3
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+# The one-step generator student takes ``g(z, **cond)``, not a denoiser; its contract is tested with the students.
+DENOISER_SAMPLERS = sorted(n for n in SAMPLERS if n != "generator")
+
+
+@pytest.mark.parametrize("name", DENOISER_SAMPLERS)
 def test_common_contract(gm, name):
     """dtype kept, callback per step, cond forwarded, no grad needed, NFE as advertised."""
     cgm = GaussianMixture.random(2, 4, seed=1, std=0.3, num_classes=2)
@@ -189,3 +204,22 @@ def test_errors(gm, z0):
 def _wrong_shape(z, logsnr):
     pred = torch.zeros(z.shape[0], 3, dtype=z.dtype)
     return to_output("x", pred, z=pred, logsnr=logsnr)
+
+
+def test_host_level_passed_to_denoisers_that_ask():
+    """A denoiser with ``wants_host_level`` gets the float64 grid value as a Python float at every call."""
+    gm = GaussianMixture.random(2, 3, seed=2)
+    grid = make_grid(get_schedule("cosine"), 5)
+    got = []
+
+    class Wants:
+        wants_host_level = True
+
+        def __call__(self, z, logsnr, host_level=None, **cond):
+            got.append(host_level)
+            return gm.denoise(z, logsnr)
+
+    z = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    out = get_sampler("dpmpp_2m")(Wants(), z, grid)
+    assert all(type(v) is float for v in got) and got == grid[:-1].tolist()
+    torch.testing.assert_close(out, get_sampler("dpmpp_2m")(gm.denoise, z, grid), rtol=0, atol=0)

@@ -1,10 +1,17 @@
-"""Shared sampler plumbing: grid validation, the denoiser call, exponential-integrator coefficients.
+"""Shared sampler plumbing: grid validation, the denoiser call, the final step to data, exponential-integrator
+moments.
 
-Every sampler takes a 1-D log-SNR grid ``logsnrs [N + 1]`` (float64 preferred), strictly monotone; a final
-``+inf`` means "the last step lands on data" and is realised as the x-prediction at the last finite point (the
-exact DDIM / exponential-integrator limit). Coefficients are computed up front from the float64 grid on the CPU
-with torch ops (so they stay differentiable for :mod:`simdiff.samplers.tuned`) and moved to the state's device and
-dtype once; the sampling loops then run without host-device synchronisation.
+Every sampler takes a 1-D grid of levels ``logsnrs [N + 1]`` (float64 preferred; the log-SNR for the isotropic
+process, the process's level otherwise), strictly monotone; a final ``+inf`` means "the last step lands on data"
+and is realised as the x-prediction at the last finite point (the exact DDIM / exponential-integrator limit).
+Coefficients are computed up front from the float64 grid on the CPU with torch ops (so they stay differentiable for
+:mod:`simdiff.samplers.tuned`) and moved to the state's device and dtype once; the sampling loops then run without
+host-device synchronisation.
+
+Processes: every sampler takes ``process=`` (a :class:`simdiff.processes.GaussianProcess`; ``None`` is the
+isotropic VP process). The sampler state lives in the process's basis coordinates (``u = encode(z)``); per-step
+coefficients come from the process shaped ``[M, *coef_shape]`` and broadcast against the state. Samplers without a
+per-coordinate form call :func:`require_isotropic`.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import torch
 from torch import Tensor
 
 from simdiff.process import DenoiserOutput
+from simdiff.processes import GaussianProcess, IsotropicGaussian
 
 Callback = Callable[[dict], None]
 
@@ -64,25 +72,87 @@ def prepare_grid(logsnrs: Tensor, *, name: str, allow_decreasing: bool) -> Grid:
     return Grid(lam=full[:-1] if final_inf else full, final_inf=final_inf, increasing=increasing)
 
 
-class Net:
-    """Calls ``denoise(z, logsnr[B], **cond)`` at grid point ``i``; casts the outputs to the state's dtype."""
+_ISOTROPIC = IsotropicGaussian()
 
-    def __init__(self, denoise: Callable[..., DenoiserOutput], z: Tensor, grid: Grid, cond: dict | None) -> None:
+
+def resolve_process(process: GaussianProcess | None) -> GaussianProcess:
+    """``process``, or the isotropic VP process for ``None``."""
+    return _ISOTROPIC if process is None else process
+
+
+def require_isotropic(process: GaussianProcess | None, name: str) -> None:
+    """Refuse a non-isotropic ``process`` with one line (samplers that have only the isotropic VP form)."""
+    if process is not None and not process.isotropic:
+        raise ValueError(
+            f"{name}: sampler has no per-coordinate form and needs the isotropic process; got process "
+            f"{process.name!r} (use ddim, ddpm or dpmpp_2m)"
+        )
+
+
+class Net:
+    """The denoiser seen from a sampler: state in basis coordinates in, encoded x-prediction out.
+
+    ``net(u, i)`` calls ``denoise(decode(u), lam_i[B], **cond)`` at grid point ``i`` and returns its
+    :class:`DenoiserOutput` (data space); ``net.x(u, i)`` is the x-prediction encoded into the basis and cast to the
+    state's dtype. The denoiser receives the level (for a :class:`simdiff.nets.DiffusionModel` built with the same
+    process, what its backbone sees is ``process.net_cond(level)``); for the isotropic process encode and decode
+    return their argument, so the call is exactly ``denoise(z, logsnr[B], **cond)``.
+
+    Host level: a denoiser with a true attribute ``wants_host_level`` (e.g. guidance deciding its interval) also
+    gets ``host_level=``, the Python float of the float64 CPU grid value at ``i``, read from a host copy of the grid
+    kept here (no device -> host copy, no synchronisation).
+    """
+
+    def __init__(
+        self,
+        denoise: Callable[..., DenoiserOutput],
+        z: Tensor,
+        grid: Grid,
+        cond: dict | None,
+        process: GaussianProcess | None = None,
+    ) -> None:
         if z.dim() < 1 or z.shape[0] < 1:
             raise ValueError(f"z must be [B, ...] with B >= 1, got shape {tuple(z.shape)}")
         self.denoise, self.cond, self.batch = denoise, dict(cond or {}), z.shape[0]
         self.shape, self.dtype = z.shape, z.dtype
+        self.process = resolve_process(process)
         self.lam = grid.lam.to(device=z.device, dtype=torch.promote_types(z.dtype, torch.float32))
+        self.host_lam = grid.lam.detach()
+        self.host_level = bool(getattr(denoise, "wants_host_level", False))
 
-    def __call__(self, z: Tensor, i: int) -> DenoiserOutput:
-        out = self.denoise(z, self.lam[i].expand(self.batch), **self.cond)
+    def encode(self, z: Tensor) -> Tensor:
+        return self.process.encode(z)
+
+    def decode(self, u: Tensor) -> Tensor:
+        return self.process.decode(u)
+
+    def __call__(self, u: Tensor, i: int) -> DenoiserOutput:
+        cond = self.cond if not self.host_level else {**self.cond, "host_level": float(self.host_lam[i])}
+        out = self.denoise(self.decode(u), self.lam[i].expand(self.batch), **cond)
         if out.x.shape != self.shape:
             raise ValueError(f"denoiser returned shape {tuple(out.x.shape)} for z of shape {tuple(self.shape)}")
         return out
 
-    def x(self, z: Tensor, i: int) -> Tensor:
-        """The data prediction at grid point ``i`` in the state's dtype."""
-        return self(z, i).x.to(self.dtype)
+    def x(self, u: Tensor, i: int) -> Tensor:
+        """The data prediction at grid point ``i``, in basis coordinates and the state's dtype."""
+        return self.encode(self(u, i).x.to(self.dtype))
+
+    def emit(self, callback: Callback | None, i: int, u: Tensor, x: Tensor, level: Tensor) -> None:
+        """Report step ``i`` as ``dict(i, z, x, logsnr)`` with ``z`` and ``x`` in data space."""
+        if callback is not None:
+            callback({"i": i, "z": self.decode(u), "x": self.decode(x), "logsnr": level})
+
+
+def land(net: Net, u: Tensor, grid: Grid, callback: Callback | None, *, x: Tensor | None = None) -> Tensor:
+    """Finish a run and return the sample in data space.
+
+    On a grid ending at ``+inf`` the last step returns ``x_hat`` at the last finite point (``x`` when the caller
+    already has it, else one more network call) and emits the callback for step ``grid.steps`` with level +inf.
+    """
+    if grid.final_inf:
+        u = net.x(u, grid.steps) if x is None else x
+        net.emit(callback, grid.steps, u, u, torch.full_like(net.lam[0], float("inf")))
+    return net.decode(u)
 
 
 def to_state(t: Tensor, z: Tensor) -> Tensor:

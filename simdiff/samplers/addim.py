@@ -12,7 +12,7 @@ so ``||z_s - alpha_s x_hat||^2`` grows by exactly ``d * z_s_var`` over DDIM. ``|
 (hackable_diffusion's ``AdjustedDDIMStep`` normalises over the whole batch and scales x by alpha_t; we follow the
 paper). ``x_var`` is either estimated, ``eta * ||x - x_hat||^2 / d`` (eta = 0.75, "xvar_frac"), or the paper's
 analytic fallback ``0.1 / (2 + alpha_t^2 / sigma_t^2)`` (10% of the posterior variance under a N(0, 0.5) prior).
-With ``x_var = 0`` or ``s -> t`` aDDIM is DDIM.
+With ``x_var = 0`` or ``s -> t`` aDDIM is DDIM. Isotropic process only.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from simdiff.process import alpha_sigma, expand, sigma_ratio
-from simdiff.samplers._common import Callback, Net, emit, prepare_grid, to_state
+from simdiff.processes import GaussianProcess
+from simdiff.samplers._common import Callback, Net, land, prepare_grid, require_isotropic, to_state
 
 __all__ = ["addim_step", "analytic_x_var", "estimated_x_var", "sample_addim"]
 
@@ -69,7 +70,6 @@ def addim_step(*, z_t: Tensor, x: Tensor, logsnr_s: Tensor, logsnr_t: Tensor, x_
     return torch.where(torch.isinf(ls) & (ls > 0), x, z_s)
 
 
-
 def sample_addim(
     denoise: Callable,
     z: Tensor,
@@ -79,6 +79,7 @@ def sample_addim(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     cond: dict | None = None,
+    process: GaussianProcess | None = None,
 ) -> Tensor:
     """aDDIM over an increasing log-SNR grid (the shared sampler signature; one network call per step).
 
@@ -88,17 +89,16 @@ def sample_addim(
         logsnrs: ``[N + 1]`` strictly increasing; a final ``+inf`` returns the last x-prediction.
         x_var_fn: ``logsnr_t [B] -> x_var`` (scalar or ``[B]``); default :func:`analytic_x_var`.
         generator: unused (deterministic sampler), kept for the shared signature.
+        process: ``None`` or an isotropic process (no per-coordinate form).
     """
+    require_isotropic(process, "addim")
     grid = prepare_grid(logsnrs, name="addim", allow_decreasing=False)
-    net = Net(denoise, z, grid, cond)
+    net = Net(denoise, z, grid, cond, process)
     lam = to_state(grid.lam, z)
     b = z.shape[0]
     for i in range(grid.steps):
         x = net.x(z, i)
         lt, ls = lam[i].expand(b), lam[i + 1].expand(b)
         z = addim_step(z_t=z, x=x, logsnr_s=ls, logsnr_t=lt, x_var=x_var_fn(lt))
-        emit(callback, i, z, x, net.lam[i + 1])
-    if grid.final_inf:
-        z = net.x(z, grid.steps)
-        emit(callback, grid.steps, z, z, torch.full_like(net.lam[0], float("inf")))
-    return z
+        net.emit(callback, i, z, x, net.lam[i + 1])
+    return land(net, z, grid, callback)

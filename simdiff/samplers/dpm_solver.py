@@ -4,7 +4,7 @@ Exact solution of the PF-ODE from t to s in data-prediction form (Lu et al. 2022
 
     z_s = (sigma_s / sigma_t) z_t + alpha_s int_0^h e^(u - h) x_hat(lambda_t + u) du,   h = lambda_s - lambda_t.
 
-"dpmpp_2m" is DPM-Solver++(2M) exactly as published (Lu et al. 2022, Alg. 2; ALGORITHMS.md sec. 12):
+"dpmpp_2m" is DPM-Solver++(2M) exactly as published (Lu et al. 2022, Alg. 2):
 ``D = (1 + 1/(2r)) x_i - 1/(2r) x_(i-1)``, ``r = h_(i-1) / h_i``,
 ``z_s = (sigma_s/sigma_t) z_t + alpha_s (1 - e^-h) D``;
 first step first order. "dpmpp_3m" is the third-order member of the same multistep family: the integral is taken
@@ -12,6 +12,10 @@ exactly over the quadratic through the last three x-predictions (exponential Ada
 update agrees with it to leading order). Orders ramp up 1, 2, 3 over the first steps, and the last finite step
 before a final +inf uses order <= 2 ("lower_order_final", as in DPM-Solver / diffusers) for stability at few steps.
 A final +inf step returns x_hat at the last finite point (the h -> inf limit of the first-order update).
+
+"dpmpp_2m" runs on any diagonal process: per basis coordinate the same formulas hold with that coordinate's
+``sigma_s / sigma_t``, ``alpha_s`` and ``h`` (``lambda = log alpha - log sigma``), including ``r = h_(i-1) / h_i``
+(:meth:`simdiff.processes.GaussianProcess.ei_coefficients`). "dpmpp_3m" needs the isotropic process.
 """
 
 from __future__ import annotations
@@ -21,8 +25,18 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from simdiff.process import alpha_sigma, sigma_ratio
-from simdiff.samplers._common import Callback, Grid, Net, adams_weights, emit, phi_moments, prepare_grid, to_state
+from simdiff.processes import GaussianProcess
+from simdiff.samplers._common import (
+    Callback,
+    Grid,
+    Net,
+    adams_weights,
+    land,
+    phi_moments,
+    prepare_grid,
+    require_isotropic,
+    to_state,
+)
 
 __all__ = ["sample_dpmpp_2m", "sample_dpmpp_3m", "multistep_loop", "step_orders"]
 
@@ -52,7 +66,8 @@ def multistep_loop(
     ``weights[i]``: ``[k_i]`` weights on the stored x-predictions, newest first. ``corrector[i]`` (optional):
     ``[1 + k_i]`` weights on (x at the predicted new point, then the stored ones); the corrected state replaces the
     predicted one and the new x-prediction is reused by the next step (UniC, Zhao et al. 2023). Coefficients are
-    already on the state's device/dtype: the loop does no host syncs.
+    already on the state's device/dtype (each entry ``[*coef_shape]``, broadcast against the state, which is in
+    basis coordinates): the loop does no host syncs. Returns the sample in data space.
     """
     m = grid.steps
     x_cur = net.x(z, 0) if m > 0 or grid.final_inf else None
@@ -70,23 +85,21 @@ def multistep_loop(
                 acc = wc[0] * x_cur + sum(wc[j + 1] * xs[j] for j in range(wc.shape[0] - 1))
                 z_pred = ratio[i] * z + alpha_next[i] * acc
         z = z_pred
-        emit(callback, i, z, xs[0], net.lam[i + 1])
-    if grid.final_inf:
-        z = x_cur
-        emit(callback, m, z, z, torch.full_like(net.lam[0], float("inf")))
-    return z
+        net.emit(callback, i, z, xs[0], net.lam[i + 1])
+    return land(net, z, grid, callback, x=x_cur)
 
 
 def _half_steps(lam: Tensor) -> Tensor:
     return 0.5 * torch.diff(lam)
 
 
-def dpmpp_2m_weights(lam: Tensor, *, scale: Tensor | None = None) -> list[Tensor]:
+def dpmpp_2m_weights(h: Tensor, *, scale: Tensor | None = None) -> list[Tensor]:
     """Published DPM-Solver++(2M) weights ``scale_i * [1 + 1/(2r), -1/(2r)]`` (first step ``[scale_0]``).
 
-    ``scale`` defaults to ``1 - e^-h`` (the ODE); the SDE variant passes ``1 - e^-((1 + eta) h)``.
+    ``h``: ``[M, *coef_shape]`` steps in ``lambda`` (per coordinate; ``[M]`` for the isotropic process), so each
+    entry is ``[k_i, *coef_shape]``. ``scale`` defaults to ``1 - e^-h`` (the ODE); the SDE variant passes
+    ``1 - e^-((1 + eta) h)``.
     """
-    h = _half_steps(lam)
     scale = -torch.expm1(-h) if scale is None else scale
     out = [scale[:1]]
     for i in range(1, h.shape[0]):
@@ -105,17 +118,15 @@ def exact_multistep_weights(lam: Tensor, orders: list[int]) -> list[Tensor]:
     return out
 
 
-def _ode_coefficients(lam: Tensor) -> tuple[Tensor, Tensor]:
-    a_s, _ = alpha_sigma(lam[1:])
-    return sigma_ratio(logsnr_s=lam[1:], logsnr_t=lam[:-1]), a_s
-
-
-def _run(denoise, z, logsnrs, weights_fn, *, name, callback, cond) -> Tensor:
+def _run(denoise, z, logsnrs, weights_fn, *, name, callback, cond, process) -> Tensor:
     grid = prepare_grid(logsnrs, name=name, allow_decreasing=True)
-    net = Net(denoise, z, grid, cond)
-    ratio, a_s = (to_state(t, z) for t in _ode_coefficients(grid.lam))
-    weights = [to_state(w, z) for w in weights_fn(grid)]
-    return multistep_loop(net, z, grid, ratio=ratio, alpha_next=a_s, weights=weights, callback=callback)
+    net = Net(denoise, z, grid, cond, process)
+    ratio, a_s, h = net.process.ei_coefficients(grid.lam)
+    weights = [to_state(w, z) for w in weights_fn(grid, h)]
+    u = net.encode(z)
+    return multistep_loop(
+        net, u, grid, ratio=to_state(ratio, z), alpha_next=to_state(a_s, z), weights=weights, callback=callback
+    )
 
 
 def sample_dpmpp_2m(
@@ -126,10 +137,12 @@ def sample_dpmpp_2m(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     cond: dict | None = None,
+    process: GaussianProcess | None = None,
 ) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), one call per step; decreasing finite grids invert.
-    Signature as :func:`simdiff.samplers.sample_ddim`; ``generator`` is unused."""
-    return _run(denoise, z, logsnrs, lambda g: dpmpp_2m_weights(g.lam), name="dpmpp_2m", callback=callback, cond=cond)
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), one call per step; decreasing finite grids invert; any diagonal
+    process. Signature as :func:`simdiff.samplers.sample_ddim`; ``generator`` is unused."""
+    return _run(denoise, z, logsnrs, lambda g, h: dpmpp_2m_weights(h), name="dpmpp_2m", callback=callback, cond=cond,
+                process=process)
 
 
 def sample_dpmpp_3m(
@@ -140,11 +153,14 @@ def sample_dpmpp_3m(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     cond: dict | None = None,
+    process: GaussianProcess | None = None,
 ) -> Tensor:
     """Third-order data-prediction multistep (DPM-Solver++(3M) family, exact exponential Adams weights).
-    One call per step; orders 1, 2, 3, ..., 3, 2 (before a final +inf). ``generator`` is unused."""
+    One call per step; orders 1, 2, 3, ..., 3, 2 (before a final +inf). ``generator`` is unused; isotropic
+    process only."""
+    require_isotropic(process, "dpmpp_3m")
 
-    def weights(g: Grid) -> list[Tensor]:
+    def weights(g: Grid, h: Tensor) -> list[Tensor]:
         return exact_multistep_weights(g.lam, step_orders(g, 3))
 
-    return _run(denoise, z, logsnrs, weights, name="dpmpp_3m", callback=callback, cond=cond)
+    return _run(denoise, z, logsnrs, weights, name="dpmpp_3m", callback=callback, cond=cond, process=process)

@@ -4,6 +4,9 @@ DDPM: Ho et al. 2020, Alg. 2, written as the posterior q(z_s | z_t, x = x_hat) o
 (``simdiff.process.ddpm_step``). DDIM: Song et al. 2021 eq. 12 / 16 in log-SNR form; with ``r = SNR_t / SNR_s``
 the added noise has variance ``eta^2 (1 - r) sigma_s^2`` (eq. 16's sigma_t(eta)) and the rest of ``sigma_s^2``
 goes to the predicted-eps direction, so ``eta = 1`` is exactly the small-variance ancestral step.
+
+Both run on any diagonal process (``process=``): the same updates hold per basis coordinate with the process's
+coefficients (:meth:`simdiff.processes.GaussianProcess.ddim_coefficients`, ``.ddpm_step``).
 """
 
 from __future__ import annotations
@@ -13,27 +16,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from simdiff.process import alpha_sigma, ddpm_step, sigma_ratio
-from simdiff.samplers._common import Callback, Net, emit, prepare_grid, to_state
+from simdiff.processes import GaussianProcess
+from simdiff.processes.isotropic import vp_ddim_coefficients as ddim_coefficients
+from simdiff.samplers._common import Callback, Net, land, prepare_grid, to_state
 
 __all__ = ["sample_ddpm", "sample_ddim", "ddim_coefficients"]
-
-
-def ddim_coefficients(lam: Tensor, eta: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-step ``(c_z, c_x, c_noise)`` with ``z_s = c_z z_t + c_x x_hat + c_noise * noise`` (each ``[M]``).
-
-    ``lam``: finite log-SNRs ``[M + 1]``. Song et al. 2021 eq. 12: ``z_s = alpha_s x + sqrt(sigma_s^2 - c^2) eps_hat
-    + c noise`` with ``c^2 = eta^2 (1 - r) sigma_s^2``, ``r = exp(logsnr_t - logsnr_s)``.
-    """
-    ls, lt = lam[1:], lam[:-1]
-    a_s, s_s = alpha_sigma(ls)
-    a_t, _ = alpha_sigma(lt)
-    one_minus_r = -torch.expm1(lt - ls)
-    keep = (1 - eta**2 * one_minus_r).clamp_min(0).sqrt()  # fraction of sigma_s kept on the eps direction
-    c_z = sigma_ratio(logsnr_s=ls, logsnr_t=lt) * keep
-    c_x = a_s - a_t * c_z
-    c_n = s_s * (eta**2 * one_minus_r).clamp_min(0).sqrt()
-    return c_z, c_x, c_n
 
 
 def _randn(z: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -49,6 +36,7 @@ def sample_ddim(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     cond: dict | None = None,
+    process: GaussianProcess | None = None,
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12; eta as in eq. 16). One network call per step.
 
@@ -59,6 +47,7 @@ def sample_ddim(
             ``eta = 0``, strictly decreasing (DDIM inversion, finite).
         eta: 0 deterministic ... 1 = ancestral small-variance DDPM (same random draws as :func:`sample_ddpm`).
         generator, callback, cond: injectable randomness, per-step ``dict(i, z, x, logsnr)``, conditioning kwargs.
+        process: the noising process (``None``: isotropic VP; then ``logsnrs`` are log-SNRs, else levels).
 
     Returns:
         ``[B, ...]`` in ``z.dtype``: the state at the last grid point (x_hat when it is +inf).
@@ -66,18 +55,16 @@ def sample_ddim(
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"ddim: eta must be in [0, 1], got {eta}")
     grid = prepare_grid(logsnrs, name="ddim", allow_decreasing=eta == 0.0)
-    net = Net(denoise, z, grid, cond)
-    c_z, c_x, c_n = (to_state(c, z) for c in ddim_coefficients(grid.lam, eta))
+    net = Net(denoise, z, grid, cond, process)
+    c_z, c_x, c_n = (to_state(c, z) for c in net.process.ddim_coefficients(grid.lam, eta))
+    u = net.encode(z)
     for i in range(grid.steps):
-        x = net.x(z, i)
-        z = c_z[i] * z + c_x[i] * x
+        x = net.x(u, i)
+        u = c_z[i] * u + c_x[i] * x
         if eta > 0:
-            z = z + c_n[i] * _randn(z, generator)
-        emit(callback, i, z, x, net.lam[i + 1])
-    if grid.final_inf:
-        z = net.x(z, grid.steps)
-        emit(callback, grid.steps, z, z, torch.full_like(net.lam[0], float("inf")))
-    return z
+            u = u + c_n[i] * _randn(u, generator)
+        net.emit(callback, i, u, x, net.lam[i + 1])
+    return land(net, u, grid, callback)
 
 
 def sample_ddpm(
@@ -89,6 +76,7 @@ def sample_ddpm(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     cond: dict | None = None,
+    process: GaussianProcess | None = None,
 ) -> Tensor:
     """Ancestral sampling (Ho et al. 2020, Alg. 2): ``z_s ~ q(z_s | z_t, x = x_hat)``, VDM eq. 26-27.
 
@@ -98,15 +86,13 @@ def sample_ddpm(
     if variance not in ("small", "large"):
         raise ValueError(f"ddpm: unknown variance {variance!r}; valid: small, large")
     grid = prepare_grid(logsnrs, name="ddpm", allow_decreasing=False)
-    net = Net(denoise, z, grid, cond)
+    net = Net(denoise, z, grid, cond, process)
+    u = net.encode(z)
     for i in range(grid.steps):
-        x = net.x(z, i)
-        noise = _randn(z, generator)
-        z = ddpm_step(
-            z_t=z, x=x, logsnr_s=net.lam[i + 1], logsnr_t=net.lam[i], noise=noise, variance=variance
-        ).to(z.dtype)
-        emit(callback, i, z, x, net.lam[i + 1])
-    if grid.final_inf:
-        z = net.x(z, grid.steps)
-        emit(callback, grid.steps, z, z, torch.full_like(net.lam[0], float("inf")))
-    return z
+        x = net.x(u, i)
+        noise = _randn(u, generator)
+        u = net.process.ddpm_step(
+            z_t=u, x=x, lam_s=net.lam[i + 1], lam_t=net.lam[i], noise=noise, variance=variance, encoded=True
+        ).to(u.dtype)
+        net.emit(callback, i, u, x, net.lam[i + 1])
+    return land(net, u, grid, callback)

@@ -8,7 +8,13 @@ DDIM step (EDM sec. 3 notes DDIM is Euler in these variables). Heun averages ``e
 per step); its final step to +inf is an Euler step, i.e. x_hat (EDM Alg. 1 line 8 skips the correction at 0).
 
 :func:`solve_reference` integrates ``dz / dlambda = alpha (x_hat - alpha z)`` with ``lambda = logsnr / 2`` by
-scipy's DOP853 in float64: z stays O(1) and the right-hand side is bounded over the whole range.
+scipy's DOP853 in float64: z stays O(1) and the right-hand side is bounded over the whole range. With a diagonal
+``process`` it integrates, per basis coordinate ``u = encode(z)``, the PF-ODE in the level ``lam``:
+
+    du/dlam = (dlog sigma/dlam) u + alpha (dlambda/dlam) x_hat,     lambda = log alpha - log sigma,
+
+the expectation over x given u of the velocity of ``u = alpha x + sigma eps`` at fixed (x, eps); coefficient
+derivatives by forward-mode autograd in float64. Euler and Heun need the isotropic process.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from scipy.integrate import solve_ivp
 from torch import Tensor
 
 from simdiff.process import alpha_sigma, expand, log_alpha_sigma
-from simdiff.samplers._common import Callback, Net, emit, prepare_grid, to_state
+from simdiff.processes import GaussianProcess
+from simdiff.samplers._common import Callback, Net, land, prepare_grid, require_isotropic, to_state
 
 __all__ = ["sample_euler", "sample_heun", "solve_reference"]
 
@@ -37,9 +44,10 @@ def _edm_coefficients(lam: Tensor) -> tuple[Tensor, Tensor]:
     return ratio, s_s - ratio * s_t
 
 
-def _ode_sampler(denoise, z, logsnrs, *, heun: bool, callback, cond, name: str) -> Tensor:
+def _ode_sampler(denoise, z, logsnrs, *, heun: bool, callback, cond, name: str, process) -> Tensor:
+    require_isotropic(process, name)
     grid = prepare_grid(logsnrs, name=name, allow_decreasing=True)
-    net = Net(denoise, z, grid, cond)
+    net = Net(denoise, z, grid, cond, process)
     ratio, c = (to_state(t, z) for t in _edm_coefficients(grid.lam))
     for i in range(grid.steps):
         out = net(z, i)
@@ -49,11 +57,8 @@ def _ode_sampler(denoise, z, logsnrs, *, heun: bool, callback, cond, name: str) 
             eps2 = net(z_next, i + 1).eps.to(z.dtype)
             z_next = ratio[i] * z + c[i] * (0.5 * (eps + eps2))
         z = z_next
-        emit(callback, i, z, out.x.to(z.dtype), net.lam[i + 1])
-    if grid.final_inf:
-        z = net.x(z, grid.steps)
-        emit(callback, grid.steps, z, z, torch.full_like(net.lam[0], float("inf")))
-    return z
+        net.emit(callback, i, z, out.x.to(z.dtype), net.lam[i + 1])
+    return land(net, z, grid, callback)
 
 
 def sample_euler(
@@ -64,13 +69,14 @@ def sample_euler(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     cond: dict | None = None,
+    process: GaussianProcess | None = None,
 ) -> Tensor:
     """Euler on the PF-ODE in (y, sigma_edm) (EDM Alg. 1 without the correction); 1 call per step.
 
     Same signature and grid rules as :func:`simdiff.samplers.sample_ddim` (decreasing grids invert);
-    ``generator`` is unused.
+    ``generator`` is unused; isotropic process only.
     """
-    return _ode_sampler(denoise, z, logsnrs, heun=False, callback=callback, cond=cond, name="euler")
+    return _ode_sampler(denoise, z, logsnrs, heun=False, callback=callback, cond=cond, name="euler", process=process)
 
 
 def sample_heun(
@@ -81,10 +87,12 @@ def sample_heun(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     cond: dict | None = None,
+    process: GaussianProcess | None = None,
 ) -> Tensor:
     """Heun's 2nd-order method on the PF-ODE (EDM Alg. 1, S_churn = 0): 2 calls per finite step, 1 for the
-    final step to +inf (``2 N - 1`` for an N-step grid ending at +inf). ``generator`` is unused."""
-    return _ode_sampler(denoise, z, logsnrs, heun=True, callback=callback, cond=cond, name="heun")
+    final step to +inf (``2 N - 1`` for an N-step grid ending at +inf). ``generator`` is unused; isotropic
+    process only."""
+    return _ode_sampler(denoise, z, logsnrs, heun=True, callback=callback, cond=cond, name="heun", process=process)
 
 
 def solve_reference(
@@ -96,6 +104,7 @@ def solve_reference(
     rtol: float = 1e-10,
     atol: float = 1e-10,
     cond: dict | None = None,
+    process: GaussianProcess | None = None,
 ) -> Tensor:
     """Reference PF-ODE solution: DOP853 (scipy ``solve_ivp``) in float64, returns x_hat at ``logsnr_end``.
 
@@ -107,12 +116,15 @@ def solve_reference(
 
     Args:
         z: ``[B, ...]`` state at ``logsnr_start`` (any dtype/device; solved in float64 on the CPU).
+        process: a diagonal process (then ``logsnr_start``/``logsnr_end`` are its levels); ``None`` = isotropic.
 
     Returns:
         ``[B, ...]`` float64 on ``z``'s device.
     """
     if not (np.isfinite(logsnr_start) and np.isfinite(logsnr_end)) or logsnr_start == logsnr_end:
         raise ValueError(f"solve_reference: need finite, distinct logsnr_start/end, got {logsnr_start}, {logsnr_end}")
+    if process is not None and not process.isotropic:
+        return _solve_reference_process(denoise, z, process, logsnr_start, logsnr_end, rtol, atol, dict(cond or {}))
     cond = dict(cond or {})
     shape, batch = z.shape, z.shape[0]
     z0 = z.detach().to(device="cpu", dtype=torch.float64)
@@ -133,4 +145,31 @@ def solve_reference(
     z_end = torch.from_numpy(sol.y[:, -1].copy()).view(shape)
     with torch.no_grad():
         x = denoise(z_end, torch.full((batch,), float(logsnr_end), dtype=torch.float64), **cond).x
+    return x.to(dtype=torch.float64).to(z.device)
+
+
+def _solve_reference_process(denoise, z, process, lam_start, lam_end, rtol, atol, cond) -> Tensor:
+    """:func:`solve_reference` for a diagonal process: DOP853 on ``u = encode(z)`` in the level (module doc)."""
+    shape, batch = z.shape, z.shape[0]
+    u0 = process.encode(z.detach().to(device="cpu", dtype=torch.float64))
+
+    def coefficients(lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        (la, ls), (dla, dls) = torch.func.jvp(process.log_alpha_sigma, (lam,), (torch.ones_like(lam),))
+        fit = lambda c: process.fit(c, lam=lam, like=u0)  # noqa: E731
+        return fit(dls), fit(la.exp() * (dla - dls)), fit(la)
+
+    def rhs(level: float, y: np.ndarray) -> np.ndarray:
+        u = torch.from_numpy(y).view(shape)
+        lam = torch.tensor(level, dtype=torch.float64)
+        dls, gain, _ = coefficients(lam)
+        with torch.no_grad():
+            x = denoise(process.decode(u), lam.expand(batch), **cond).x.to(torch.float64)
+        return (dls * u + gain * process.encode(x)).reshape(-1).numpy()
+
+    sol = solve_ivp(rhs, (lam_start, lam_end), u0.reshape(-1).numpy(), method="DOP853", rtol=rtol, atol=atol)
+    if not sol.success:
+        raise RuntimeError(f"solve_reference: DOP853 failed: {sol.message}")
+    u_end = torch.from_numpy(sol.y[:, -1].copy()).view(shape)
+    with torch.no_grad():
+        x = denoise(process.decode(u_end), torch.full((batch,), float(lam_end), dtype=torch.float64), **cond).x
     return x.to(dtype=torch.float64).to(z.device)

@@ -8,7 +8,10 @@
 * :func:`error_balanced_grid` - cheap, no gradients: one fine pilot DDIM run measures
   ``f(lambda) = rms ||d^p x_hat / dlambda^p||`` along the trajectory; for an order-p exponential integrator the
   global error is ~ ``int h(lambda)^p f dlambda``, minimised at fixed step count by the density
-  ``1/h ~ f^(1/(p+1))`` (the classical error-equidistributing mesh, de Boor 1973).
+  ``1/h ~ f^(1/(p+1))`` (the classical error-equidistributing mesh, de Boor 1973). Isotropic process only (the
+  measurement uses ``lambda = logsnr / 2``).
+
+:func:`optimize_grid` passes ``process`` on to the sampler, which refuses a process it has no form for.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from simdiff.processes import GaussianProcess
+from simdiff.samplers._common import require_isotropic
 from simdiff.samplers.grids import make_grid
 
 __all__ = ["optimize_grid", "error_balanced_grid", "SAMPLER_ORDER"]
@@ -72,6 +77,7 @@ def optimize_grid(
     val_z: Tensor | None = None,
     val_reference: Tensor | None = None,
     eval_every: int = 10,
+    process: GaussianProcess | None = None,
 ) -> Tensor:
     """Fit the ``steps - 1`` interior points of a grid to minimise ``mean (sample(z) - reference)^2``.
 
@@ -89,6 +95,7 @@ def optimize_grid(
         val_z, val_reference: optional held-out validation noise / reference (same shapes as each other). Given,
             the returned grid is the one with the lowest *validation* loss among the init and every
             ``eval_every``-th iterate (early stopping; on the toy, tuning longer on a small batch overfits it).
+        process: passed to the sampler (``None``: isotropic); the grid's range is the schedule's either way.
 
     Returns:
         float64 ``[steps + 1]`` grid with the lowest calibration loss seen, or the lowest validation loss when
@@ -110,6 +117,8 @@ def optimize_grid(
     if steps < 2:
         return grid0
     kwargs = dict(sampler_kwargs or {})
+    if process is not None:
+        kwargs["process"] = process
     u0 = _to_unit(schedule, grid0[1:-1], space).clamp(0, 1)
     incr = torch.diff(torch.cat([u0.new_zeros(1), u0, u0.new_ones(1)])).clamp_min(1e-4)
     theta = incr.log().clone().requires_grad_(True)
@@ -158,6 +167,7 @@ def error_balanced_grid(
     order: int,
     pilot_steps: int = 256,
     cond: dict | None = None,
+    process: GaussianProcess | None = None,
 ) -> Tensor:
     """Grid whose points equidistribute ``f(lambda)^(1/(order+1))`` measured on one pilot DDIM run (see module doc).
 
@@ -166,6 +176,7 @@ def error_balanced_grid(
     """
     from simdiff.samplers.first_order import sample_ddim
 
+    require_isotropic(process, "error_balanced_grid")
     if order < 1 or pilot_steps < order + 2:
         raise ValueError(f"error_balanced_grid: need order >= 1 and pilot_steps >= order + 2, got {order}, "
                          f"{pilot_steps}")

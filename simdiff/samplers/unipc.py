@@ -12,6 +12,7 @@ prediction form); the coefficients solve ``R a = b`` with ``R_km = r_m^k`` and `
 ``R_p^-1 g_p / B(h)``). For the lowest orders the paper fixes ``a = 1/2`` (predictor p = 2, corrector p = 1), which
 is where bh1 and bh2 differ; with p = 2 the predictor is DPM-Solver++(2M). The corrector is skipped on the last
 finite step (its result would not be re-evaluated). Order ramps 1, 2, 3; the last finite step before +inf uses <= 2.
+Isotropic process only (the node positions would differ per coordinate).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from simdiff.samplers._common import Callback, Net, phi_moments, prepare_grid, to_state
-from simdiff.samplers.dpm_solver import _ode_coefficients, multistep_loop, step_orders
+from simdiff.processes import GaussianProcess
+from simdiff.samplers._common import Callback, Net, phi_moments, prepare_grid, require_isotropic, to_state
+from simdiff.samplers.dpm_solver import multistep_loop, step_orders
 
 __all__ = ["sample_unipc", "unipc_weights"]
 
@@ -72,20 +74,23 @@ def sample_unipc(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     cond: dict | None = None,
+    process: GaussianProcess | None = None,
 ) -> Tensor:
     """UniPC-bh2 (UniP-p + UniC), data prediction, ``order`` in {1, 2, 3}; one network call per step.
 
-    Signature as :func:`simdiff.samplers.sample_ddim` (decreasing finite grids invert); ``generator`` is unused.
+    Signature as :func:`simdiff.samplers.sample_ddim` (decreasing finite grids invert); ``generator`` is unused;
+    isotropic process only.
     """
+    require_isotropic(process, "unipc")
     if order not in (1, 2, 3):
         raise ValueError(f"unipc: order must be 1, 2 or 3, got {order}")
     grid = prepare_grid(logsnrs, name="unipc", allow_decreasing=True)
-    net = Net(denoise, z, grid, cond)
-    ratio, a_s = (to_state(t, z) for t in _ode_coefficients(grid.lam))
+    net = Net(denoise, z, grid, cond, process)
+    ratio, a_s, _ = (to_state(t, z) for t in net.process.ei_coefficients(grid.lam))
     preds, corrs = unipc_weights(grid.lam, step_orders(grid, order))
     return multistep_loop(
         net,
-        z,
+        net.encode(z),
         grid,
         ratio=ratio,
         alpha_next=a_s,
