@@ -9,6 +9,11 @@ Per example (returned as ``[B]``; the trainer reduces)::
 Every weighting is a weight on the x-space error (``simdiff.weighting``), so the loss works for any prediction head.
 With ``jacobian=True`` the expectation over ``t`` becomes an integral over log-SNR (Kingma & Gao 2023, VDM++ eq. 5;
 SiD2, Hoogeboom et al. 2024 sec. 3), so the time schedule only acts as an importance distribution.
+
+The noising process (:mod:`simdiff.processes`, default isotropic) supplies the times, levels, noised input, the
+weight and the Jacobian. A process with per-element coefficients gets a per-element weight in its basis::
+
+    loss = mean_elements( w(logsnr_d) * encode(x - x_hat)_d^2 )   [ * (-dlam/dt(t))  if jacobian ]
 """
 
 from __future__ import annotations
@@ -21,45 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from simdiff.configuration import ConfigError, from_dict
-from simdiff.process import Denoiser, add_noise
+from simdiff.process import Denoiser
+from simdiff.processes import DEFAULT_PROCESS, GaussianProcess, IsotropicGaussian, build_process
+from simdiff.processes.times import rand_on as _rand
+from simdiff.processes.times import sample_t
 from simdiff.schedules import Schedule, schedule_from_dict
 from simdiff.weighting import Weighting, get_weighting
 
 __all__ = ["sample_t", "drop_labels", "diffusion_loss", "multiscale_sq_error", "LossConfig", "DiffusionLoss"]
-
-
-def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device, dtype: torch.dtype) -> Tensor:
-    """``torch.rand`` drawn on the generator's device (so a CPU generator can feed a CUDA batch)."""
-    gen_device = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
-
-
-def sample_t(
-    batch_size: int,
-    *,
-    generator: torch.Generator | None = None,
-    stratified: bool = True,
-    shared_offset: bool = True,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """Training times ``t`` in ``[0, 1)``, shape ``[batch_size]``.
-
-    ``stratified=False``: i.i.d. uniform. ``stratified=True``: ``t_i = (i + u_i) / B``, exactly one point in each
-    stratum ``[i/B, (i+1)/B)``. With ``shared_offset=True`` (default) a single ``u ~ U(0, 1)`` is shared by the batch:
-    the low-discrepancy sampler of VDM (Kingma et al. 2021, App. "variance reduction"; ``mod(u + i/B, 1)`` up to
-    order): an evenly spaced grid with a random phase. ``shared_offset=False`` draws one ``u_i`` per example (classic
-    jittered stratification). Either way ``t_i`` is uniform on its stratum, so the batch mean of any ``f(t_i)`` is an
-    unbiased, lower-variance estimate of ``E_t f(t)``; ``t_i`` is ordered with the batch index (batches are assumed
-    shuffled by the data loader).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not stratified:
-        return _rand((batch_size,), generator, device, dtype)
-    u = _rand((1,) if shared_offset else (batch_size,), generator, device, dtype)
-    i = torch.arange(batch_size, device=device, dtype=dtype)
-    return ((i + u) / batch_size).clamp(max=1.0)
 
 
 def drop_labels(
@@ -84,7 +58,7 @@ def _check_multiscale(shape: torch.Size, base: int) -> None:
 
 
 def multiscale_sq_error(err: Tensor, *, base: int) -> Tensor:
-    """Multiscale squared error of simple diffusion (Hoogeboom et al. 2023, sec. 3.3; ALGORITHMS.md 1.3).
+    """Multiscale squared error of simple diffusion (Hoogeboom et al. 2023, sec. 3.3).
 
     ``sum_{s = d, d/2, ..., base} (d / s) * mean_pixels( D_s[err]^2 )`` with ``D_s`` repeated 2x2 average pooling
     to side ``s`` and ``d`` the image height. The paper weights scale ``s`` by ``1/s``; here every term is multiplied
@@ -113,7 +87,7 @@ def diffusion_loss(
     denoiser: Denoiser,
     x: Tensor,
     *,
-    schedule: Schedule,
+    schedule: Schedule | None = None,
     weighting: Weighting,
     t: Tensor | None = None,
     eps: Tensor | None = None,
@@ -122,6 +96,7 @@ def diffusion_loss(
     jacobian: bool = False,
     multiscale_base: int | None = None,
     stratified: bool = True,
+    process: GaussianProcess | None = None,
 ) -> Tensor:
     """Per-example weighted denoising loss ``w(logsnr) * mean (x - x_hat)^2`` (times ``-dlogsnr/dt`` if jacobian).
 
@@ -142,16 +117,21 @@ def diffusion_loss(
         generator: randomness for ``t`` and ``eps``.
         cond: conditioning keywords passed to the denoiser (``labels``, ``context``, ...).
         jacobian: multiply by ``-dlogsnr/dt(t)`` (VDM++ / SiD2 integral over log-SNR).
-        multiscale_base: smallest side of the multiscale loss; ``None`` = single scale.
+        multiscale_base: smallest side of the multiscale loss; ``None`` = single scale (isotropic process only).
+        process: the noising process; ``None`` = :class:`~simdiff.processes.IsotropicGaussian` on ``schedule``.
 
     Returns:
         ``[B]`` losses, dtype of ``x``.
     """
     if x.dim() != 4:
         raise ValueError(f"diffusion_loss expects x of shape [B, C, H, W], got {tuple(x.shape)}")
+    if process is None:
+        if schedule is None:
+            raise ValueError("diffusion_loss needs a schedule or a process")
+        process = IsotropicGaussian(schedule)
     b = x.shape[0]
     if t is None:
-        t = sample_t(b, generator=generator, stratified=stratified, device=x.device, dtype=x.dtype)
+        t = process.sample_times(b, generator=generator, stratified=stratified, device=x.device, dtype=x.dtype)
     if t.shape != (b,):
         raise ValueError(f"t must have shape [{b}] for x of shape {tuple(x.shape)}, got {tuple(t.shape)}")
     if eps is None:
@@ -159,17 +139,24 @@ def diffusion_loss(
         eps = torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
     elif eps.shape != x.shape:
         raise ValueError(f"eps of shape {tuple(eps.shape)} does not match x of shape {tuple(x.shape)}")
-    logsnr = schedule.logsnr(t)
-    z = add_noise(x, eps, logsnr=logsnr)
+    logsnr = process.level(t)
+    z = process.add_noise(x, eps, lam=logsnr)
     out = denoiser(z, logsnr, **(cond or {}))
     err = x - out.x
-    if multiscale_base is None:
-        sq = err.pow(2).mean(dim=(1, 2, 3))
+    weight = process.loss_weight(logsnr, weighting)
+    if weight.dim() == logsnr.dim():  # one weight per example
+        if multiscale_base is None:
+            sq = err.pow(2).mean(dim=(1, 2, 3))
+        else:
+            sq = multiscale_sq_error(err, base=multiscale_base)
+        loss = weight * sq
     else:
-        sq = multiscale_sq_error(err, base=multiscale_base)
-    loss = weighting(logsnr) * sq
+        if multiscale_base is not None:
+            raise ValueError(f"multiscale_base needs one weight per example; process {process.name!r} has "
+                             f"per-element weights of shape {tuple(weight.shape)}")
+        loss = (process.fit(weight, lam=logsnr, like=x) * process.encode(err).pow(2)).mean(dim=(1, 2, 3))
     if jacobian:
-        loss = loss * (-schedule.dlogsnr_dt(t))
+        loss = loss * process.jacobian(t)
     return loss
 
 
@@ -178,6 +165,8 @@ class LossConfig:
     """Serialisable config of :class:`DiffusionLoss` (validate with ``configuration.from_dict``).
 
     Defaults are the SiD2 recipe: sigmoid weighting with ``-dlogsnr/dt`` (VDM++ form) on a cosine schedule.
+    ``process`` names a registered process (:func:`simdiff.processes.build_process`); configs without the key get
+    the isotropic one.
     ``null_label`` is required when ``cond_drop_prob > 0`` and labels are used (the null / unconditional label is
     ``num_classes``); dropped ``context`` tokens are replaced by zeros (so guidance must use a zero null context).
     """
@@ -190,6 +179,7 @@ class LossConfig:
     cond_drop_prob: float = 0.0
     null_label: int | None = None
     multiscale_base: int | None = None
+    process: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PROCESS))
 
 
 class DiffusionLoss:
@@ -198,6 +188,7 @@ class DiffusionLoss:
     ``batch`` holds ``"x"`` ``[B, C, H, W]`` and optionally ``"labels"`` ``[B]`` (long), ``"context"`` ``[B, L, C]``,
     ``"context_mask"`` ``[B, L]``. With ``cond_drop_prob > 0`` each example's condition is dropped independently:
     labels become ``null_label``, context becomes zeros (mask unchanged), the same examples for both.
+    ``process`` defaults to the isotropic process on ``schedule``.
     """
 
     def __init__(
@@ -210,10 +201,12 @@ class DiffusionLoss:
         cond_drop_prob: float = 0.0,
         null_label: int | None = None,
         multiscale_base: int | None = None,
+        process: GaussianProcess | None = None,
     ) -> None:
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
         self.schedule = schedule
+        self.process = IsotropicGaussian(schedule) if process is None else process
         self.weighting = get_weighting(weighting) if isinstance(weighting, str) else weighting
         self.jacobian = jacobian
         self.stratified = stratified
@@ -226,14 +219,16 @@ class DiffusionLoss:
         """Build from a :class:`LossConfig` or a plain dict (unknown keys rejected by name)."""
         if isinstance(cfg, dict):
             cfg = from_dict(LossConfig, cfg, where="loss")
+        schedule = schedule_from_dict(cfg.schedule)
         return cls(
-            schedule_from_dict(cfg.schedule),
+            schedule,
             get_weighting(cfg.weighting, **cfg.weighting_params),
             jacobian=cfg.jacobian,
             stratified=cfg.stratified,
             cond_drop_prob=cfg.cond_drop_prob,
             null_label=cfg.null_label,
             multiscale_base=cfg.multiscale_base,
+            process=build_process(cfg.process, schedule),
         )
 
     def config(self) -> LossConfig:
@@ -248,6 +243,7 @@ class DiffusionLoss:
             cond_drop_prob=self.cond_drop_prob,
             null_label=self.null_label,
             multiscale_base=self.multiscale_base,
+            process=self.process.to_dict(),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -282,6 +278,7 @@ class DiffusionLoss:
             jacobian=self.jacobian,
             multiscale_base=self.multiscale_base,
             stratified=self.stratified,
+            process=self.process,
         )
 
     def __repr__(self) -> str:

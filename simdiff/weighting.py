@@ -2,7 +2,7 @@
 
 Every weighting is a function ``w(logsnr)`` such that the per-example loss is ``w(logsnr) * mean((x - x_hat)^2)``.
 Because the VP conversions are exact (``simdiff.process``), the classic losses are weightings of the x-MSE
-(ALGORITHMS.md sec. 0, Salimans & Ho 2022 sec. 4)::
+(Salimans & Ho 2022 sec. 4)::
 
     ||eps - eps_hat||^2 = e^logsnr       ||x - x_hat||^2        -> "eps"
     ||v   - v_hat  ||^2 = (1 + e^logsnr) ||x - x_hat||^2        -> "v"
@@ -24,7 +24,9 @@ and the named re-weightings are:
   (a constant).
 
 The ``-dlogsnr/dt`` Jacobian of VDM++ / SiD2 is *not* part of a weighting: ``simdiff.losses.diffusion_loss`` applies
-it (``jacobian=True``) since it depends on the time schedule, not on log-SNR.
+it (``jacobian=True``, from the process: ``GaussianProcess.jacobian``) since it depends on the time schedule, not on
+log-SNR. A process with per-coordinate coefficients evaluates the weighting at each coordinate's own log-SNR
+(``GaussianProcess.loss_weight``).
 """
 
 from __future__ import annotations
@@ -55,11 +57,11 @@ DEFAULT_SIGMOID_BIAS = 2.0
 def sigmoid_bias_for_resolution(bias_ref: float, *, ref_size: float, image_size: float) -> float:
     """Shift a sigmoid bias from a reference resolution to ``image_size``: ``bias_ref + 2 log(ref_size / image_size)``.
 
-    HYPOTHESIS, not a verified paper rule (ALGORITHMS.md 2.1 tags it [summary]/[mem]): SiD2 is summarised as
-    "balancing the shift of the sigmoid with the resolution", and this applies the same ``2 log(ratio)`` shift that
-    simple diffusion's shifted cosine schedule applies to log-SNR (2x2 pooling multiplies the SNR by 4), so that the
-    weighting stays put relative to a resolution-shifted schedule. It is an explicit opt-in (the ``ref_size`` /
-    ``image_size`` parameters of the "sigmoid" weighting), never applied by default.
+    HYPOTHESIS, not a verified paper rule: SiD2 (Hoogeboom et al. 2024) is described as balancing the shift of the
+    sigmoid with the resolution, but the exact rule was not checked against the paper. This applies the same
+    ``2 log(ratio)`` shift that simple diffusion's shifted cosine schedule applies to log-SNR (2x2 pooling multiplies
+    the SNR by 4), so that the weighting stays put relative to a resolution-shifted schedule. It is an explicit
+    opt-in (the ``ref_size`` / ``image_size`` parameters of the "sigmoid" weighting), never applied by default.
     """
     if ref_size <= 0 or image_size <= 0:
         raise ValueError(f"ref_size and image_size must be > 0, got ref_size={ref_size}, image_size={image_size}")
@@ -103,13 +105,14 @@ def _sigmoid(
 ) -> Tensor:
     """x-weight ``e^b sigmoid(logsnr - b)`` (eps-weight ``sigmoid(b - logsnr)``).
 
-    Default ``b = +2``. Evidence (ALGORITHMS.md 2.1): Kingma & Gao's sigmoid(-logsnr + 2) as used by bayesflow [code];
-    hackable_diffusion defaults to ``b = 0`` [code]; an unverified recollection puts SiD2 at ``b ~ -3`` for
-    high-resolution (>= 256) images. Under the resolution-shift hypothesis the bias *decreases* as images grow, so
-    small images (MNIST/CIFAR, <= 64 px, the scale simdiff trains at) sit at the high end of that range; ``b = +2`` is
-    the one value with a concrete low-resolution provenance. With ``b = 2`` the weight is an eps-loss below
-    log-SNR ~ 2 and saturates at ``e^2`` ~ 7.4 above it, i.e. it de-emphasises nearly clean inputs relative to the
-    v-loss. Give ``ref_size`` and ``image_size`` to apply :func:`sigmoid_bias_for_resolution` to ``bias``.
+    Default ``b = +2``. Evidence: Kingma & Gao's sigmoid(-logsnr + 2) as used in the bayesflow code;
+    hackable_diffusion's code defaults to ``b = 0``; SiD2's own value for high-resolution (>= 256) images is
+    believed to be around ``b ~ -3``, which was not verified against the paper. Under the resolution-shift
+    hypothesis the bias *decreases* as images grow, so small images (MNIST/CIFAR, <= 64 px, the scale simdiff trains
+    at) sit at the high end of that range; ``b = +2`` is the one value with a concrete low-resolution provenance.
+    With ``b = 2`` the weight is an eps-loss below log-SNR ~ 2 and saturates at ``e^2`` ~ 7.4 above it, i.e. it
+    de-emphasises nearly clean inputs relative to the v-loss. Give ``ref_size`` and ``image_size`` to apply
+    :func:`sigmoid_bias_for_resolution` to ``bias``.
     """
     if (ref_size is None) != (image_size is None):
         raise ValueError("sigmoid weighting: give both ref_size and image_size (resolution shift) or neither")

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from simdiff.configuration import ConfigError
 from simdiff.losses import DiffusionLoss, LossConfig, diffusion_loss, drop_labels, multiscale_sq_error, sample_t
 from simdiff.process import add_noise, to_output
+from simdiff.processes import DCTBasis, GaussianProcess, IdentityBasis, IsotropicGaussian
 from simdiff.schedules import get_schedule
 from simdiff.toy import GaussianMixture
 from simdiff.weighting import get_weighting
@@ -219,3 +220,64 @@ def test_from_config_round_trip_and_validation():
         DiffusionLoss.from_config({"weighting": "foo"})
     with pytest.raises(ConfigError, match="unknown schedule"):
         DiffusionLoss.from_config({"schedule": {"name": "nope"}})
+
+
+class _PerPixel(GaussianProcess):
+    """Per-pixel levels ``lam + b`` with non-VP scales (a test process)."""
+
+    name = "per_pixel"
+
+    def __init__(self, basis=None):
+        super().__init__(COSINE, basis=basis)
+        self.b = torch.tensor([[[-1.0, 0.5, 2.0], [0.0, -2.0, 1.0]]], dtype=F64)  # [1, 2, 3]
+        self.scale = torch.tensor([[[1.0, 0.5, 2.0], [1.5, 0.8, 1.0]]], dtype=F64)
+        self.coef_shape = (1, 2, 3)
+
+    def log_alpha_sigma(self, lam):
+        lev = lam.reshape(lam.shape + (1, 1, 1)) + self.b
+        return self.scale.log() + 0.5 * F.logsigmoid(lev), 0.5 * F.logsigmoid(-lev)
+
+
+@pytest.mark.parametrize("basis", [IdentityBasis, DCTBasis])
+def test_per_element_process_loss(basis):
+    """Per-coordinate weights: the eps-weighting equals the eps-MSE in basis coordinates, the x-weighting the plain
+    x-MSE (orthonormal basis), the Jacobian is -dlogsnr/dt, and the exact denoiser beats perturbed ones."""
+    proc = _PerPixel(basis())
+    g = _gen(20)
+    means = torch.randn(4, 6, generator=g, dtype=F64) * 0.5
+    gm = GaussianMixture(means, 0.05 * (1 + torch.rand(4, generator=g, dtype=F64)))
+    n = 512
+    x = gm.sample(n, generator=g)[0].reshape(n, 1, 2, 3)
+    t, eps = sample_t(n, generator=_gen(21), dtype=F64), torch.randn(n, 1, 2, 3, generator=_gen(22), dtype=F64)
+    den = gm.denoise_for(proc)
+    bias = 0.1 * torch.randn(n, 1, 2, 3, generator=g, dtype=F64)
+
+    def off(z, lam):  # an imperfect denoiser
+        return proc.to_output("x", den(z, lam).x + bias, z=z, lam=lam)
+
+    kw = dict(t=t, eps=eps, process=proc)
+    lam = COSINE.logsnr(t)
+    z = proc.add_noise(x, eps, lam=lam)
+    out = off(z, lam)
+    loss_eps = diffusion_loss(off, x, weighting=get_weighting("eps"), **kw)
+    native = (proc.encode(eps) - proc.encode(out.eps)).pow(2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(loss_eps, native, rtol=1e-9, atol=0)
+    loss_x = diffusion_loss(off, x, weighting=get_weighting("x"), **kw)
+    torch.testing.assert_close(loss_x, (x - out.x).pow(2).mean(dim=(1, 2, 3)), rtol=1e-9, atol=0)
+    jac = diffusion_loss(off, x, weighting=get_weighting("x"), jacobian=True, **kw)
+    torch.testing.assert_close(jac / loss_x, -COSINE.dlogsnr_dt(t), rtol=1e-12, atol=0)
+    loss_fn = DiffusionLoss(COSINE, "sigmoid", jacobian=True, process=proc)
+    exact = loss_fn(den, {"x": x}, generator=_gen(23)).mean()
+    assert loss_fn(off, {"x": x}, generator=_gen(23)).mean() > exact
+    with pytest.raises(ValueError, match="multiscale_base needs one weight per example; process 'per_pixel'"):
+        diffusion_loss(off, x, weighting=get_weighting("x"), multiscale_base=1, **kw)
+
+
+def test_loss_config_process_key():
+    assert LossConfig().process == {"name": "isotropic"}
+    loss_fn = DiffusionLoss.from_config({"weighting": "v"})  # an old config without the key
+    assert isinstance(loss_fn.process, IsotropicGaussian) and loss_fn.process.schedule is loss_fn.schedule
+    assert loss_fn.to_dict()["process"] == {"name": "isotropic"}
+    assert DiffusionLoss.from_config(loss_fn.to_dict()).to_dict() == loss_fn.to_dict()
+    with pytest.raises(ConfigError, match="unknown process 'blur'; valid: isotropic"):
+        DiffusionLoss.from_config({"process": {"name": "blur"}})

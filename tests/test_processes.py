@@ -346,3 +346,52 @@ def test_coefficient_shape_errors_name_shapes():
     proc = Shifted()
     with pytest.raises(ValueError, match=r"shifted: coefficients of shape \(4, 2, 3\).*\(4, 6\)"):
         proc.add_noise(torch.zeros(4, 6, dtype=D64), torch.zeros(4, 6, dtype=D64), lam=torch.zeros(4, dtype=D64))
+
+
+class _Backbone(torch.nn.Module):
+    """A stand-in backbone ``w * z * cond_level`` that records what it was conditioned on."""
+
+    num_classes = 0
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.3, dtype=D64))
+        self.seen = []
+
+    def forward(self, z, logsnr, labels=None, context=None, context_mask=None):
+        self.seen.append(logsnr)
+        return self.w * z * logsnr.reshape(-1, *([1] * (z.dim() - 1)))
+
+
+class _ImageShifted(Shifted):
+    """:class:`Shifted` over images ``[B, 1, 2, 3]``, conditioning the backbone on ``lam / 2``."""
+
+    def __init__(self, basis=None):
+        super().__init__(basis)
+        self.coef_shape = (1, *SHAPE)
+
+    def log_alpha_sigma(self, lam):
+        la, ls = super().log_alpha_sigma(lam)
+        return la.unsqueeze(-3), ls.unsqueeze(-3)
+
+    def net_cond(self, lam):
+        return 0.5 * lam
+
+
+def test_diffusion_model_uses_the_process():
+    from simdiff.nets.denoiser import DiffusionModel
+
+    z = torch.randn(3, 1, *SHAPE, generator=_gen(12), dtype=D64)
+    lam = torch.tensor([-2.0, 0.0, 3.0], dtype=D64)
+    for kind in ("x", "eps", "v"):
+        plain, iso = DiffusionModel(_Backbone(), kind), DiffusionModel(_Backbone(), kind, process=IsotropicGaussian())
+        a, b = plain(z, lam), iso(z, lam)
+        assert all(torch.equal(a.get(v), b.get(v)) for v in ("x", "eps", "v"))
+    proc = _ImageShifted(DCTBasis())
+    net = _Backbone()
+    model = DiffusionModel(net, "v", process=proc)
+    out = model(z, lam)
+    torch.testing.assert_close(net.seen[-1], 0.5 * lam, rtol=0, atol=0)
+    ref = proc.to_output("v", 0.3 * z * (0.5 * lam).reshape(-1, 1, 1, 1), z=z, lam=lam)
+    for view in ("x", "eps", "v"):
+        torch.testing.assert_close(out.get(view), ref.get(view), rtol=0, atol=1e-12)

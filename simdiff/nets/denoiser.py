@@ -2,7 +2,8 @@
 
 A backbone maps ``(z, logsnr, labels, context, context_mask)`` to a tensor shaped like ``z`` and never knows what
 it predicts; :class:`DiffusionModel` names the prediction ("eps", "x" or "v") and returns all three views through
-:func:`simdiff.process.to_output` (the one parameterisation layer; house rule 5, EDM's preconditioner/backbone split).
+:func:`simdiff.process.to_output` (the one parameterisation layer; the preconditioner/backbone split of EDM, Karras
+et al. 2022, sec. 5), or through ``process.to_output`` for a model built with a :mod:`simdiff.processes` process.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 
 from ..configuration import ConfigError, from_dict, get_registered
 from ..process import PARAMETERISATIONS, DenoiserOutput, to_output
+from ..processes import GaussianProcess
 from .unet import UNet, UNetConfig
 from .uvit import ResidualUViTConfig, UViT, UViTConfig
 
@@ -44,15 +46,26 @@ class DiffusionModel(nn.Module):
         parameterisation: what the backbone output estimates: "eps", "x" or "v" (Salimans & Ho 2022).
         autocast_dtype: run the backbone under ``torch.autocast(device_type, dtype)`` (e.g. ``torch.bfloat16``);
             the prediction is cast back to ``z.dtype`` and the x/eps/v conversion runs in ``z``'s precision.
+        process: the noising process (``None``: isotropic VP). With one, the second argument of ``forward`` is the
+            process's level, the backbone sees ``process.net_cond(level)``, and the views come from
+            ``process.to_output``. The process holds no parameters (nothing of it is in the state dict).
     """
 
-    def __init__(self, backbone: nn.Module, parameterisation: str = "v", *, autocast_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        parameterisation: str = "v",
+        *,
+        autocast_dtype: torch.dtype | None = None,
+        process: GaussianProcess | None = None,
+    ):
         super().__init__()
         if parameterisation not in PARAMETERISATIONS:
             raise ConfigError(f"unknown parameterisation {parameterisation!r}; valid: {', '.join(PARAMETERISATIONS)}")
         self.backbone = backbone
         self.parameterisation = parameterisation
         self.autocast_dtype = autocast_dtype
+        self.process = process
 
     @property
     def num_classes(self) -> int:
@@ -78,9 +91,15 @@ class DiffusionModel(nn.Module):
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
     ) -> DenoiserOutput:
-        """``z`` ``[B, C, H, W]``, ``logsnr`` ``[B]`` or scalar -> :class:`DenoiserOutput` with fields like ``z``."""
-        pred = self.predict(z, logsnr, labels=labels, context=context, context_mask=context_mask)
-        out = to_output(self.parameterisation, pred, z=z, logsnr=torch.as_tensor(logsnr, device=z.device))
+        """``z`` ``[B, C, H, W]``, ``logsnr`` ``[B]`` or scalar (the level) -> :class:`DenoiserOutput` like ``z``."""
+        if self.process is None:
+            pred = self.predict(z, logsnr, labels=labels, context=context, context_mask=context_mask)
+            out = to_output(self.parameterisation, pred, z=z, logsnr=torch.as_tensor(logsnr, device=z.device))
+        else:
+            lam = torch.as_tensor(logsnr, device=z.device)
+            cond = dict(labels=labels, context=context, context_mask=context_mask)
+            pred = self.predict(z, self.process.net_cond(lam), **cond)
+            out = self.process.to_output(self.parameterisation, pred, z=z, lam=lam)
         if out.x.dtype == z.dtype:
             return out
         return DenoiserOutput(x=out.x.to(z.dtype), eps=out.eps.to(z.dtype), v=out.v.to(z.dtype))
@@ -95,14 +114,16 @@ def build_model(
     image_size: int | tuple[int, int],
     num_classes: int,
     autocast_dtype: torch.dtype | None = None,
+    process: GaussianProcess | None = None,
 ) -> DiffusionModel:
-    """``build_backbone(arch, options, ...)`` wrapped in a :class:`DiffusionModel` predicting ``parameterisation``."""
+    """``build_backbone(arch, options, ...)`` wrapped in a :class:`DiffusionModel` predicting ``parameterisation``
+    (under ``process``; ``None`` = isotropic VP)."""
     if parameterisation not in PARAMETERISATIONS:
         raise ConfigError(f"unknown parameterisation {parameterisation!r}; valid: {', '.join(PARAMETERISATIONS)}")
     backbone = build_backbone(
         arch, options, image_channels=image_channels, image_size=image_size, num_classes=num_classes
     )
-    return DiffusionModel(backbone, parameterisation, autocast_dtype=autocast_dtype)
+    return DiffusionModel(backbone, parameterisation, autocast_dtype=autocast_dtype, process=process)
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:
