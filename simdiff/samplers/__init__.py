@@ -6,6 +6,10 @@ All samplers share one signature (k-diffusion style, stateless):
 
 ``logsnrs`` is a strictly increasing float64 grid (``make_grid``), last entry +inf = land on data. See
 ``_common.py`` for the grid rules and ``nfe`` for network calls per run.
+
+The core samplers also take ``process=`` (a :class:`simdiff.processes.GaussianProcess`; ``None`` = the isotropic VP
+process, bit-identical to passing nothing). "ddim", "ddpm" and "dpmpp_2m" run on any diagonal process, per basis
+coordinate; the others refuse a non-isotropic process with one line.
 """
 
 from __future__ import annotations
