@@ -395,3 +395,20 @@ def test_diffusion_model_uses_the_process():
     ref = proc.to_output("v", 0.3 * z * (0.5 * lam).reshape(-1, 1, 1, 1), z=z, lam=lam)
     for view in ("x", "eps", "v"):
         torch.testing.assert_close(out.get(view), ref.get(view), rtol=0, atol=1e-12)
+
+
+def test_registered_process_round_trips_its_parameters():
+    class Offset(Shifted):
+        name = "offset_test"
+
+        def __init__(self, schedule, *, shift=0.0):
+            super().__init__()
+            self.schedule, self.b = schedule, self.b + shift
+
+    PROCESSES["offset_test"] = Offset
+    try:
+        proc = build_process({"name": "offset_test", "shift": 0.5}, get_schedule("cosine"))
+        assert proc.to_dict() == {"name": "offset_test", "shift": 0.5} and float(proc.b[0, 0]) == -0.5
+        assert build_process(proc.to_dict(), proc.schedule).to_dict() == proc.to_dict()
+    finally:
+        del PROCESSES["offset_test"]

@@ -46,9 +46,11 @@ def build_process(spec: dict[str, Any] | None, schedule: Any) -> GaussianProcess
     name = params.pop("name", "isotropic")
     cls = get_registered(PROCESSES, name, "process")
     try:
-        return cls(schedule, **params)
+        process = cls(schedule, **params)
     except TypeError as err:
         raise ConfigError(f"process {name!r}: bad parameters {sorted(params)} ({err})") from None
+    process.spec = {"name": name, **params}  # what to_dict() returns, so configs round-trip
+    return process
 
 
 @runtime_checkable

@@ -302,8 +302,9 @@ class GaussianProcess(ABC):
         return weighting(self.log_snr(lam))
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"name": ...}``: the spec that :func:`simdiff.processes.build_process` rebuilds (with the schedule)."""
-        return {"name": self.name}
+        """The spec that :func:`simdiff.processes.build_process` rebuilds (with the schedule): the one it was built
+        from, else ``{"name": name}``."""
+        return dict(getattr(self, "spec", None) or {"name": self.name})
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(schedule={self.schedule!r}, basis={self.basis!r})"
