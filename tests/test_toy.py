@@ -87,3 +87,30 @@ def test_shared_logsnr_fast_path_matches_general_path():
         for lab in (None, labels):
             torch.testing.assert_close(gm.posterior_mean(z, shared, lab), gm.posterior_mean(z, general, lab),
                                        rtol=0, atol=1e-12)
+
+
+def test_denoise_for_isotropic_process_is_denoise_and_dct_needs_isotropic_variances():
+    from simdiff.processes import DCTBasis, IsotropicGaussian
+    from simdiff.processes.base import GaussianProcess
+
+    gm = GaussianMixture.random(6, 5, num_classes=2, seed=5)
+    z = torch.randn(12, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    lam = torch.linspace(-6, 6, 12, dtype=torch.float64)
+    labels = torch.arange(12) % 2
+    a = gm.denoise_for(IsotropicGaussian())(z, lam, labels=labels)
+    b = gm.denoise(z, lam, labels=labels)
+    for view in ("x", "eps", "v"):
+        torch.testing.assert_close(a.get(view), b.get(view), rtol=0, atol=1e-12)
+
+    class DctVP(GaussianProcess):
+        name = "dct_vp"
+
+        def log_alpha_sigma(self, lam):
+            return P.log_alpha_sigma(lam)
+
+    with pytest.raises(ValueError, match="non-identity basis needs per-component isotropic variances"):
+        gm.denoise_for(DctVP(basis=DCTBasis()))(z.reshape(12, 2, 3), lam)
+    # with isotropic variances the DCT (a rotation) changes nothing for an isotropic-coefficient process
+    iso = GaussianMixture(gm.means, gm.variances[:, 0], gm.log_weights.exp())
+    x_dct = iso.denoise_for(DctVP(basis=DCTBasis()))(z.reshape(12, 2, 3), lam).x.reshape(12, 6)
+    torch.testing.assert_close(x_dct, iso.denoise(z, lam).x, rtol=0, atol=1e-12)
