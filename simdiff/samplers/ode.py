@@ -14,7 +14,7 @@ scipy's DOP853 in float64: z stays O(1) and the right-hand side is bounded over 
     du/dlam = (dlog sigma/dlam) u + alpha (dlambda/dlam) x_hat,     lambda = log alpha - log sigma,
 
 the expectation over x given u of the velocity of ``u = alpha x + sigma eps`` at fixed (x, eps); coefficient
-derivatives by forward-mode autograd in float64. Euler and Heun need the isotropic process.
+derivatives by autograd in float64. Euler and Heun need the isotropic process.
 """
 
 from __future__ import annotations
@@ -148,20 +148,36 @@ def solve_reference(
     return x.to(dtype=torch.float64).to(z.device)
 
 
+def _level_derivatives(fn: Callable, lam: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Values and element-wise derivatives ``d fn(lam) / d lam`` of a tuple-valued ``fn`` of a 0-d ``lam``.
+
+    Reverse mode twice (the vector-Jacobian product with a dummy ``v`` is linear in ``v``; its gradient in ``v`` is the
+    Jacobian column), so no forward-mode machinery is needed.
+    """
+    with torch.enable_grad():
+        lam = lam.detach().requires_grad_(True)
+        outs = fn(lam)
+        derivs = []
+        for y in outs:
+            v = torch.zeros_like(y, requires_grad=True)
+            (g,) = torch.autograd.grad(y, lam, grad_outputs=v, create_graph=True)
+            derivs.append(torch.autograd.grad(g, v)[0])
+    return [y.detach() for y in outs], derivs
+
+
 def _solve_reference_process(denoise, z, process, lam_start, lam_end, rtol, atol, cond) -> Tensor:
     """:func:`solve_reference` for a diagonal process: DOP853 on ``u = encode(z)`` in the level (module doc)."""
     shape, batch = z.shape, z.shape[0]
     u0 = process.encode(z.detach().to(device="cpu", dtype=torch.float64))
 
-    def coefficients(lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        (la, ls), (dla, dls) = torch.func.jvp(process.log_alpha_sigma, (lam,), (torch.ones_like(lam),))
-        fit = lambda c: process.fit(c, lam=lam, like=u0)  # noqa: E731
-        return fit(dls), fit(la.exp() * (dla - dls)), fit(la)
+    def coefficients(lam: Tensor) -> tuple[Tensor, Tensor]:
+        (la, _), (dla, dls) = _level_derivatives(process.log_alpha_sigma, lam)
+        return process.fit(dls, lam=lam, like=u0), process.fit(la.exp() * (dla - dls), lam=lam, like=u0)
 
     def rhs(level: float, y: np.ndarray) -> np.ndarray:
         u = torch.from_numpy(y).view(shape)
         lam = torch.tensor(level, dtype=torch.float64)
-        dls, gain, _ = coefficients(lam)
+        dls, gain = coefficients(lam)
         with torch.no_grad():
             x = denoise(process.decode(u), lam.expand(batch), **cond).x.to(torch.float64)
         return (dls * u + gain * process.encode(x)).reshape(-1).numpy()
