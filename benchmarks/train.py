@@ -416,7 +416,8 @@ def recipe_comparison(args, info: dict[str, Any], threads: int) -> None:
            "network, objective, schedule and optimiser at once. MNIST-FD: "
            f"{args.fd_samples} samples vs {args.fd_ref} MNIST test images; FID (Inception): the first "
            f"{args.fid_samples} of them vs {args.fid_ref} test images (small-sample FID is biased upwards; compare "
-           "rows, not with published numbers).", "", table_markdown(head_q, rows_q), ""]
+           "rows, not with published numbers). Grids: "
+           + ", ".join(f"`benchmarks/results/{r['grid']}`" for r in q) + ".", "", table_markdown(head_q, rows_q), ""]
     write_text(f"{args.name}_recipe.md", "\n".join(md))
     write_json(f"{args.name}_recipe", {"machine": info, "command": command_line(), "threads": threads,
                                        "args": vars(args), "quality": q, "quality_info": qinfo})
