@@ -6,7 +6,7 @@ A process maps clean data ``x`` and white noise ``eps`` to
 
 with per-element ``alpha``, ``sigma`` > 0 that need not satisfy ``alpha^2 + sigma^2 = 1``. Each basis coordinate is
 then a one-dimensional Gaussian diffusion with its own log-SNR ``2 (log alpha - log sigma)``, so every identity of
-the isotropic case holds coordinate by coordinate (Hoogeboom & Salimans 2023, "Blurring diffusion models", sec. 3,
+the isotropic case holds coordinate by coordinate (Hoogeboom & Salimans 2023, "Blurring diffusion models",
 write blurring this way in the DCT basis). The scalar that indexes the noise level, the *level* ``lam``, is the
 base schedule's log-SNR; sampler grids are grids of levels.
 

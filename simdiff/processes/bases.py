@@ -2,7 +2,7 @@
 
 * :class:`IdentityBasis`: pixel coordinates; ``encode`` and ``decode`` return their argument itself (no ops).
 * :class:`DCTBasis`: the orthonormal 2-D DCT-II over the last two dims (any H, W), whose inverse is the DCT-III;
-  the frequency basis of blurring diffusion (Hoogeboom & Salimans 2023, "Blurring diffusion models", sec. 3).
+  the frequency basis of blurring diffusion (Hoogeboom & Salimans 2023, "Blurring diffusion models").
 
 Both are orthonormal, so white noise stays white (``encode(eps) ~ N(0, I)``) and squared errors are preserved.
 A per-frame process (one noise level per video frame) needs no basis of its own: its coefficients are shaped
