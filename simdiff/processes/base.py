@@ -6,9 +6,9 @@ A process maps clean data ``x`` and white noise ``eps`` to
 
 with per-element ``alpha``, ``sigma`` > 0 that need not satisfy ``alpha^2 + sigma^2 = 1``. Each basis coordinate is
 then a one-dimensional Gaussian diffusion with its own log-SNR ``2 (log alpha - log sigma)``, so every identity of
-the isotropic case holds coordinate by coordinate (Hoogeboom & Salimans 2023, "Blurring diffusion models",
-write blurring this way in the DCT basis). The scalar that indexes the noise level, the *level* ``lam``, is the
-base schedule's log-SNR; sampler grids are grids of levels.
+the isotropic case holds coordinate by coordinate; blurring diffusion (Hoogeboom & Salimans 2023, "Blurring
+diffusion models") is a process of this form in the DCT basis. The scalar that indexes the noise level, the
+*level* ``lam``, is the base schedule's log-SNR; sampler grids are grids of levels.
 
 A subclass implements :meth:`GaussianProcess.log_alpha_sigma` (``lam -> (log alpha, log sigma)``, shaped
 ``lam.shape + coef_shape``); everything else (noising, the x/eps/v conversions, the posterior, DDPM / DDIM steps,
