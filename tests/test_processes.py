@@ -412,3 +412,19 @@ def test_registered_process_round_trips_its_parameters():
         assert build_process(proc.to_dict(), proc.schedule).to_dict() == proc.to_dict()
     finally:
         del PROCESSES["offset_test"]
+
+
+def test_per_frame_levels_broadcast_over_frames():
+    """A level per frame ``lam [B, F]`` with ``coef_shape = ()`` acts on ``z [B, F, C, H, W]`` frame by frame."""
+    proc = EqualLogSNR(())
+    iso = IsotropicGaussian()
+    g = _gen(13)
+    x, eps = torch.randn(2, 3, 1, 2, 2, generator=g, dtype=D64), torch.randn(2, 3, 1, 2, 2, generator=g, dtype=D64)
+    lam = torch.tensor([[-2.0, 0.0, 3.0], [1.0, -4.0, 0.5]], dtype=D64)
+    z = proc.add_noise(x, eps, lam=lam)
+    mean, var = proc.posterior(z_t=z, x=x, lam_s=lam + 1.0, lam_t=lam)
+    for f in range(3):
+        torch.testing.assert_close(z[:, f], iso.add_noise(x[:, f], eps[:, f], lam=lam[:, f]), rtol=0, atol=1e-14)
+        m, v = iso.posterior(z_t=z[:, f], x=x[:, f], lam_s=lam[:, f] + 1.0, lam_t=lam[:, f])
+        torch.testing.assert_close(mean[:, f], m, rtol=0, atol=1e-13)
+        torch.testing.assert_close(var[:, f], v, rtol=0, atol=1e-14)
