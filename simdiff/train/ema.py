@@ -21,7 +21,23 @@ from torch import nn
 
 from simdiff.train.distributed import full_tensor, shard_like
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "CHUNK"]
+
+#: elements per fused chunk of the device-flag EMA update (bounds its temporary memory to 4 * CHUNK bytes)
+CHUNK = 1 << 26
+
+
+def _chunks(sizes: list[int]) -> list[tuple[int, int]]:
+    """Consecutive index ranges of ``sizes`` with at most :data:`CHUNK` elements each (or one tensor)."""
+    out, lo, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > lo and total + n > CHUNK:
+            out.append((lo, i))
+            lo, total = i, 0
+        total += n
+    if lo < len(sizes):
+        out.append((lo, len(sizes)))
+    return out
 
 
 class EMA:
@@ -55,7 +71,10 @@ class EMA:
         cached lists, the same numbers as a per-tensor ``lerp_``); buffers are copied.
 
         ``apply``: optional 0-dim bool tensor on the device; where False the shadow is left exactly as it is
-        (the lerp weight becomes 0 and buffers keep their shadow), without reading the flag on the host.
+        (weight 0; buffers keep their shadow), without reading the flag on the host. ``_foreach_lerp_`` takes its
+        weight as a host scalar only, so this path computes ``shadow += w * (param - shadow)`` with the weight
+        ``w`` as a device tensor (fused ``_foreach_sub`` / ``_foreach_mul_`` / ``_foreach_add_`` in chunks of at
+        most :data:`CHUNK` elements): the same update up to float rounding (lerp may fuse the multiply-add).
         """
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
@@ -67,9 +86,11 @@ class EMA:
             for s, b in zip(shadow_b, live_b):
                 s.copy_(b.detach())
             return
-        if shadow_p:
-            weight = torch.where(apply, 1.0 - decay, 0.0).to(torch.float32)
-            torch._foreach_lerp_(shadow_p, live_p, weight)
+        weight = torch.where(apply, 1.0 - decay, 0.0).to(torch.float32)
+        for lo, hi in _chunks([t.numel() for t in shadow_p]):
+            diff = torch._foreach_sub(live_p[lo:hi], shadow_p[lo:hi])
+            torch._foreach_mul_(diff, weight)
+            torch._foreach_add_(shadow_p[lo:hi], diff)
         for s, b in zip(shadow_b, live_b):
             s.copy_(torch.where(apply, b.detach().to(s.dtype), s))
 
