@@ -3,7 +3,9 @@
 Moment matching (auxiliary denoiser + Adam) and EMD (student-score network + Adam) keep loss-owned networks outside
 DDP; their gradients are averaged over ranks before each auxiliary step, so after a few steps the student *and* the
 auxiliary weights and Adam moments of both ranks equal the single-process run with the same global batch (1e-5).
-Without the averaging each rank's auxiliary network would follow only its own half of the batch.
+Without the averaging each rank's auxiliary network would follow only its own half of the batch (the test then
+fails). The script makes each example's random draws independent of the number of processes (see its docstring), so
+the two runs see the same noise and can be compared number for number.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "scripts"))
-from distill_ddp_check import run  # noqa: E402
+from distill_ddp_check import build, run  # noqa: E402
 
 
 def _free_port() -> int:
@@ -52,5 +54,5 @@ def test_two_process_distillation_equals_one_process(two_ranks, method, tmp_path
     for k, v in single.items():
         assert torch.equal(ranks[0][k], ranks[1][k]), k  # the ranks agree exactly (aux included)
         torch.testing.assert_close(ranks[0][k], v, rtol=0, atol=1e-5, msg=k)
-    start = run.__globals__["build"](method)[1].aux_state_dict()  # the auxiliary network did move
+    start = build(method)[1].aux_state_dict()  # the auxiliary network did move
     assert any(not torch.allclose(start[k[4:]], single[k]) for k in single if k.startswith("aux.net."))
