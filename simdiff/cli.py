@@ -123,7 +123,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     x = generate(loaded.model, loaded.schedule, loaded.image_shape, scfg, labels=labels,
                  num_classes=loaded.num_classes, null_cond=class_null_cond(loaded.num_classes), device=args.device,
-                 progress=True)
+                 progress=True, process=loaded.process)
     secs = time.perf_counter() - start
     if args.out_dir:
         save_images(x, args.out_dir)

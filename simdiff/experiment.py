@@ -32,6 +32,7 @@ from simdiff.runs import (
     load_model,
     model_classes,
     reference_images,
+    run_process,
     sample_grid,
 )
 from simdiff.schedules import Schedule
@@ -70,7 +71,8 @@ def _resolved_loss_config(cfg: ExperimentConfig, num_classes: int) -> LossConfig
 def _sample_hook(cfg: ExperimentConfig, schedule: Schedule, run_dir: Path, num_classes: int, image_shape):
     def hook(trainer: Trainer, step: int) -> None:
         path = sample_grid(trainer.model, schedule, cfg.sample, image_shape=image_shape, num_classes=num_classes,
-                           out=run_dir / "samples" / f"step_{step:07d}.png", device=trainer.device)
+                           out=run_dir / "samples" / f"step_{step:07d}.png", device=trainer.device,
+                           process=run_process(cfg))
         print(f"[simdiff] step {step}: sample grid -> {path}")
 
     return hook
@@ -110,6 +112,6 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = True) ->
         final.load_state_dict(weights)
         final.to(trainer.device).eval()
         path = sample_grid(final, loss.schedule, cfg.sample, image_shape=image_shape, num_classes=num_classes,
-                           out=run_dir / "samples" / "final.png", device=trainer.device)
+                           out=run_dir / "samples" / "final.png", device=trainer.device, process=run_process(cfg))
         summary["sample_grid"] = str(path)
     return summary

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from simdiff.guidance import classifier_free_guidance
-from simdiff.samplers import get_sampler, make_grid
+from simdiff.samplers import check_process, get_sampler, make_grid
 from simdiff.schedules import Schedule
 
 __all__ = ["SampleConfig", "generate"]
@@ -105,6 +105,7 @@ def generate(
     per_example = _per_example(cond, labels, num)
     guidance_input = bool(getattr(denoise, "guidance_input", False))  # guided students take w as an input
     sampler = get_sampler(cfg.sampler)
+    check_process(cfg.sampler, process)
     if cfg.guidance != 0.0 and cfg.sampler == "generator" and not guidance_input:
         raise ValueError("guidance is not available for a one-step generator student (sampler 'generator')")
     if cfg.guidance != 0.0 and not guidance_input:
@@ -124,6 +125,9 @@ def generate(
     extra: dict[str, Any] = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
     if process is not None:
         extra["process"] = process
+    # The isotropic process starts from N(0, I) (alpha is ~0 at the grid's first level); a general diagonal process
+    # starts from its noise marginal there, sigma_0 eps, which need not be unit variance (e.g. non-VP coefficients).
+    start_scaled = process is not None and not process.isotropic
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     out = []
     starts = range(0, num, cfg.batch_size)
@@ -135,6 +139,8 @@ def generate(
         for start in starts:
             n = min(cfg.batch_size, num - start)
             z = torch.randn((n, *shape), generator=gen, dtype=dtype).to(device)
+            if start_scaled:  # z ~ q(z | x = 0) at the first level: sigma_0 eps per basis coordinate
+                z = process.add_noise(torch.zeros_like(z), z, lam=logsnrs[0].to(device=device, dtype=dtype).expand(n))
             batch_cond = {k: v[start : start + n].to(device) for k, v in per_example.items()}
             if guidance_input:
                 batch_cond["guidance"] = torch.full((n,), float(cfg.guidance), device=device)

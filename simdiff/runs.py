@@ -44,6 +44,7 @@ __all__ = [
     "check_student_sampling",
     "class_null_cond",
     "conditioner_for",
+    "run_process",
     "reference_images",
     "evaluate_model",
 ]
@@ -95,9 +96,18 @@ def model_classes(cfg: ExperimentConfig, data_classes: int) -> int:
     return data_classes if cfg.model.class_conditional else 0
 
 
+def run_process(cfg: ExperimentConfig):
+    """The noising process of ``cfg.diffusion`` (``diffusion.process`` over its schedule), or ``None`` for the
+    isotropic VP process, whose exact code path (``simdiff.process``) every model and sampler takes by default."""
+    from simdiff.processes import build_process
+
+    process = build_process(cfg.diffusion.process, schedule_from_dict(cfg.diffusion.schedule))
+    return None if process.isotropic else process
+
+
 def build_network(cfg: ExperimentConfig, *, image_shape: tuple[int, int, int], num_classes: int) -> DiffusionModel:
     """The :class:`DiffusionModel` described by ``cfg.model`` for images of ``image_shape`` (``num_classes`` is the
-    data set's; an unconditional ``cfg.model`` ignores it)."""
+    data set's; an unconditional ``cfg.model`` ignores it), converting its views with the run's process."""
     c, h, w = image_shape
     return build_model(
         cfg.model.arch,
@@ -106,6 +116,7 @@ def build_network(cfg: ExperimentConfig, *, image_shape: tuple[int, int, int], n
         image_channels=c,
         image_size=(h, w) if h != w else h,
         num_classes=model_classes(cfg, num_classes),
+        process=run_process(cfg),
     )
 
 
@@ -148,12 +159,14 @@ def sample_grid(
     out: str | Path,
     num: int | None = None,
     device: torch.device | str = "cpu",
+    process=None,
 ) -> Path:
-    """Sample ``num`` images (classes cycling 0..C-1 for a class-conditional model) and save them as a PNG grid."""
+    """Sample ``num`` images (classes cycling 0..C-1 for a class-conditional model) and save them as a PNG grid;
+    ``process`` is the run's noising process (``None``: isotropic VP, see :func:`run_process`)."""
     num = sample_cfg.num if num is None else num
     labels = torch.arange(num) % num_classes if num_classes > 0 else None
     x = generate(model, schedule, image_shape, sample_cfg, num=num, labels=labels, num_classes=num_classes,
-                 null_cond=class_null_cond(num_classes), device=device)
+                 null_cond=class_null_cond(num_classes), device=device, process=process)
     nrow = num_classes if num_classes > 0 and num % num_classes == 0 and num_classes <= 16 else None
     scale = max(1, 64 // image_shape[-1])
     return save_grid(x, out, nrow=nrow, scale=scale)
@@ -169,6 +182,7 @@ class LoadedModel:
     image_shape: tuple[int, int, int]
     num_classes: int
     meta: dict[str, Any]
+    process: Any = None  # the run's noising process; None = isotropic VP (see run_process)
 
 
 def student_sample_config(spec: dict[str, Any], base: SampleConfig) -> SampleConfig:
@@ -216,7 +230,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", ema: boo
         )
     model.to(device).eval().requires_grad_(False)
     schedule = schedule_from_dict(cfg.diffusion.schedule)
-    return LoadedModel(model, cfg, schedule, image_shape, num_classes, meta)
+    process = model.process if isinstance(model, DiffusionModel) else run_process(cfg)
+    return LoadedModel(model, cfg, schedule, image_shape, num_classes, meta, process)
 
 
 def describe(loaded: LoadedModel) -> str:
@@ -311,6 +326,6 @@ def evaluate_model(
         metrics = tuple(m for m in metrics if m != "accuracy")
     x = generate(loaded.model, loaded.schedule, loaded.image_shape, sample_cfg, num=num, labels=labels,
                  num_classes=loaded.num_classes, null_cond=class_null_cond(loaded.num_classes), device=device,
-                 progress=progress)
+                 progress=progress, process=loaded.process)
     ref, key = reference_images(loaded.config, max(num, 1000))
     return evaluate_samples(x, ref, metrics=metrics, labels=labels, reference_key=key, progress=progress)

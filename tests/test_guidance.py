@@ -263,6 +263,7 @@ def test_rescale_rebuilds_eps_and_v_with_the_process_when_given():
 # --- guidance and conditioning in simdiff.generate ----------------------------------------------------------------
 from simdiff.conditioners import ClassLabels  # noqa: E402
 from simdiff.generate import SampleConfig, generate  # noqa: E402
+from simdiff.processes import GaussianProcess, IsotropicGaussian  # noqa: E402
 from simdiff.samplers import SAMPLERS, get_sampler, make_grid  # noqa: E402
 from simdiff.schedules import CosineSchedule  # noqa: E402
 
@@ -321,9 +322,23 @@ def test_generate_runs_in_inference_mode_with_one_cpu_grid_and_passes_process(mo
     expect = torch.cat([torch.randn(n, 4, generator=g) for n in (2, 2, 1)])
     assert torch.equal(torch.cat([s["z"] for s in seen]), expect) and torch.equal(out, expect.clamp(-1, 1))
     seen.clear()
-    marker = object()
+    marker = IsotropicGaussian()  # passed through to the sampler as it is
     generate(_flat, SCHED, (4,), cfg, process=marker)
     assert all(s["options"] == {"process": marker} for s in seen)
+    seen.clear()
+
+    class Loud(GaussianProcess):  # non-VP: sigma = 3 sqrt(sigmoid(-lam)), so the start is not unit variance
+        name = "loud_test"
+
+        def log_alpha_sigma(self, lam):
+            return 0.5 * torch.nn.functional.logsigmoid(lam), math.log(3.0) + 0.5 * torch.nn.functional.logsigmoid(-lam)
+
+    monkeypatch.setattr("simdiff.generate.check_process", lambda name, process: None)  # the spy has no process rule
+    generate(_flat, SCHED, (4,), cfg, process=Loud(SCHED), dtype=F64)
+    lam0 = make_grid(SCHED, 3, kind=cfg.grid)[0]
+    g = torch.Generator().manual_seed(7)
+    expect = torch.cat([torch.randn(n, 4, generator=g, dtype=F64) for n in (2, 2, 1)]) * 3 * torch.sigmoid(-lam0).sqrt()
+    torch.testing.assert_close(torch.cat([s["z"] for s in seen]), expect, rtol=1e-14, atol=0)
 
 
 def test_generate_student_samplers_come_from_the_registry():

@@ -223,3 +223,26 @@ def test_host_level_passed_to_denoisers_that_ask():
     out = get_sampler("dpmpp_2m")(Wants(), z, grid)
     assert all(type(v) is float for v in got) and got == grid[:-1].tolist()
     torch.testing.assert_close(out, get_sampler("dpmpp_2m")(gm.denoise, z, grid), rtol=0, atol=0)
+
+
+def test_registry_knows_which_samplers_have_a_per_coordinate_form():
+    from simdiff.processes import DCTBasis, GaussianProcess
+    from simdiff.samplers import PER_COORDINATE, STOCHASTIC, check_process
+
+    class Tilted(GaussianProcess):
+        name = "tilted"
+
+        def log_alpha_sigma(self, lam):
+            lev = lam[..., None, None] + torch.tensor([[0.0, 1.0], [-1.0, 2.0]], dtype=lam.dtype)
+            return 0.5 * torch.nn.functional.logsigmoid(lev), 0.5 * torch.nn.functional.logsigmoid(-lev)
+
+    proc = Tilted(basis=DCTBasis())
+    for name in SAMPLERS:
+        check_process(name, None)  # the isotropic default: every sampler
+        if name in PER_COORDINATE:
+            check_process(name, proc)
+        else:
+            with pytest.raises(ValueError, match=f"{name}: sampler has no per-coordinate form"):
+                check_process(name, proc)
+    assert {"ddpm", "sde", "moment_matching", "moment_matching_large", "guided_stochastic"} <= STOCHASTIC
+    assert nfe("generator", 4) == 1 and nfe("heun", 4) == 7 and nfe("ddim", 4) == 4

@@ -256,6 +256,9 @@ def distill(cfg: DistillConfig, run_dir: str | Path, *, resume: bool = True) -> 
         raise ConfigError(f"student_steps must be an integer >= 1, got {cfg.student_steps}")
     info = D.init_distributed(cfg.train.device)
     teacher = _load_teacher(cfg.teacher, info.device, TEACHER_KINDS.get(cfg.method, ("diffusion",)))
+    if teacher.process is not None:
+        raise ConfigError(f"{cfg.method}: distillation is implemented for the isotropic Gaussian process; the teacher "
+                          f"uses process {teacher.process.to_dict()}")
     if cfg.method == "guided_progressive":  # keep the stage-one guidance range unless overridden
         stage_one = (teacher.meta.get("distill") or {}).get("method_params") or {}
         inherited = {k: stage_one[k] for k in ("w_min", "w_max") if k in stage_one}

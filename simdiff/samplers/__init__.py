@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from simdiff.configuration import get_registered
+from simdiff.samplers._common import require_isotropic
 from simdiff.samplers.addim import sample_addim
 from simdiff.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_3m
 from simdiff.samplers.first_order import sample_ddim, sample_ddpm
@@ -30,6 +31,8 @@ from simdiff.samplers.unipc import sample_unipc
 __all__ = [
     "SAMPLERS",
     "STOCHASTIC",
+    "PER_COORDINATE",
+    "check_process",
     "GRID_KINDS",
     "get_sampler",
     "nfe",
@@ -60,7 +63,12 @@ SAMPLERS: dict[str, Callable] = {
     **STUDENT_SAMPLERS,
 }
 
-STOCHASTIC: frozenset[str] = frozenset({"ddpm", "sde"})  # ("ddim" only with eta > 0)
+#: samplers that draw noise ("ddim" only with eta > 0).
+STOCHASTIC: frozenset[str] = frozenset({"ddpm", "sde", "moment_matching", "moment_matching_large", "guided_stochastic"})
+#: samplers with a per-coordinate form: they run on any diagonal Gaussian process (the one-step generator never
+#: touches the process). The others refuse a non-isotropic process with one line.
+PER_COORDINATE: frozenset[str] = frozenset({"ddpm", "ddim", "dpmpp_2m", "moment_matching", "moment_matching_large",
+                                           "generator"})
 
 
 def get_sampler(name: str) -> Callable:
@@ -68,10 +76,20 @@ def get_sampler(name: str) -> Callable:
     return get_registered(SAMPLERS, name, "sampler")
 
 
+def check_process(name: str, process) -> None:
+    """Refuse, with one line, sampler ``name`` on a non-isotropic ``process`` when it has no per-coordinate form
+    (what the sampler itself would raise on its first step; callers use it to fail before any work)."""
+    get_sampler(name)
+    if name not in PER_COORDINATE:
+        require_isotropic(process, name)
+
+
 def nfe(name: str, steps: int) -> int:
     """Network evaluations for ``steps`` steps on a grid ending at +inf (``make_grid``): ``steps`` for every
-    sampler except Heun, ``2 steps - 1`` (its last step to +inf is an Euler step)."""
+    sampler except Heun, ``2 steps - 1`` (its last step to +inf is an Euler step), and the one-step generator."""
     get_sampler(name)
     if steps < 1:
         raise ValueError(f"nfe: steps must be >= 1, got {steps}")
+    if name == "generator":
+        return 1
     return 2 * steps - 1 if name == "heun" else steps
