@@ -1,14 +1,14 @@
 """The training loop: accumulate, clip, skip non-finite updates, EMA, checkpoint, log. Knows nothing of diffusion.
 
-Contract: ``loss_fn(model, batch, generator) -> Tensor[B]`` returns per-example
-losses; the trainer takes their mean. Randomness is a pure function of ``(seed, rank, step)``: before step ``k``
-the global torch RNG (dropout) is seeded with ``mix_seed("global", seed, rank, k)`` and the generator handed to
-``loss_fn`` with ``mix_seed("loss", seed, rank, k, micro)``; the data order is a pure function of
-``(seed, epoch, position)``. A resumed run therefore repeats an uninterrupted one bit for bit (on the same
-device and thread count); the global python / numpy / torch RNG states are saved and restored as well, for
-user code that draws from them between steps. A loss object with state of its own (distillation: auxiliary networks
-and their optimizers, a progressive round's teacher) exposes ``aux_state_dict()`` / ``load_aux_state_dict(d)``;
-the trainer writes it into every checkpoint (``aux.safetensors``, rank 0's copy) and restores it on resume.
+Contract: ``loss_fn(model, batch, generator) -> Tensor[B]`` returns per-example losses; the trainer takes their
+mean. Randomness is a pure function of ``(seed, rank, step)``: before step ``k`` the global torch RNG (dropout) is
+seeded with ``mix_seed("global", seed, rank, k)`` and the generator handed to ``loss_fn`` with ``mix_seed("loss",
+seed, rank, k, micro)``; the data order is a pure function of ``(seed, epoch, position)``. A resumed run therefore
+repeats an uninterrupted one bit for bit (on the same device and thread count); the global python / numpy / torch
+RNG states are saved and restored as well, for user code that draws from them between steps. A loss object with
+state of its own (distillation: auxiliary networks and their optimizers, a progressive round's teacher) exposes
+``aux_state_dict()`` / ``load_aux_state_dict(d)``; the trainer writes it into every checkpoint (``aux.safetensors``,
+rank 0's copy) and restores it on resume.
 
 A step whose all-reduced loss or gradient norm is NaN/inf is skipped (no optimizer or EMA update, gradients
 dropped) and counted; ``max_nonfinite`` *consecutive* skips abort with :class:`NonFiniteError` and no
@@ -16,11 +16,13 @@ checkpoint is written (checkpoints are also checked for finiteness before they a
 
 No host synchronisation per step: the loss, the gradient norm, the finiteness check and the skip counts stay on the
 device (:class:`~simdiff.train.guard.StepGuard`); the host reads them at log, hook and checkpoint steps and at least
-every ``max_nonfinite`` steps. On CUDA the optimizer is fused AdamW and a skipped update is skipped inside the kernel
-(its ``found_inf`` input, as under a gradient scaler: parameters, moments and step count untouched) and the EMA's
-lerp weight becomes 0; on CPU (where reading a flag costs nothing) and under FSDP the host reads the flag and
-does not call the optimizer. Batches come from a background thread that stages the next one in pinned memory and
-copies it with ``non_blocking`` on a side stream (CUDA only; :class:`~simdiff.train.batches.DevicePrefetcher`).
+every ``max_nonfinite`` steps. On CUDA the optimizer is fused AdamW and a skipped update is skipped inside the
+kernel (its ``found_inf`` input, as under a gradient scaler: parameters, moments and step count untouched) and the
+EMA's update weight becomes 0; on CPU (where reading a flag costs nothing) and under FSDP the host reads the flag
+and does not call the optimizer. When the consecutive-skip limit is reached no later update is applied, and the next
+read raises :class:`NonFiniteError` naming that step, so the weights are those of the step where it tripped. Batches
+come from a background thread that stages the next one in pinned memory and copies it with ``non_blocking`` on a
+side stream (CUDA only; :class:`~simdiff.train.batches.DevicePrefetcher`).
 
 Strategies (``strategy`` / ``TrainConfig.strategy``; see :mod:`simdiff.train.distributed`): ``ddp`` replicates the
 model; ``fsdp`` shards parameters, gradients, AdamW moments and the EMA (FSDP2, one unit per block). Under FSDP
