@@ -226,7 +226,8 @@ def bench_dim(dim: int, args: argparse.Namespace, S: Any | None, notes: list[str
     if S is not None:
         stoch_names = set(getattr(S, "STOCHASTIC", ()))
         kinds = list(getattr(S, "GRID_KINDS", ("uniform_t", "uniform_logsnr", "edm")))
-        for name in S.SAMPLERS:
+        students = set(getattr(S, "STUDENT_SAMPLERS", ()))  # samplers of distilled students, not of a teacher
+        for name in [n for n in S.SAMPLERS if n not in students]:
             for kind in kinds:
                 run = simdiff_runner(S, name, lambda k, kind=kind: S.make_grid(schedule, k, kind=kind))
                 stochastic = name in stoch_names or is_stochastic(run, gm.denoise, dim)

@@ -85,7 +85,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = True) ->
     """
     run_dir = Path(run_dir)
     dataset = build_dataset(cfg.data)
-    image_shape = tuple(dataset.images.shape[1:])
+    image_shape = dataset.shape
     num_classes = model_classes(cfg, dataset.num_classes)
     loss_cfg = _resolved_loss_config(cfg, num_classes)
     cfg = dataclasses.replace(cfg, diffusion=loss_cfg)

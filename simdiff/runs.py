@@ -295,7 +295,7 @@ def reference_images(cfg: ExperimentConfig, num: int, *, split: str = "test") ->
     except (ConfigError, ValueError):  # data sets without that split (e.g. folders, digits): use the train split
         data_cfg = dataclasses.replace(data_cfg, split="train")
         ds = build_dataset(data_cfg)
-    c, h, w = ds.images.shape[1:]
+    c, h, w = ds.shape
     key = f"{data_cfg.name}-{data_cfg.split}-{c}x{h}x{w}-{len(ds)}".replace("/", "_")
     return ds.images, key
 

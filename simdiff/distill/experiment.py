@@ -269,8 +269,8 @@ def distill(cfg: DistillConfig, run_dir: str | Path, *, resume: bool = True) -> 
     loss = build_loss(cfg, student, teacher.model, teacher.schedule, teacher.num_classes)
     data_cfg = cfg.data if cfg.data is not None else teacher.config.data
     dataset = build_dataset(data_cfg)
-    if tuple(dataset.images.shape[1:]) != teacher.image_shape:
-        raise ConfigError(f"data images have shape {tuple(dataset.images.shape[1:])} but the teacher was trained on "
+    if dataset.shape != teacher.image_shape:
+        raise ConfigError(f"data images have shape {dataset.shape} but the teacher was trained on "
                           f"{teacher.image_shape}")
     run_dir = Path(run_dir)
     exp = dataclasses.replace(teacher.config, name=cfg.name, data=data_cfg, train=cfg.train)
