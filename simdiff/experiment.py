@@ -17,6 +17,7 @@ import yaml
 from simdiff.configuration import to_dict
 from simdiff.data import build_dataset
 from simdiff.losses import DiffusionLoss, LossConfig
+from simdiff.processes import build_process, is_discrete
 from simdiff.runs import (
     ExperimentConfig,
     LoadedModel,
@@ -35,7 +36,7 @@ from simdiff.runs import (
     run_process,
     sample_grid,
 )
-from simdiff.schedules import Schedule
+from simdiff.schedules import Schedule, schedule_from_dict
 from simdiff.train import BatchIterator, Trainer
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "load_config",
     "config_from_dict",
     "build_network",
+    "build_objective",
     "train",
     "load_model",
     "describe",
@@ -66,6 +68,15 @@ def _resolved_loss_config(cfg: ExperimentConfig, num_classes: int) -> LossConfig
     if num_classes == 0 and d.cond_drop_prob > 0:
         d = dataclasses.replace(d, cond_drop_prob=0.0)
     return d
+
+
+def build_objective(loss_cfg: LossConfig):
+    """The trainer's ``loss_fn(model, batch, generator) -> [B]`` for ``loss_cfg``: the Gaussian diffusion loss, or,
+    when ``loss_cfg.process`` names a discrete process, that process's own loss."""
+    process = build_process(loss_cfg.process, schedule_from_dict(loss_cfg.schedule))
+    if is_discrete(process):
+        return process.loss
+    return DiffusionLoss.from_config(loss_cfg)
 
 
 def _sample_hook(cfg: ExperimentConfig, schedule: Schedule, run_dir: Path, num_classes: int, image_shape):
@@ -90,7 +101,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = True) ->
     loss_cfg = _resolved_loss_config(cfg, num_classes)
     cfg = dataclasses.replace(cfg, diffusion=loss_cfg)
     model = build_network(cfg, image_shape=image_shape, num_classes=num_classes)
-    loss = DiffusionLoss.from_config(loss_cfg)
+    loss = build_objective(loss_cfg)
+    schedule = schedule_from_dict(loss_cfg.schedule)
     from simdiff.train import distributed as D
 
     info = D.init_distributed(cfg.train.device)
@@ -100,7 +112,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = True) ->
                    "num_classes": num_classes, "conditioner": conditioner_for(num_classes).identity()}
     hooks = []
     if cfg.train.sample_every > 0:  # the trainer calls hooks every train.sample_every steps
-        hooks.append(_sample_hook(cfg, loss.schedule, run_dir, num_classes, image_shape))
+        hooks.append(_sample_hook(cfg, schedule, run_dir, num_classes, image_shape))
     if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -111,7 +123,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = True) ->
         final = build_network(cfg, image_shape=image_shape, num_classes=num_classes)
         final.load_state_dict(weights)
         final.to(trainer.device).eval()
-        path = sample_grid(final, loss.schedule, cfg.sample, image_shape=image_shape, num_classes=num_classes,
+        path = sample_grid(final, schedule, cfg.sample, image_shape=image_shape, num_classes=num_classes,
                            out=run_dir / "samples" / "final.png", device=trainer.device, process=run_process(cfg))
         summary["sample_grid"] = str(path)
     return summary

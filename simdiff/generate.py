@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from simdiff.guidance import classifier_free_guidance
+from simdiff.processes import is_discrete
 from simdiff.samplers import check_process, get_sampler, make_grid
 from simdiff.schedules import Schedule
 
@@ -96,13 +97,17 @@ def generate(
         null_cond: conditioning meaning "unconditional" for guidance (see :func:`simdiff.guidance.guide`).
         conditioner: a :class:`simdiff.conditioners.Conditioner`; its ``null_cond`` is used when ``null_cond`` is
             not given.
-        process: the noising process, passed to the sampler (and to guidance rescale) when not ``None``.
+        process: the noising process, passed to the sampler (and to guidance rescale) when not ``None``. A
+            discrete process (:class:`simdiff.processes.DiscreteProcess`) is sampled by its own ``prior`` and
+            ``step`` on a uniform time grid of ``cfg.steps`` steps (``denoise`` is then its network).
 
     Raises:
         ValueError: guidance without any null conditioning, or conditioning of the wrong shape.
     """
     num = cfg.num if num is None else num
     per_example = _per_example(cond, labels, num)
+    if is_discrete(process):
+        return _generate_discrete(denoise, process, shape, cfg, num, per_example, device, progress)
     guidance_input = bool(getattr(denoise, "guidance_input", False))  # guided students take w as an input
     sampler = get_sampler(cfg.sampler)
     check_process(cfg.sampler, process)
@@ -149,3 +154,29 @@ def generate(
             out.append(x.float().cpu())
         images = torch.cat(out).clamp(-1, 1)
     return images.clone()  # an ordinary tensor (callers may modify it in place)
+
+
+def _generate_discrete(model, process, shape, cfg: SampleConfig, num: int, per_example: dict[str, Tensor], device,
+                       progress: bool) -> Tensor:
+    """``process.prior`` then ``cfg.steps`` calls of ``process.step`` from time 1 to 0 per batch; ``to_data``."""
+    if cfg.guidance != 0.0:
+        raise ValueError(f"guidance is not available for the discrete process {process.name!r}")
+    times = torch.linspace(1.0, 0.0, cfg.steps + 1, dtype=torch.float64)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    starts = range(0, num, cfg.batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"sampling ({process.name}, {cfg.steps} steps)", unit="batch")
+    out = []
+    with torch.inference_mode():
+        for start in starts:
+            n = min(cfg.batch_size, num - start)
+            x = process.prior((n, *shape), generator=gen, device=device)
+            batch_cond = {k: v[start : start + n].to(device) for k, v in per_example.items()}
+            step_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + start)
+            for i in range(cfg.steps):
+                t, s = (times[j].to(device=device, dtype=torch.float32).expand(n) for j in (i, i + 1))
+                x = process.step(model, x, t=t, s=s, generator=step_gen, **batch_cond)
+            out.append(process.to_data(x).cpu())
+    return torch.cat(out).clone()

@@ -102,12 +102,20 @@ def run_process(cfg: ExperimentConfig):
     from simdiff.processes import build_process
 
     process = build_process(cfg.diffusion.process, schedule_from_dict(cfg.diffusion.schedule))
-    return None if process.isotropic else process
+    return None if getattr(process, "isotropic", False) else process
 
 
 def build_network(cfg: ExperimentConfig, *, image_shape: tuple[int, int, int], num_classes: int) -> DiffusionModel:
     """The :class:`DiffusionModel` described by ``cfg.model`` for images of ``image_shape`` (``num_classes`` is the
-    data set's; an unconditional ``cfg.model`` ignores it), converting its views with the run's process."""
+    data set's; an unconditional ``cfg.model`` ignores it), converting its views with the run's process. Under a
+    discrete process the network is the bare backbone built from the process's own data arguments."""
+    from simdiff.nets import build_backbone
+    from simdiff.processes import is_discrete
+
+    process = run_process(cfg)
+    if is_discrete(process):
+        return build_backbone(cfg.model.arch, cfg.model.options,
+                              **process.network_kwargs(tuple(image_shape), model_classes(cfg, num_classes)))
     c, h, w = image_shape
     return build_model(
         cfg.model.arch,
@@ -116,7 +124,7 @@ def build_network(cfg: ExperimentConfig, *, image_shape: tuple[int, int, int], n
         image_channels=c,
         image_size=(h, w) if h != w else h,
         num_classes=model_classes(cfg, num_classes),
-        process=run_process(cfg),
+        process=process,
     )
 
 

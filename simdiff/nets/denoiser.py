@@ -29,13 +29,15 @@ BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {
 }
 
 
-def build_backbone(
-    name: str, cfg: dict[str, Any] | None, *, image_channels: int, image_size: int | tuple[int, int], num_classes: int
-) -> nn.Module:
-    """Build backbone ``name`` from a plain dict of its config fields (unknown keys / names raise ConfigError)."""
+def build_backbone(name: str, cfg: dict[str, Any] | None, **data: Any) -> nn.Module:
+    """Build backbone ``name`` from a plain dict of its config fields (unknown keys / names raise ConfigError).
+
+    ``data`` are the constructor's data arguments: ``image_channels``, ``image_size``, ``num_classes`` for the image
+    backbones; a discrete process names its own (``DiscreteProcess.network_kwargs``, e.g. a vocabulary size).
+    """
     cfg_cls, net_cls = get_registered(BACKBONES, name, "backbone")
     config = cfg if isinstance(cfg, cfg_cls) else from_dict(cfg_cls, cfg, where=name)
-    return net_cls(config, image_channels=image_channels, image_size=image_size, num_classes=num_classes)
+    return net_cls(config, **data)
 
 
 class DiffusionModel(nn.Module):

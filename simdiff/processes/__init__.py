@@ -4,10 +4,11 @@
   (``bases.py``: identity, DCT-II); posterior, DDPM / DDIM steps, x/eps/v views and sampler coefficients are
   written once over those coefficients. :mod:`simdiff.process` keeps the pure isotropic VP functions.
 * :class:`IsotropicGaussian` (``isotropic.py``): the default, bit-identical to the process-free code paths.
-* :class:`DiscreteProcess`: the protocol a discrete process (e.g. masked diffusion) implements so that the loss,
-  trainer and ``generate`` can dispatch to it. No discrete process is implemented here.
+* :class:`DiscreteProcess`: the protocol a discrete process (e.g. masked diffusion) implements so that the
+  training objective, the network builder and ``generate`` dispatch to it. No discrete process is implemented here.
 
-``build_process({"name": ...}, schedule)`` builds a registered process from a config dict.
+``build_process({"name": ...}, schedule)`` builds a registered process of either family from a config dict
+(``diffusion.process`` of an experiment); :func:`is_discrete` tells the families apart.
 """
 
 from __future__ import annotations
@@ -31,15 +32,16 @@ __all__ = [
     "DCTBasis",
     "DiscreteProcess",
     "build_process",
+    "is_discrete",
 ]
 
-#: name -> process class taking ``(schedule, **params)``.
-PROCESSES: dict[str, type[GaussianProcess]] = {"isotropic": IsotropicGaussian}
+#: name -> process class taking ``(schedule, **params)``: Gaussian processes and discrete ones (one namespace).
+PROCESSES: dict[str, type] = {"isotropic": IsotropicGaussian}
 
 DEFAULT_PROCESS: dict[str, Any] = {"name": "isotropic"}
 
 
-def build_process(spec: dict[str, Any] | None, schedule: Any) -> GaussianProcess:
+def build_process(spec: dict[str, Any] | None, schedule: Any) -> GaussianProcess | DiscreteProcess:
     """Build the process ``spec["name"]`` (default "isotropic") with ``schedule`` and the other keys as keyword
     parameters. Unknown names or parameters raise a one-line :class:`~simdiff.configuration.ConfigError`."""
     params = dict(spec or DEFAULT_PROCESS)
@@ -57,11 +59,28 @@ def build_process(spec: dict[str, Any] | None, schedule: Any) -> GaussianProcess
 class DiscreteProcess(Protocol):
     """The discrete sibling of :class:`GaussianProcess` (e.g. masked diffusion; not implemented in simdiff yet).
 
-    Data are integer tokens ``[B, ...]``; the loss and the samplers dispatch on this protocol instead of the
-    Gaussian methods, reusing the trainer, batches, checkpoints, EMA and configs.
+    Data are integer tokens ``[B, ...]``; the process owns the map from a data batch to tokens and back. The
+    training objective is :meth:`loss` (the trainer's ``loss_fn(model, batch, generator) -> [B]``), the network is
+    built from :meth:`network_kwargs` instead of image arguments, and ``generate`` runs :meth:`prior` then
+    :meth:`step` down a time grid; trainer, batches, checkpoints, EMA and configs are shared with the Gaussian
+    family.
     """
 
     name: str
+
+    def network_kwargs(self, data_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
+        """Keyword arguments of the backbone constructor for data of ``data_shape`` (e.g. vocabulary size,
+        sequence length), replacing the image arguments Gaussian processes pass."""
+        ...
+
+    def prior(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
+              device: Any = "cpu") -> Tensor:
+        """Tokens ``[*shape]`` drawn from the fully corrupted distribution (time 1)."""
+        ...
+
+    def to_data(self, tokens: Tensor) -> Tensor:
+        """Tokens -> what ``generate`` returns (e.g. images in [-1, 1] for image tokens)."""
+        ...
 
     def corrupt(self, x: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``x_t ~ q(x_t | x)`` at times ``t [B]`` (e.g. each token masked with probability ``1 - alpha_t``)."""
@@ -75,3 +94,8 @@ class DiscreteProcess(Protocol):
              **cond: Any) -> Tensor:
         """One reverse step from time ``t`` to ``s < t``: a sample of ``x_s`` given ``x_t``."""
         ...
+
+
+def is_discrete(process: Any) -> bool:
+    """True for a process of the discrete family (:class:`DiscreteProcess`), False for a Gaussian one or ``None``."""
+    return process is not None and not isinstance(process, GaussianProcess) and isinstance(process, DiscreteProcess)
