@@ -50,3 +50,19 @@ def test_no_references_to_outside_notes():
     hits = [f"{p.relative_to(ROOT)}:{i}" for p in [*DOCS, *code] for i, line in enumerate(p.read_text().splitlines(), 1)
             if _FORBIDDEN.search(line) or (p in code and _BARE_ARCHITECTURE.search(line))]
     assert not hits, f"references to notes outside the repository or to how the code was written: {hits}"
+
+
+def test_architecture_worked_example_runs():
+    """The worked example of docs/ARCHITECTURE.md (adding a process) trains one loss evaluation and samples."""
+    from simdiff.processes import PROCESSES
+
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, "docs/ARCHITECTURE.md has no python example"
+    scope: dict = {}
+    try:
+        exec(compile(blocks[0], "ARCHITECTURE.md", "exec"), scope)
+    finally:
+        PROCESSES.pop("frequency_shifted", None)
+    assert scope["per_example"].shape == (16,) and bool(scope["per_example"].isfinite().all())
+    assert scope["images"].shape == (16, 1, 28, 28) and bool(scope["images"].isfinite().all())
