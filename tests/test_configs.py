@@ -7,6 +7,7 @@ resized to 28x28; distillation configs (``distill_*.yaml``) distil a tiny teache
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,23 +19,16 @@ from simdiff.configuration import from_dict, load_yaml
 from simdiff.distill.experiment import distill, load_distill_config
 from simdiff.nets import count_parameters
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+from tiny_configs import tiny_uvit  # noqa: E402
+
 CONFIGS = Path(__file__).parents[1] / "simdiff" / "configs"
 DISTILL = sorted(p.name for p in CONFIGS.glob("distill_*.yaml"))
 TRAINING = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("distill_"))
 
 ONE_STEP = ["train.steps=1", "train.batch_size=4", "train.checkpoint_every=0", "train.sample_every=0",
             "train.progress=false", "train.log_every=1", "sample.num=2"]
-TEACHER = {
-    "name": "tiny_teacher",
-    "data": {"name": "digits", "image_size": 8},
-    "model": {"arch": "uvit", "parameterisation": "v",
-              "options": {"channels": [16], "dim": 32, "depth": 1, "num_heads": 2, "num_res_blocks": 1}},
-    "diffusion": {"schedule": {"name": "shifted_cosine", "image_size": 8, "noise_size": 32},
-                  "weighting": "sigmoid", "cond_drop_prob": 0.1},
-    "train": {"steps": 10, "batch_size": 16, "checkpoint_every": 0, "log_every": 5, "progress": False,
-              "ema_half_life_images": 100},
-    "sample": {"sampler": "ddim", "steps": 2, "num": 2},
-}
+TEACHER = tiny_uvit("tiny_teacher", steps=10, sample_num=2)
 
 
 def _final_checkpoint(run: Path) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,17 +21,10 @@ from simdiff.configuration import from_dict
 from simdiff.distill.experiment import load_distill_config
 from simdiff.nets.students import GuidanceConditioned
 
-TEACHER = {
-    "name": "tiny_teacher",
-    "data": {"name": "digits", "image_size": 8},
-    "model": {"arch": "uvit", "parameterisation": "v",
-              "options": {"channels": [16], "dim": 32, "depth": 1, "num_heads": 2, "num_res_blocks": 1}},
-    "diffusion": {"schedule": {"name": "shifted_cosine", "image_size": 8, "noise_size": 32},
-                  "weighting": "sigmoid", "cond_drop_prob": 0.1},
-    "train": {"steps": 20, "batch_size": 16, "checkpoint_every": 0, "log_every": 5, "progress": False,
-              "ema_half_life_images": 100},
-    "sample": {"sampler": "ddim", "steps": 2, "num": 4},
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+from tiny_configs import tiny_uvit  # noqa: E402
+
+TEACHER = tiny_uvit("tiny_teacher", steps=20, sample_num=4)
 FAST = ["--set", "train.steps=3", "--set", "train.batch_size=8", "--set", "train.progress=false",
         "--set", "train.log_every=1", "--set", "train.ema_half_life_images=0", "--set", "sample.num=4",
         "--set", "train.optim.warmup_steps=0", "--set", "train.optim.lr=1e-3"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,17 +15,10 @@ from simdiff.cli import main
 from simdiff.experiment import load_config, load_model
 from simdiff.processes import PROCESSES, DCTBasis, GaussianProcess
 
-TINY = {
-    "name": "tiny",
-    "data": {"name": "digits", "image_size": 8},
-    "model": {"arch": "uvit", "parameterisation": "v",
-              "options": {"channels": [16], "dim": 32, "depth": 1, "num_heads": 2, "num_res_blocks": 1}},
-    "diffusion": {"schedule": {"name": "shifted_cosine", "image_size": 8, "noise_size": 32},
-                  "weighting": "sigmoid", "cond_drop_prob": 0.1},
-    "train": {"steps": 6, "batch_size": 16, "checkpoint_every": 3, "log_every": 1, "progress": False,
-              "ema_half_life_images": 100},
-    "sample": {"sampler": "dpmpp_2m", "steps": 4, "num": 10},
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+from tiny_configs import tiny_uvit  # noqa: E402
+
+TINY = tiny_uvit("tiny", steps=6, checkpoint_every=3, log_every=1, sampler="dpmpp_2m", sample_steps=4, sample_num=10)
 
 
 @pytest.fixture(scope="module")
