@@ -246,9 +246,9 @@ def train_simdiff(data: BatchIterator, budget_s: float, policy: str, seed: int) 
     from simdiff.experiment import build_network, load_config
     from simdiff.losses import DiffusionLoss
 
-    cfg = load_config(RECIPE)
+    cfg = load_config(RECIPE, ["model.class_conditional=false"])
     torch.manual_seed(seed)
-    model = build_network(cfg, image_shape=SHAPE, num_classes=0).train()
+    model = build_network(cfg, image_shape=SHAPE, num_classes=10).train()  # unconditional by the config switch
     loss_fn = DiffusionLoss.from_config(dataclasses.replace(cfg.diffusion, cond_drop_prob=0.0))
     o, tr = cfg.train.optim, cfg.train
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
@@ -357,7 +357,8 @@ def quality(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     test = build_dataset({"name": "mnist", "split": "test", "limit": n_ref}).images
     refs = {"fd": (test[: args.fd_ref], f"bench-mnist-test-first{args.fd_ref}"),
             "fid": (test[: args.fid_ref], f"bench-mnist-test-first{args.fid_ref}")}
-    recipe_params = count_parameters(build_network(load_config(RECIPE), image_shape=SHAPE, num_classes=0))
+    recipe_params = count_parameters(build_network(load_config(RECIPE, ["model.class_conditional=false"]),
+                                                   image_shape=SHAPE, num_classes=10))
     _, _, chans = matched_diffusers(recipe_params)
     width, mults = _WIDTH_MULTS[chans]
     info: dict[str, Any] = {"budget_minutes": args.minutes, "warmup_policy": args.warmup}
