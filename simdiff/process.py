@@ -52,6 +52,7 @@ __all__ = [
     "ddim_step",
     "ddim_invert_x",
     "ddpm_step",
+    "forward_step",
 ]
 
 
@@ -257,3 +258,17 @@ def ddim_invert_x(*, z_s: Tensor, z_t: Tensor, logsnr_s: Tensor, logsnr_t: Tenso
     a_t, _ = alpha_sigma(lt)
     ratio = sigma_ratio(logsnr_s=ls, logsnr_t=lt)
     return (z_s - ratio * z_t) / (a_s - a_t * ratio)
+
+
+def forward_step(*, z_s: Tensor, logsnr_s: Tensor, logsnr_t: Tensor, noise: Tensor) -> Tensor:
+    """Sample the forward transition q(z_t | z_s) for ``logsnr_t <= logsnr_s`` (t noisier; ``logsnr_s`` may be +inf).
+
+    ``z_t = (alpha_t / alpha_s) z_s + sigma_t sqrt(1 - SNR_t / SNR_s) noise`` (Kingma et al. 2021, VDM eq. 22-23 in
+    log-SNR form): composed with q(z_s | x) it gives q(z_t | x) exactly.
+    """
+    _check(z_s, noise, "forward_step(z_s, noise)")
+    lt, ls = expand(logsnr_t, z_s), expand(logsnr_s, z_s)
+    a_t, s_t = alpha_sigma(lt)
+    a_s, _ = alpha_sigma(ls)
+    keep = (-torch.expm1(lt - ls)).clamp_min(0).sqrt()
+    return (a_t / a_s) * z_s + (s_t * keep) * noise

@@ -123,3 +123,20 @@ def test_bad_shapes_name_both():
         P.add_noise(torch.zeros(2, 3), torch.zeros(2, 3), logsnr=torch.zeros(5))
     with pytest.raises(ValueError, match="valid: eps, x, v"):
         P.to_output("score", torch.zeros(2), z=torch.zeros(2), logsnr=torch.zeros(2))
+
+
+def test_forward_step_composes_to_the_marginal():
+    """q(z_t | z_s) after q(z_s | x) is q(z_t | x): mean alpha_t x and variance sigma_t^2 (float64, closed form)."""
+    from simdiff.process import alpha_sigma, expand, forward_step
+
+    x = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(3, 2)
+    ls = torch.tensor([4.0, 0.5, float("inf")], dtype=torch.float64)
+    lt = torch.tensor([-1.0, -3.0, 2.0], dtype=torch.float64)
+    a_s, s_s = alpha_sigma(expand(ls, x))
+    a_t, s_t = alpha_sigma(expand(lt, x))
+    zero, one = torch.zeros_like(x), torch.ones_like(x)
+    mean = forward_step(z_s=a_s * x, logsnr_s=ls, logsnr_t=lt, noise=zero)  # linear in (z_s, noise)
+    gain = forward_step(z_s=one, logsnr_s=ls, logsnr_t=lt, noise=zero)
+    kick = forward_step(z_s=zero, logsnr_s=ls, logsnr_t=lt, noise=one)
+    torch.testing.assert_close(mean, a_t * x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gain**2 * s_s**2 + kick**2, s_t**2 * one, rtol=0, atol=1e-12)

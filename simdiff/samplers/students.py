@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from simdiff.process import alpha_sigma, ddim_step
+from simdiff.process import ddim_step, forward_step
 from simdiff.samplers._common import Callback, Net, emit, prepare_grid
 from simdiff.samplers.first_order import sample_ddpm
 
@@ -153,7 +153,6 @@ def sample_guided_stochastic(
         raise ValueError("guided_stochastic: the grid must end at +inf (the last step returns the x prediction)")
     net = Net(denoise, z, grid, cond)
     b, n = z.shape[0], grid.steps + 1  # n finite levels = network calls
-    pad = (b,) + (1,) * (z.dim() - 1)
 
     def level(k: int) -> Tensor:
         return net.lam[k].to(z.dtype).expand(b)
@@ -171,10 +170,7 @@ def sample_guided_stochastic(
         else:
             lr = level(k + 2)
             z_r = ddim_step(z_t=z, x=x, logsnr_s=lr, logsnr_t=lt)
-        a_u, s_u = alpha_sigma(lu[:, None])
-        a_r, _ = alpha_sigma(lr[:, None])
-        keep = (-torch.expm1(lu - lr))[:, None].clamp_min(0).sqrt()
-        z = (a_u / a_r).reshape(pad) * z_r + (s_u * keep).reshape(pad) * _randn(z, generator)
+        z = forward_step(z_s=z_r, logsnr_s=lr, logsnr_t=lu, noise=_randn(z, generator))
         emit(callback, k, z, x, net.lam[k + 1])
     return z  # not reached: the loop returns at its last level
 
