@@ -92,14 +92,21 @@ class DiffusionModel(nn.Module):
         labels: Tensor | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        extra_emb: Tensor | None = None,
     ) -> DenoiserOutput:
-        """``z`` ``[B, C, H, W]``, ``logsnr`` ``[B]`` or scalar (the level) -> :class:`DenoiserOutput` like ``z``."""
+        """``z`` ``[B, C, H, W]``, ``logsnr`` ``[B]`` or scalar (the level) -> :class:`DenoiserOutput` like ``z``.
+
+        ``extra_emb`` ``[B, emb_dim]`` (optional) is added to the backbone's log-SNR embedding (e.g. the guidance
+        weight's embedding of a guided student); ``None`` passes nothing extra.
+        """
+        cond = dict(labels=labels, context=context, context_mask=context_mask)
+        if extra_emb is not None:
+            cond["extra_emb"] = extra_emb
         if self.process is None:
-            pred = self.predict(z, logsnr, labels=labels, context=context, context_mask=context_mask)
+            pred = self.predict(z, logsnr, **cond)
             out = to_output(self.parameterisation, pred, z=z, logsnr=torch.as_tensor(logsnr, device=z.device))
         else:
             lam = torch.as_tensor(logsnr, device=z.device)
-            cond = dict(labels=labels, context=context, context_mask=context_mask)
             pred = self.predict(z, self.process.net_cond(lam), **cond)
             out = self.process.to_output(self.parameterisation, pred, z=z, lam=lam)
         if out.x.dtype == z.dtype:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from simdiff.nets.conditioning import LogSNREmbedding
-from simdiff.process import DenoiserOutput, to_output
+from simdiff.process import DenoiserOutput
 
 __all__ = ["GuidanceConditioned", "DenoiserGenerator", "wrap_student", "WRAPPERS"]
 
@@ -42,7 +42,7 @@ class GuidanceConditioned(nn.Module):
     def __init__(self, model: nn.Module, *, max_guidance: float = 8.0) -> None:
         super().__init__()
         target = getattr(getattr(getattr(model, "backbone", None), "cond", None), "logsnr", None)
-        if not isinstance(target, LogSNREmbedding) or not hasattr(model, "predict"):
+        if not isinstance(target, LogSNREmbedding):
             raise ValueError(f"guided students need a simdiff DiffusionModel (backbone.cond.logsnr), got "
                              f"{type(model).__name__}")
         self.model = model
@@ -59,12 +59,7 @@ class GuidanceConditioned(nn.Module):
         b = z.shape[0]
         w = torch.zeros(b, device=z.device) if guidance is None else torch.as_tensor(guidance, device=z.device)
         w = w.float().reshape(-1).expand(b)
-        # the same three steps as DiffusionModel.forward, with the w-embedding passed to the backbone
-        pred = self.model.predict(z, logsnr, extra_emb=self.w_embed(w), **cond)
-        out = to_output(self.model.parameterisation, pred, z=z, logsnr=torch.as_tensor(logsnr, device=z.device))
-        if out.x.dtype == z.dtype:
-            return out
-        return DenoiserOutput(x=out.x.to(z.dtype), eps=out.eps.to(z.dtype), v=out.v.to(z.dtype))
+        return self.model(z, logsnr, extra_emb=self.w_embed(w), **cond)
 
 
 class DenoiserGenerator(nn.Module):
