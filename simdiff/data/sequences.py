@@ -29,7 +29,7 @@ import torch
 
 from simdiff.data.errors import DataError
 
-__all__ = ["default_cache_dir", "sequence_generator", "cache_path", "cached_array", "progress_bar"]
+__all__ = ["default_cache_dir", "sequence_generator", "cache_path", "cached_array", "progress_bar", "sliding_windows"]
 
 #: Bumped when a generator changes its output for the same parameters, so old cache files are not reused.
 CACHE_FORMAT = 1
@@ -149,3 +149,18 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> Iter
 
     with tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False) as bar:
         yield bar.update
+
+
+def sliding_windows(x: torch.Tensor, window: int, stride: int | None = None) -> torch.Tensor:
+    """Cut sequences ``[num, frames, ...]`` into windows ``[num * k, window, ...]`` (``k`` per sequence).
+
+    Windows start every ``stride`` frames (default ``window``: disjoint) and are ordered sequence by sequence. Long
+    trajectories cut this way give many training windows for one burn-in (the windows of one trajectory are
+    correlated in time).
+    """
+    stride = window if stride is None else stride
+    if x.dim() < 2 or window < 1 or stride < 1 or window > x.shape[1]:
+        raise ValueError(f"need sequences [num, frames, ...] with 1 <= window <= frames and stride >= 1; got shape "
+                         f"{tuple(x.shape)}, window {window}, stride {stride}")
+    starts = range(0, x.shape[1] - window + 1, stride)
+    return torch.stack([x[:, s : s + window] for s in starts], 1).flatten(0, 1)
