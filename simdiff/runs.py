@@ -113,6 +113,8 @@ def build_network(cfg: ExperimentConfig, *, image_shape: tuple[int, int, int], n
     from simdiff.processes import is_discrete
 
     process = run_process(cfg)
+    if hasattr(process, "check_data_shape"):
+        process.check_data_shape(tuple(image_shape))
     if is_discrete(process):
         return build_backbone(cfg.model.arch, cfg.model.options,
                               **process.network_kwargs(tuple(image_shape), model_classes(cfg, num_classes)))

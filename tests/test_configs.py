@@ -53,6 +53,9 @@ def test_training_config_parses_and_trains_one_step(name, tmp_path):
     loaded = experiment.load_model(tmp_path / "run", ema=False)
     assert loaded.config.model == cfg.model and loaded.config.diffusion.schedule == cfg.diffusion.schedule
     assert loaded.image_shape == (1, 28, 28) and loaded.num_classes == 10
+    assert loaded.config.diffusion.process == cfg.diffusion.process
+    named = raw["diffusion"].get("process", {}).get("name", "isotropic")
+    assert (loaded.process.name if loaded.process is not None else "isotropic") == named
     if name == "mnist.yaml":  # the shipped model's architecture: the README's "3.0M-parameter residual U-ViT"
         assert round(count_parameters(loaded.model, trainable_only=False) / 1e6, 1) == 3.0
     head = [p for n, p in loaded.model.named_parameters() if n.startswith("backbone.head.")]

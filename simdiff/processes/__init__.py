@@ -4,6 +4,8 @@
   (``bases.py``: identity, DCT-II); posterior, DDPM / DDIM steps, x/eps/v views and sampler coefficients are
   written once over those coefficients. :mod:`simdiff.process` keeps the pure isotropic VP functions.
 * :class:`IsotropicGaussian` (``isotropic.py``): the default, bit-identical to the process-free code paths.
+* :class:`BlurringDiffusion` (``blurring.py``, "blurring"): heat dissipation plus noise in the DCT basis
+  (Hoogeboom & Salimans 2023).
 * :class:`DiscreteProcess`: the protocol a discrete process (e.g. masked diffusion) implements so that the
   training objective, the network builder and ``generate`` dispatch to it. No discrete process is implemented here.
 
@@ -21,6 +23,7 @@ from torch import Tensor
 from simdiff.configuration import ConfigError, get_registered
 from simdiff.processes.base import GaussianProcess
 from simdiff.processes.bases import DCTBasis, IdentityBasis
+from simdiff.processes.blurring import BlurringDiffusion
 from simdiff.processes.isotropic import IsotropicGaussian
 
 __all__ = [
@@ -28,6 +31,7 @@ __all__ = [
     "DEFAULT_PROCESS",
     "GaussianProcess",
     "IsotropicGaussian",
+    "BlurringDiffusion",
     "IdentityBasis",
     "DCTBasis",
     "DiscreteProcess",
@@ -36,7 +40,7 @@ __all__ = [
 ]
 
 #: name -> process class taking ``(schedule, **params)``: Gaussian processes and discrete ones (one namespace).
-PROCESSES: dict[str, type] = {"isotropic": IsotropicGaussian}
+PROCESSES: dict[str, type] = {"isotropic": IsotropicGaussian, "blurring": BlurringDiffusion}
 
 DEFAULT_PROCESS: dict[str, Any] = {"name": "isotropic"}
 

@@ -62,7 +62,7 @@ def sample_ddim(
         x = net.x(u, i)
         u = c_z[i] * u + c_x[i] * x
         if eta > 0:
-            u = u + c_n[i] * _randn(u, generator)
+            u = u + c_n[i] * net.encode(_randn(u, generator))  # white noise drawn in data space
         net.emit(callback, i, u, x, net.lam[i + 1])
     return land(net, u, grid, callback)
 
@@ -90,7 +90,7 @@ def sample_ddpm(
     u = net.encode(z)
     for i in range(grid.steps):
         x = net.x(u, i)
-        noise = _randn(u, generator)
+        noise = net.encode(_randn(u, generator))  # drawn in data space: the same draws in every basis
         u = net.process.ddpm_step(
             z_t=u, x=x, lam_s=net.lam[i + 1], lam_t=net.lam[i], noise=noise, variance=variance, encoded=True
         ).to(u.dtype)
