@@ -159,7 +159,7 @@ def test_trajectory_cache_errors_and_bad_parameters(tmp_path):
     f.write_bytes(b"not a zip file")
     with pytest.raises(DataError, match="corrupt sequence cache file .*delete it"):
         kolmogorov_trajectories(1, 2, seed=0, cache_dir=tmp_path, **SMALL)
-    with pytest.raises(ValueError, match="CFL number .* > 1"):
+    with pytest.raises(ValueError, match="CFL number .* > 0.8"):
         kolmogorov_trajectories(1, 2, seed=0, cache=False, **{**SMALL, "dt": 0.5})
     with pytest.raises(ValueError, match="size must be even and <= solver_size"):
         kolmogorov_trajectories(1, 2, cache=False, **{**SMALL, "size": 64})
