@@ -231,7 +231,9 @@ def kolmogorov_trajectories(
         dt: solver time step; default ``cfl * (2 pi / solver_size) / max_velocity``.
         frame_every: solver steps between stored frames (frame spacing ``frame_every * dt`` time units).
         burn_in: time units discarded before the first frame.
-        seed: same seed and parameters give the identical array.
+        seed: same seed and parameters give the identical array (bit for bit on one machine and torch build;
+            checked with 1 and 2 threads). Another FFT library may differ in the last bit, which the chaotic flow
+            amplifies over the burn-in, so share the cache file rather than regenerating for exact comparisons.
         normalize: divide by :data:`VORTICITY_SCALE` (rough unit scale; applied after the cache, which holds the
             raw vorticity).
         cache_dir, cache: the .npz cache (see :mod:`simdiff.data.sequences`); ``cache=False`` neither reads nor
