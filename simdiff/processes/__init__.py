@@ -6,6 +6,8 @@
 * :class:`IsotropicGaussian` (``isotropic.py``): the default, bit-identical to the process-free code paths.
 * :class:`BlurringDiffusion` (``blurring.py``, "blurring"): heat dissipation plus noise in the DCT basis
   (Hoogeboom & Salimans 2023).
+* :class:`RollingDiffusion` (``rolling.py``, "rolling"): per-frame local times in a sliding window (Ruhe et al.
+  2024); its sampler is :func:`simdiff.samplers.rolling.sample_rolling`.
 * :class:`DiscreteProcess`: the protocol a discrete process (e.g. masked diffusion) implements so that the
   training objective, the network builder and ``generate`` dispatch to it. No discrete process is implemented here.
 
@@ -25,6 +27,7 @@ from simdiff.processes.base import GaussianProcess
 from simdiff.processes.bases import DCTBasis, IdentityBasis
 from simdiff.processes.blurring import BlurringDiffusion
 from simdiff.processes.isotropic import IsotropicGaussian
+from simdiff.processes.rolling import RollingDiffusion
 
 __all__ = [
     "PROCESSES",
@@ -32,6 +35,7 @@ __all__ = [
     "GaussianProcess",
     "IsotropicGaussian",
     "BlurringDiffusion",
+    "RollingDiffusion",
     "IdentityBasis",
     "DCTBasis",
     "DiscreteProcess",
@@ -40,7 +44,8 @@ __all__ = [
 ]
 
 #: name -> process class taking ``(schedule, **params)``: Gaussian processes and discrete ones (one namespace).
-PROCESSES: dict[str, type] = {"isotropic": IsotropicGaussian, "blurring": BlurringDiffusion}
+PROCESSES: dict[str, type] = {"isotropic": IsotropicGaussian, "blurring": BlurringDiffusion,
+                              "rolling": RollingDiffusion}
 
 DEFAULT_PROCESS: dict[str, Any] = {"name": "isotropic"}
 
