@@ -40,9 +40,9 @@ shell energy at k = 20 was 2.6e-4 solved on 64 x 64 against 9e-5 on 128 x 128: e
 ``dt = 0.0035``, a frame every 64 steps (0.224 time units; measured frame-to-frame vorticity correlation 0.81, 0.37
 after 4 frames, 0.13 after 8), burn-in 20 time units (kinetic energy and vorticity variance level off after
 about 10). Measured stationary vorticity std about 4.8 (hence :data:`VORTICITY_SCALE`). Cost: the 128 x 128 solve
-takes about 1.6 ms per trajectory and step on one CPU thread, mostly burn-in: 4 trajectories of 24 frames took
-51 s. For many training windows, generate few long trajectories and cut them with
-:func:`simdiff.data.sequences.sliding_windows`.
+takes 1.5 to 1.9 ms per trajectory and step on one CPU thread (batches of 1 to 16), and 24 frames at the defaults
+are 6700 steps, most of them burn-in: 4 trajectories took 51 s. For many training windows, generate few long
+trajectories and cut them with :func:`simdiff.data.sequences.sliding_windows`.
 """
 
 from __future__ import annotations
