@@ -1,4 +1,5 @@
-"""Data sets (MNIST, sklearn digits, Fashion-MNIST, image folders, a synthetic Gaussian-mixture set) and transforms.
+"""Data sets (MNIST, sklearn digits, Fashion-MNIST, image folders, a synthetic Gaussian-mixture set) and transforms;
+sequence data for forecasting (2-D Kolmogorov flow, Moving MNIST) as ``[N, frames, C, H, W]`` arrays.
 
 Images are presented as float32 ``[N, C, H, W]`` in ``[-1, 1]`` (held as uint8 where that is exact); see
 :mod:`simdiff.data.datasets`.
@@ -7,6 +8,9 @@ Images are presented as float32 ``[N, C, H, W]`` in ``[-1, 1]`` (held as uint8 w
 from simdiff.data.datasets import DATASETS, DataConfig, ImageDataset, build_dataset, gmm_image_mixture
 from simdiff.data.errors import DataError, ImageLoadError
 from simdiff.data.folder import IMAGE_EXTENSIONS, decode_image, load_folder, scan_images
+from simdiff.data.kolmogorov import VORTICITY_SCALE, kolmogorov_trajectories
+from simdiff.data.moving_mnist import moving_mnist
+from simdiff.data.sequences import sliding_windows
 from simdiff.data.sources import read_idx
 from simdiff.data.transforms import convert_channels, random_hflip, resize_images, uint8_to_float
 
@@ -27,4 +31,8 @@ __all__ = [
     "random_hflip",
     "resize_images",
     "uint8_to_float",
+    "kolmogorov_trajectories",
+    "VORTICITY_SCALE",
+    "moving_mnist",
+    "sliding_windows",
 ]
