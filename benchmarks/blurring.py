@@ -26,7 +26,9 @@ Run (CPU, small)::
 
 and at paper-like scale on a GPU: ``--device cuda --steps 20000 --batch 256 --num-eval 10000 --threads 8``.
 Checkpoints go under ``--run-dir`` (default ``/tmp/blur_bench``, outside the repository); a finished row is not
-retrained when the script is run again with the same settings (the trainer resumes from its last checkpoint).
+retrained when the script is run again with the same settings (the trainer resumes from its last checkpoint),
+nor re-scored (its timing and scores are stored in its run directory; ``--rescore`` recomputes the scores), so a
+sweep can be extended by running again with more ``--sigmas``.
 Writes ``benchmarks/results/<name>.{json,md}`` (``--name``, default ``blurring``) after every row, and
 ``<name>_grid.png``.
 """
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -83,18 +86,31 @@ def run_row(args: argparse.Namespace, data: str, sigma: float) -> tuple[dict[str
     base = load_config(CONFIGS[data])
     cfg = load_config(CONFIGS[data], overrides(args, sigma, base.train.optim.warmup_steps))
     run_dir = Path(args.run_dir) / f"{data}_sB{sigma:g}_{args.steps}x{args.batch}_seed{args.seed}"
-    t0 = time.perf_counter()
-    summary = train(cfg, run_dir, resume=True)
-    train_s = time.perf_counter() - t0
+    done = run_dir / "trained.json"
+    if done.exists():  # an earlier run of this row finished training: reuse its checkpoint and timing
+        summary = json.loads(done.read_text())
+    else:
+        t0 = time.perf_counter()
+        summary = train(cfg, run_dir, resume=True)
+        summary = {"images_seen": summary.get("images_seen"), "loss": summary.get("loss"),
+                   "train_s": time.perf_counter() - t0}
+        done.write_text(json.dumps(summary))
+    train_s = summary["train_s"]
     loaded = load_model(run_dir, device=args.device)
     sample_cfg = dataclasses.replace(cfg.sample, sampler=args.sampler, steps=args.sample_steps, seed=args.seed,
                                      guidance=0.0)
-    t0 = time.perf_counter()
     metrics = ("mnist_fd", "fid", "kid", "precision_recall", "accuracy") if data == "mnist" else \
         ("fid", "kid", "precision_recall")
-    scores = evaluate_model(loaded, sample_cfg, num=args.num_eval, metrics=metrics, device=args.device,
-                            progress=args.progress)
-    eval_s = time.perf_counter() - t0
+    cached = run_dir / f"scores_{args.sampler}{args.sample_steps}_n{args.num_eval}_seed{args.seed}.json"
+    if cached.exists() and not args.rescore:  # written by an earlier run of this row with the same evaluation
+        scores = json.loads(cached.read_text())
+        eval_s = scores.pop("eval_s")
+    else:
+        t0 = time.perf_counter()
+        scores = evaluate_model(loaded, sample_cfg, num=args.num_eval, metrics=metrics, device=args.device,
+                                progress=args.progress)
+        eval_s = time.perf_counter() - t0
+        cached.write_text(json.dumps({**scores, "eval_s": eval_s}))
     labels = torch.arange(10) % max(loaded.num_classes, 1) if loaded.num_classes > 0 else None
     row = generate(loaded.model, loaded.schedule, loaded.image_shape, sample_cfg, num=10, labels=labels,
                    num_classes=loaded.num_classes, null_cond=class_null_cond(loaded.num_classes), device=args.device,
@@ -154,6 +170,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default="blurring", help="result file stem under benchmarks/results/")
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides a.b=value for every row")
     p.add_argument("--progress", action="store_true", help="progress bars")
+    p.add_argument("--rescore", action="store_true",
+                   help="re-evaluate rows whose scores an earlier run stored in their run directory")
     args = p.parse_args(argv)
     for k in ("steps", "batch", "num_eval", "sample_steps", "threads"):
         if getattr(args, k) < 1:
