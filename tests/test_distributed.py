@@ -7,9 +7,7 @@ resume (FSDP -> FSDP exact, DDP <-> FSDP to 1e-5) continues the run.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,21 +23,14 @@ from simdiff.train.logging import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "scripts"))
 from ddp_check import make, mse  # noqa: E402
-from ports import free_port  # noqa: E402
+from launch import torchrun  # noqa: E402
 from tiny_train import TinyNet, make_data  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ddp_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "scripts" / "ddp_check.py"), str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(ROOT / "tests" / "scripts" / "ddp_check.py", str(out), root=ROOT)
     return out
 
 
