@@ -1,7 +1,7 @@
 """Samplers of distilled students, with the signature of every other sampler in :mod:`simdiff.samplers`.
 
 * ``moment_matching`` / ``moment_matching_large``: the stochastic ``k``-step sampler of moment matching distillation
-  (Salimans, Mensink, Heek & Hoogeboom 2024, sec. 3.1): ``x = g(z_t)``, then ``z_s ~ q(z_s | z_t, x)`` down the
+  (Salimans, Mensink, Heek & Hoogeboom 2024): ``x = g(z_t)``, then ``z_s ~ q(z_s | z_t, x)`` down the
   grid, returning the last ``x``. That is ancestral sampling with the student as the x-predictor, so both names
   run :func:`simdiff.samplers.sample_ddpm` with the "small" (true posterior) or "large" posterior variance.
 * ``generator``: a one-step generator student (EMD, Xie et al. 2024), ``x = g(z, **cond)``; the grid is not used.
@@ -30,11 +30,6 @@ __all__ = ["STUDENT_SAMPLERS", "sample_moment_matching", "sample_moment_matching
            "sample_guided_stochastic"]
 
 
-def _process_kw(process: Any) -> dict[str, Any]:
-    # Passed on only when given, so the call also works with a sample_ddpm that has no ``process`` keyword.
-    return {} if process is None else {"process": process}
-
-
 def sample_moment_matching(
     denoise: Callable,
     z: Tensor,
@@ -45,7 +40,7 @@ def sample_moment_matching(
     cond: dict | None = None,
     process: Any = None,
 ) -> Tensor:
-    """Moment matching student sampler (Salimans et al. 2024, sec. 3.1), small posterior variance.
+    """Moment matching student sampler (Salimans et al. 2024), small posterior variance.
 
     On a grid ``[lambda_0, ..., lambda_(M-1), +inf]`` (``make_grid(schedule, M, kind="uniform_t")`` for a student
     distilled for ``M`` steps): ``x_i = g(z_i, lambda_i)``, ``z_(i+1) ~ q(z_(i+1) | z_i, x = x_i)`` for ``i < M - 1``,
@@ -62,7 +57,7 @@ def sample_moment_matching(
         ``[B, ...]`` in ``z.dtype``.
     """
     return sample_ddpm(denoise, z, logsnrs, variance="small", generator=generator, callback=callback, cond=cond,
-                       **_process_kw(process))
+                       process=process)
 
 
 def sample_moment_matching_large(
@@ -77,7 +72,7 @@ def sample_moment_matching_large(
 ) -> Tensor:
     """:func:`sample_moment_matching` with the "large" posterior variance ``(1 - SNR_t / SNR_s) sigma_t^2``."""
     return sample_ddpm(denoise, z, logsnrs, variance="large", generator=generator, callback=callback, cond=cond,
-                       **_process_kw(process))
+                       process=process)
 
 
 def sample_generator(
