@@ -72,10 +72,13 @@ def _resolved_loss_config(cfg: ExperimentConfig, num_classes: int) -> LossConfig
 
 def build_objective(loss_cfg: LossConfig):
     """The trainer's ``loss_fn(model, batch, generator) -> [B]`` for ``loss_cfg``: the Gaussian diffusion loss, or,
-    when ``loss_cfg.process`` names a discrete process, that process's own loss."""
+    when ``loss_cfg.process`` names a discrete process, that process's own loss; a Gaussian process with an
+    ``objective(loss_cfg)`` method supplies its own loss object."""
     process = build_process(loss_cfg.process, schedule_from_dict(loss_cfg.schedule))
     if is_discrete(process):
         return process.loss
+    if hasattr(process, "objective"):  # a Gaussian process with its own training objective (e.g. rolling windows)
+        return process.objective(loss_cfg)
     return DiffusionLoss.from_config(loss_cfg)
 
 

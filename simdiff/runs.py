@@ -118,6 +118,10 @@ def build_network(cfg: ExperimentConfig, *, image_shape: tuple[int, int, int], n
     if is_discrete(process):
         return build_backbone(cfg.model.arch, cfg.model.options,
                               **process.network_kwargs(tuple(image_shape), model_classes(cfg, num_classes)))
+    if hasattr(process, "network_kwargs"):  # a Gaussian process over non-image data (e.g. video windows)
+        data = process.network_kwargs(tuple(image_shape), model_classes(cfg, num_classes))
+        backbone = build_backbone(cfg.model.arch, cfg.model.options, **data)
+        return DiffusionModel(backbone, cfg.model.parameterisation, process=process)
     c, h, w = image_shape
     return build_model(
         cfg.model.arch,
@@ -174,6 +178,9 @@ def sample_grid(
     """Sample ``num`` images (classes cycling 0..C-1 for a class-conditional model) and save them as a PNG grid;
     ``process`` is the run's noising process (``None``: isotropic VP, see :func:`run_process`)."""
     num = sample_cfg.num if num is None else num
+    if hasattr(process, "preview"):  # a process with its own picture of samples (e.g. a rollout strip)
+        return process.preview(model, sample_cfg, shape=tuple(image_shape), num_classes=num_classes, out=out,
+                               num=num, device=device)
     labels = torch.arange(num) % num_classes if num_classes > 0 else None
     x = generate(model, schedule, image_shape, sample_cfg, num=num, labels=labels, num_classes=num_classes,
                  null_cond=class_null_cond(num_classes), device=device, process=process)
