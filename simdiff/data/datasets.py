@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -40,6 +40,8 @@ class DataConfig:
         hflip: random left-right flips in :meth:`ImageDataset.sample_batch` (augmentation).
         on_error: folders only: "stop" at the first unreadable file, or "skip" it and log a count.
         limit: keep only the first ``limit`` examples (for ``gmm_images``: the number drawn, default 1024).
+        options: source-specific settings (e.g. a text corpus's sequence length); each source documents its keys
+            and rejects unknown ones.
     """
 
     name: str = "mnist"
@@ -50,6 +52,7 @@ class DataConfig:
     hflip: bool = False
     on_error: Literal["stop", "skip"] = "stop"
     limit: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.image_size is not None and self.image_size < 1:
@@ -182,7 +185,15 @@ DATASETS: dict[str, Callable[[DataConfig], RawData]] = {
     "fashion_mnist": lambda cfg: load_fashion_mnist(cfg.split, cfg.root),
     "folder": _folder,
     "gmm_images": _gmm_images,
+    "text": lambda cfg: _lazy("simdiff.data.text", "load_text")(cfg),
 }
+
+
+def _lazy(module: str, name: str) -> Callable[[DataConfig], RawData]:
+    """The loader ``module.name``, imported on first use (sources with heavier or optional dependencies)."""
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
 
 
 def build_dataset(cfg: DataConfig | dict[str, Any]) -> ImageDataset:
