@@ -4,9 +4,21 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup data test lint demo bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) data
+
+# Fashion-MNIST comes from the Debian package `dataset-fashion-mnist`: installed here when we are root on a Debian
+# system; otherwise the one command that installs it is printed (tests that need it skip with that reason).
+FASHION_PKG := dataset-fashion-mnist
+data:
+	@if dpkg -s $(FASHION_PKG) >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing $(FASHION_PKG) (Fashion-MNIST) with apt-get"; \
+	  { apt-get install -y -q $(FASHION_PKG) >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(FASHION_PKG) >/dev/null 2>&1; }; } || \
+	  echo "could not install Fashion-MNIST; run: apt-get update && apt-get install $(FASHION_PKG)"; \
+	else echo "Fashion-MNIST is not installed; run: sudo apt-get install $(FASHION_PKG)"; fi
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
