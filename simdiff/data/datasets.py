@@ -32,7 +32,8 @@ class DataConfig:
     """Which images to train on.
 
     Attributes:
-        name: registry key, one of ``DATASETS`` (mnist, digits, fashion_mnist, folder, gmm_images).
+        name: registry key, one of ``DATASETS`` (mnist, digits, fashion_mnist, folder, gmm_images, text, and the
+            frame-window sets kolmogorov and moving_mnist of :mod:`simdiff.data.video_sets`).
         image_size: output side length; None keeps the native size (required for ``folder``).
         channels: 1 (grey) or 3 (RGB); None keeps the native channels.
         split: e.g. "train" / "valid" / "test" / "train+valid" for MNIST (valid names are listed on error).
@@ -68,6 +69,9 @@ class DataConfig:
 class ImageDataset:
     """Images ``[N, C, H, W]`` float32 in [-1, 1], optional ``labels [N]`` (long), ``num_classes`` (0 if none).
 
+    A sequence data set holds windows of frames ``[N, W, C, H, W']`` the same way (one window per example; values
+    need not lie in [-1, 1], e.g. normalised vorticity, and are then stored as float32).
+
     ``ds[i]`` gives ``{"x": [C, H, W], "labels": scalar}``; ``ds[idx]`` with a LongTensor / slice gives the
     batched dict ``{"x": [B, C, H, W], "labels": [B]}`` (float32). Unlabelled sets have no ``"labels"`` key, so a
     batch minus ``"x"`` can be passed straight on as conditioning keywords.
@@ -80,8 +84,9 @@ class ImageDataset:
     def __init__(self, images: Tensor, labels: Tensor | None = None, num_classes: int = 0,
                  class_names: tuple[str, ...] = (), hflip: bool = False, name: str = "",
                  info: dict[str, Any] | None = None):
-        if images.dim() != 4:
-            raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+        if images.dim() not in (4, 5):
+            raise ValueError(f"images must be [N, C, H, W] (or windows [N, W, C, H, W']), got shape "
+                             f"{tuple(images.shape)}")
         if labels is not None:
             if labels.shape != images.shape[:1]:
                 raise ValueError(f"labels shape {tuple(labels.shape)} does not match images {tuple(images.shape)}")
@@ -103,8 +108,8 @@ class ImageDataset:
         return self.storage.shape[0]
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of one example."""
+    def shape(self) -> tuple[int, ...]:
+        """``(C, H, W)`` of one example (``(W, C, H, W')`` for a set of frame windows)."""
         return tuple(self.storage.shape[1:])  # type: ignore[return-value]
 
     def __getitem__(self, idx: int | slice | Tensor) -> dict[str, Tensor]:
@@ -186,6 +191,8 @@ DATASETS: dict[str, Callable[[DataConfig], RawData]] = {
     "folder": _folder,
     "gmm_images": _gmm_images,
     "text": lambda cfg: _lazy("simdiff.data.text", "load_text")(cfg),
+    "kolmogorov": lambda cfg: _lazy("simdiff.data.video_sets", "load_sequence_windows")("kolmogorov", cfg),
+    "moving_mnist": lambda cfg: _lazy("simdiff.data.video_sets", "load_sequence_windows")("moving_mnist", cfg),
 }
 
 
@@ -210,6 +217,9 @@ def build_dataset(cfg: DataConfig | dict[str, Any]) -> ImageDataset:
     x, y = raw.images, raw.labels
     if cfg.limit is not None:
         x, y = x[: cfg.limit], None if y is None else y[: cfg.limit]
+    if x.dim() == 5:  # windows of frames: the source has applied its own size options
+        info = {"config": dataclasses.asdict(cfg), "native_shape": tuple(x.shape[1:]), **(raw.info or {})}
+        return ImageDataset(x.contiguous(), y, raw.num_classes, raw.class_names, cfg.hflip, cfg.name, info)
     if cfg.channels == 1:
         x = convert_channels(x, 1)
     if cfg.image_size is not None:

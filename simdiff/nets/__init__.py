@@ -9,6 +9,7 @@ from .denoiser import BACKBONES, DiffusionModel, build_backbone, build_model, co
 from .students import DenoiserGenerator, GuidanceConditioned, wrap_student
 from .unet import UNet, UNetConfig
 from .uvit import ResidualUViTConfig, UViT, UViTConfig
+from .video import VideoUViT, VideoUViTConfig
 from .wavelets import Wavelet53, dwt53, idwt53
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "UViT",
     "UViTConfig",
     "ResidualUViTConfig",
+    "VideoUViT",
+    "VideoUViTConfig",
     "Wavelet53",
     "dwt53",
     "idwt53",

@@ -18,6 +18,7 @@ from ..process import PARAMETERISATIONS, DenoiserOutput, to_output
 from ..processes import GaussianProcess
 from .unet import UNet, UNetConfig
 from .uvit import ResidualUViTConfig, UViT, UViTConfig
+from .video import VideoUViT, VideoUViTConfig
 
 __all__ = ["BACKBONES", "DiffusionModel", "build_backbone", "build_model", "count_parameters"]
 
@@ -26,6 +27,7 @@ BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {
     "unet": (UNetConfig, UNet),
     "uvit": (UViTConfig, UViT),
     "residual_uvit": (ResidualUViTConfig, UViT),
+    "video_uvit": (VideoUViTConfig, VideoUViT),  # frame windows; data arguments from RollingDiffusion.network_kwargs
 }
 
 
