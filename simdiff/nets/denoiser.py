@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..configuration import ConfigError, from_dict, get_registered
+from ..discrete.transformer import TokenTransformer, TokenTransformerConfig
 from ..process import PARAMETERISATIONS, DenoiserOutput, to_output
 from ..processes import GaussianProcess
 from .unet import UNet, UNetConfig
@@ -28,6 +29,7 @@ BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {
     "uvit": (UViTConfig, UViT),
     "residual_uvit": (ResidualUViTConfig, UViT),
     "video_uvit": (VideoUViTConfig, VideoUViT),  # frame windows; data arguments from RollingDiffusion.network_kwargs
+    "token_transformer": (TokenTransformerConfig, TokenTransformer),  # tokens; data arguments from MaskedDiffusion
 }
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from simdiff.configuration import ConfigError, get_registered
+from simdiff.discrete.masked import MaskedDiffusion
 from simdiff.processes.base import GaussianProcess
 from simdiff.processes.bases import DCTBasis, IdentityBasis
 from simdiff.processes.blurring import BlurringDiffusion
@@ -45,7 +46,7 @@ __all__ = [
 
 #: name -> process class taking ``(schedule, **params)``: Gaussian processes and discrete ones (one namespace).
 PROCESSES: dict[str, type] = {"isotropic": IsotropicGaussian, "blurring": BlurringDiffusion,
-                              "rolling": RollingDiffusion}
+                              "rolling": RollingDiffusion, "masked": MaskedDiffusion}
 
 DEFAULT_PROCESS: dict[str, Any] = {"name": "isotropic"}
 
