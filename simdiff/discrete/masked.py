@@ -90,8 +90,9 @@ class MaskedDiffusion:
         return data_from_tokens(tokens, self.levels)
 
     def network_kwargs(self, data_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
-        """``vocab_size`` (data tokens; the backbone adds the mask as one more input id) and sequence ``length``."""
-        return {"vocab_size": self.levels, "length": int(math.prod(data_shape))}
+        """``vocab_size`` (data tokens; the backbone adds the mask as one more input id), sequence ``length`` and
+        ``num_classes`` (class-conditional denoiser when > 0)."""
+        return {"vocab_size": self.levels, "length": int(math.prod(data_shape)), "num_classes": num_classes}
 
     # ------------------------------------------------------------------------------------------ forward process
     def prior(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
@@ -118,15 +119,18 @@ class MaskedDiffusion:
 
     def loss(self, model: Any, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         """Per-example bound ``[B]`` in nats per token, at stratified times ``t_i = (u + i / B) mod 1`` (one
-        uniform ``u`` per batch: a low-discrepancy sampler of ``t``, as MDLM and MD4 do)."""
+        uniform ``u`` per batch: a low-discrepancy sampler of ``t``, as MDLM and MD4 do). The batch's other entries
+        (e.g. ``labels``) are passed to the network."""
         x = self.tokens(batch["x"])
         b, dev = x.shape[0], x.device
         u = torch.rand((), generator=generator, dtype=torch.float64, device=dev)
         t = ((u + torch.arange(b, dtype=torch.float64, device=dev) / b) % 1).clamp_min(1e-6)
-        return self.bound_terms(model, x, self.corrupt(x, t, generator), t)
+        cond = {k: v for k, v in batch.items() if k != "x"}
+        return self.bound_terms(model, x, self.corrupt(x, t, generator), t, **cond)
 
     @torch.no_grad()
-    def elbo(self, model: Any, x: Tensor, *, samples: int = 8, generator: torch.Generator | None = None) -> Tensor:
+    def elbo(self, model: Any, x: Tensor, *, samples: int = 8, generator: torch.Generator | None = None,
+             **cond: Any) -> Tensor:
         """Monte Carlo bound ``[B]`` on ``-log p(x) / L`` (nats per token) of tokens ``x``: ``samples`` stratified
         times per example."""
         b, dev = x.shape[0], x.device
@@ -134,7 +138,7 @@ class MaskedDiffusion:
         u = torch.rand(b, generator=generator, dtype=torch.float64, device=dev)
         for i in range(samples):
             t = ((u + i / samples) % 1).clamp_min(1e-6)
-            total += self.bound_terms(model, x, self.corrupt(x, t, generator), t).double()
+            total += self.bound_terms(model, x, self.corrupt(x, t, generator), t, **cond).double()
         return total / samples
 
     # ------------------------------------------------------------------------------------------ sampling

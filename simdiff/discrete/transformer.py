@@ -51,15 +51,18 @@ class _Block(nn.Module):
 
 
 class TokenTransformer(nn.Module):
-    """``model(x [B, *shape] long, t=None) -> logits [B, *shape, vocab_size]`` (``t`` is accepted and ignored).
+    """``model(x [B, *shape] long, t=None, labels=None) -> logits [B, *shape, vocab_size]`` (``t`` is accepted and
+    ignored).
 
     Args:
         cfg: :class:`TokenTransformerConfig`.
         vocab_size: data tokens; input ids go up to ``vocab_size`` inclusive (mask / start token).
         length: tokens per example (``prod(shape)``).
+        num_classes: class labels ``0..C-1`` added as a learned embedding at every position (0: unconditional);
+            the extra row ``C`` is the null label, used when ``labels`` is not given.
     """
 
-    def __init__(self, cfg: TokenTransformerConfig, *, vocab_size: int, length: int, **_: Any):
+    def __init__(self, cfg: TokenTransformerConfig, *, vocab_size: int, length: int, num_classes: int = 0):
         super().__init__()
         if cfg.dim % cfg.num_heads:
             raise ValueError(f"token transformer: dim {cfg.dim} is not divisible by num_heads {cfg.num_heads}")
@@ -69,16 +72,22 @@ class TokenTransformer(nn.Module):
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, vocab_size)
+        self.num_classes = num_classes
+        self.label_embed = nn.Embedding(num_classes + 1, cfg.dim) if num_classes > 0 else None
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: Tensor, t: Tensor | None = None, **cond: Any) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | None = None, labels: Tensor | None = None, **cond: Any) -> Tensor:
         b = x.shape[0]
         ids = x.reshape(b, -1)
         if ids.shape[1] != self.length:
             raise ValueError(f"token transformer built for {self.length} tokens, got {ids.shape[1]}")
         h = self.embed(ids) + self.pos
+        if self.label_embed is not None:
+            if labels is None:
+                labels = torch.full((b,), self.num_classes, dtype=torch.long, device=x.device)
+            h = h + self.label_embed(labels.long())[:, None]
         for block in self.blocks:
             h = block(h)
         return self.head(self.norm(h)).reshape(*x.shape, self.vocab_size)
