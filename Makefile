@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data test lint demo bench clean
+.PHONY: setup data test lint demo docs bench clean
 
 setup: $(STAMP) data
 
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 lint: setup
-	$(PY) -m ruff check simdiff tests benchmarks
+	$(PY) -m ruff check simdiff tests benchmarks tools
 
 test: setup lint
 	$(PY) -m pytest -q -n 2 tests
@@ -36,8 +36,12 @@ test: setup lint
 demo: setup
 	$(VENV)/bin/simdiff demo
 
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+	@echo "documentation site: site/index.html"
+
 bench: setup
 	$(PY) benchmarks/samplers.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site
