@@ -86,26 +86,6 @@ def test_sequences(args: argparse.Namespace, loaded) -> torch.Tensor:
     return load_trajectories(loaded.config.data.name, opts, split="test", progress=args.progress)
 
 
-def scores(pred: torch.Tensor, truth: torch.Tensor, data: str) -> dict[str, Any]:
-    """Per-lead-time MSE (and vorticity correlation), and the long-horizon energy-spectrum error."""
-    p, t = pred.double().flatten(2), truth.double().flatten(2)  # [B, H, D]
-    out: dict[str, Any] = {"mse": ((p - t) ** 2).mean((0, 2)).tolist()}
-    if data == "kolmogorov":
-        from simdiff.data.kolmogorov import energy_spectrum
-
-        pc, tc = p - p.mean(-1, keepdim=True), t - t.mean(-1, keepdim=True)
-        corr = (pc * tc).sum(-1) / (pc.norm(dim=-1) * tc.norm(dim=-1)).clamp_min(1e-12)
-        out["corr"] = corr.mean(0).tolist()
-        h = pred.shape[1]
-        late = slice(h - max(1, h // 3), h)
-        ep = energy_spectrum(pred[:, late, 0]).mean((0, 1))
-        et = energy_spectrum(truth[:, late, 0]).mean((0, 1))
-        k = slice(1, pred.shape[-1] // 2)
-        out["spectrum_err"] = float((ep[k].log() - et[k].log()).abs().mean())
-        out["spectrum_model"], out["spectrum_true"] = ep.tolist(), et.tolist()
-    return out
-
-
 def plot(data: str, results: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -175,6 +155,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    from simdiff.video import forecast_scores as scores
     from simdiff.video import rollout
 
     args = parse(argv)

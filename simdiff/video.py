@@ -16,6 +16,7 @@ The model is called with per-frame log-SNRs ``model(z [B, W, ...], logsnr [B, W]
 
 ``simdiff sample`` dispatches here for such models (:func:`add_rollout_flags`, :func:`run_rollout`): the context is
 read from the run's data set (test split) together with the ground truth that follows it, shown above each rollout.
+``simdiff eval`` scores rollouts against that ground truth (:func:`run_rollout_eval`, :func:`forecast_scores`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from torch import Tensor
 from simdiff.configuration import ConfigError
 from simdiff.processes.rolling import RollingDiffusion
 
-__all__ = ["rollout", "save_rollout", "frames_to_rgb", "preview_rollout", "add_rollout_flags", "run_rollout",
-           "MODES"]
+__all__ = ["rollout", "save_rollout", "frames_to_rgb", "preview_rollout", "forecast_scores", "add_rollout_flags",
+           "run_rollout", "run_rollout_eval", "MODES"]
 
 MODES = ("rolling", "uniform")
 _SAMPLERS = ("ddim", "ddpm")
@@ -270,11 +271,7 @@ def _context_and_truth(loaded: Any, num: int, frames: int, split: str, start: in
     return ctx, truth
 
 
-def run_rollout(args: argparse.Namespace, loaded: Any) -> int:
-    """``simdiff sample`` for a frame-window model: roll out ``--frames`` frames for ``--num`` (default 4)
-    sequences and write ``--out`` (default ``rollout.png``) with its .gif and .npz beside it."""
-    import time
-
+def _settings(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
     process = loaded.process
     if not isinstance(process, RollingDiffusion):
         raise ConfigError("this model is not a frame-window (rolling / video diffusion) model; sample it without "
@@ -283,15 +280,23 @@ def run_rollout(args: argparse.Namespace, loaded: Any) -> int:
     sampler = getattr(args, "sampler", None) or (scfg.sampler if scfg.sampler in _SAMPLERS else "ddim")
     if sampler not in _SAMPLERS:
         raise ConfigError(f"--sampler {sampler}: a rollout runs ddim or ddpm steps")
-    steps = getattr(args, "steps", None) or scfg.steps
-    eta = args.eta if getattr(args, "eta", None) is not None else scfg.eta
-    seed = args.seed if getattr(args, "seed", None) is not None else scfg.seed
-    num = getattr(args, "num", None) or 4
-    frames = int(getattr(args, "frames", 32))
     mode = getattr(args, "mode", "auto")
     if mode == "auto":
         mode = "uniform" if process.phase == "uniform" else "rolling"
-    device = torch.device(getattr(args, "device", "cpu"))
+    return {"sampler": sampler, "steps": int(getattr(args, "steps", None) or scfg.steps),
+            "eta": float(args.eta if getattr(args, "eta", None) is not None else scfg.eta),
+            "seed": int(args.seed if getattr(args, "seed", None) is not None else scfg.seed),
+            "frames": int(getattr(args, "frames", 32)), "mode": mode,
+            "device": torch.device(getattr(args, "device", "cpu"))}
+
+
+def run_rollout(args: argparse.Namespace, loaded: Any) -> int:
+    """``simdiff sample`` for a frame-window model: roll out ``--frames`` frames for ``--num`` (default 4)
+    sequences and write ``--out`` (default ``rollout.png``) with its .gif and .npz beside it."""
+    import time
+
+    st = _settings(args, loaded)
+    process, num, frames = loaded.process, getattr(args, "num", None) or 4, st["frames"]
     ctx = truth = None
     if process.context:
         if getattr(args, "context", "data") == "data":
@@ -299,13 +304,62 @@ def run_rollout(args: argparse.Namespace, loaded: Any) -> int:
                                             int(getattr(args, "context_start", 0)))
         else:
             ctx = torch.zeros(num, process.context, *loaded.image_shape[1:])
-    g = torch.Generator(device).manual_seed(int(seed))
+    g = torch.Generator(st["device"]).manual_seed(st["seed"])
     start = time.perf_counter()
-    x = rollout(loaded.model, process, context=ctx, num=num, frames=frames, steps=steps, mode=mode,
-                sampler=sampler, eta=eta, generator=g, device=device, progress=True)
+    x = rollout(loaded.model, process, context=ctx, num=num, frames=frames, steps=st["steps"], mode=st["mode"],
+                sampler=st["sampler"], eta=st["eta"], generator=g, device=st["device"], progress=True)
     secs = time.perf_counter() - start
     out = Path(getattr(args, "out", None) or "rollout.png")
     paths = save_rollout(x, out, truth=truth, context=ctx, data=loaded.config.data.name)
-    print(f"wrote {num} rollouts of {frames} frames ({mode}, {sampler}, {steps} steps) to "
+    print(f"wrote {num} rollouts of {frames} frames ({st['mode']}, {st['sampler']}, {st['steps']} steps) to "
           f"{', '.join(str(p) for p in paths.values())} in {secs:.1f} s")
     return 0
+
+
+def forecast_scores(pred: Tensor, truth: Tensor, data: str = "") -> dict[str, Any]:
+    """Scores of forecasts ``pred`` against ``truth`` (both ``[B, H, C, H', W']``), per lead time, averaged over B:
+    ``mse [H]``; for Kolmogorov flow also ``corr [H]`` (Pearson correlation of the vorticity fields per frame) and
+    ``spectrum_err``: ``mean_k |log E_pred(k) - log E_true(k)|`` over ``1 <= k < N / 2`` of the energy spectra
+    averaged over the last third of the horizon and over B (where forecast and truth have decorrelated, this judges
+    the statistics, not the trajectory), with the spectra themselves (``spectrum_model``, ``spectrum_true``)."""
+    p, t = pred.double().flatten(2), truth.double().flatten(2)  # [B, H, D]
+    out: dict[str, Any] = {"mse": ((p - t) ** 2).mean((0, 2)).tolist()}
+    if data == "kolmogorov":
+        from simdiff.data.kolmogorov import energy_spectrum
+
+        pc, tc = p - p.mean(-1, keepdim=True), t - t.mean(-1, keepdim=True)
+        corr = (pc * tc).sum(-1) / (pc.norm(dim=-1) * tc.norm(dim=-1)).clamp_min(1e-12)
+        out["corr"] = corr.mean(0).tolist()
+        h = pred.shape[1]
+        late = slice(h - max(1, h // 3), h)
+        ep = energy_spectrum(pred[:, late, 0]).mean((0, 1))
+        et = energy_spectrum(truth[:, late, 0]).mean((0, 1))
+        k = slice(1, pred.shape[-1] // 2)
+        out["spectrum_err"] = float((ep[k].log() - et[k].log()).abs().mean())
+        out["spectrum_model"], out["spectrum_true"] = ep.tolist(), et.tolist()
+    return out
+
+
+def run_rollout_eval(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
+    """``simdiff eval`` for a frame-window model: ``--num`` (default 16) rollouts of ``--frames`` frames after the
+    context of as many test sequences, scored against their ground truth (:func:`forecast_scores`; the spectra are
+    left out of the returned summary)."""
+    st = _settings(args, loaded)
+    process, num = loaded.process, getattr(args, "num", None) or 16
+    if not process.context:
+        raise ConfigError("rollout scores need context frames to forecast from; this model has context 0")
+    ctx, truth = _context_and_truth(loaded, num, st["frames"], getattr(args, "context_split", "test"),
+                                    int(getattr(args, "context_start", 0)))
+    if truth is None:
+        raise ConfigError(f"--frames {st['frames']}: the test sequences are shorter than context + frames; lower "
+                          f"--frames or --context-start")
+    g = torch.Generator(st["device"]).manual_seed(st["seed"])
+    x = rollout(loaded.model, process, context=ctx, frames=st["frames"], steps=st["steps"], mode=st["mode"],
+                sampler=st["sampler"], eta=st["eta"], generator=g, device=st["device"], progress=True)
+    scores = forecast_scores(x, truth, loaded.config.data.name)
+    summary = {"mode": st["mode"], "sampler": st["sampler"], "steps": st["steps"], "num": num,
+               "frames": st["frames"], "mse_mean": float(np.mean(scores["mse"])), "mse": scores["mse"]}
+    for key in ("corr", "spectrum_err"):
+        if key in scores:
+            summary[key] = scores[key]
+    return summary

@@ -15,7 +15,7 @@ from simdiff.nets import build_backbone
 from simdiff.process import to_output
 from simdiff.processes import RollingDiffusion
 from simdiff.schedules import get_schedule
-from simdiff.video import add_rollout_flags, rollout, run_rollout
+from simdiff.video import add_rollout_flags, rollout, run_rollout, run_rollout_eval
 
 SCHED = get_schedule("cosine")
 TINY_KOLMOGOROV = {"trajectories": 2, "frames": 10, "resolution": 16, "solver_size": 32, "frame_every": 8,
@@ -181,3 +181,21 @@ def test_train_then_rollout_end_to_end(tmp_path, monkeypatch):
     args = parser.parse_args(["--frames", "3", "--mode", "uniform", "--context", "zeros", "--steps", "2", "--out",
                               str(tmp_path / "u.png")])
     assert run_rollout(args, loaded) == 0 and (tmp_path / "u.gif").exists()
+    # `simdiff eval`: rollouts of test sequences scored against their ground truth per lead time
+    res = run_rollout_eval(parser.parse_args(["--frames", "5", "--num", "2", "--steps", "2"]), loaded)
+    assert len(res["mse"]) == 5 and len(res["corr"]) == 5 and np.isfinite(res["spectrum_err"])
+    assert res["mode"] == "rolling" and 0 < res["mse_mean"] < 100
+
+
+def test_forecast_scores():
+    """The truth scores MSE 0, correlation 1 and spectrum error 0; a sign flip keeps the spectrum (error 0) but has
+    correlation -1 and MSE 4 x the mean square."""
+    from simdiff.video import forecast_scores
+
+    x = torch.randn(3, 6, 1, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s = forecast_scores(x, x, "kolmogorov")
+    assert max(s["mse"]) == 0 and min(s["corr"]) > 1 - 1e-12 and s["spectrum_err"] < 1e-12
+    f = forecast_scores(-x, x, "kolmogorov")
+    torch.testing.assert_close(torch.tensor(f["mse"]), 4 * x.pow(2).mean((0, 2, 3, 4)), rtol=1e-12, atol=0)
+    assert max(f["corr"]) < -1 + 1e-12 and f["spectrum_err"] < 1e-12
+    assert "corr" not in forecast_scores(x, x, "moving_mnist")
