@@ -1,8 +1,9 @@
 """Masked (absorbing-state) discrete diffusion as a simdiff process: ``diffusion.process: {name: masked, ...}``.
 
 The forward process masks each token independently: ``q(x_t^l | x^l) = alpha_t [x^l] + (1 - alpha_t) [mask]``
-(Sahoo et al. 2024, MDLM, eq. 2; Shi et al. 2024, MD4, eq. 1). The training loss is the continuous-time ELBO
-``E_t [ -alpha_t' / (1 - alpha_t) sum_{l masked} -log p_theta(x^l | x_t) ]`` (MD4 eq. 5, MDLM eq. 10), reported per
+(Sahoo et al. 2024, MDLM; Shi et al. 2024, MD4). The training loss is the continuous-time ELBO
+``E_t [ -alpha_t' / (1 - alpha_t) sum_{l masked} -log p_theta(x^l | x_t) ]`` (MD4, MDLM; checked here against its
+closed form for an exact denoiser, not against the papers' equation numbers), reported per
 token (nats; divide by ln 2 for bits per character). The denoiser's logits over the ``V`` data tokens are used
 directly (the mask outcome has no mass and unmasked positions are copied: MDLM's "SUBS" parameterisation).
 

@@ -3,21 +3,23 @@
 Tokens are integers ``0..V-1``; the mask (absorbing) state is ``V``. A denoiser maps ``(x_t [B, *shape], t [B])`` to
 logits ``[B, *shape, V]`` of ``p(x_0 | x_t)`` (only the masked positions are read).
 
-* :func:`tau_leaping_step`: the ancestral step from ``t`` to ``s < t`` on a fixed grid (MD4, Shi et al. 2024,
-  eq. 7; MDLM, Sahoo et al. 2024, eq. 7): each masked token is unmasked with probability
+* :func:`tau_leaping_step`: the ancestral step from ``t`` to ``s < t`` on a fixed grid (MD4, Shi et al. 2024;
+  MDLM, Sahoo et al. 2024): each masked token is unmasked with probability
   ``(alpha_s - alpha_t) / (1 - alpha_t)``, its value drawn from the denoiser; unmasked tokens stay. It is drawn, as
   in MDLM, as one categorical over ``V + 1`` outcomes (the ``V`` tokens scaled by the unmasking probability, and
   "stay masked"), which is where low-precision sampling bites: with many steps the token probabilities are tiny.
 * :func:`first_hitting_step` / :func:`sample_first_hitting`: the first-hitting sampler (Zheng et al. 2024,
-  "Masked diffusion models are secretly time-agnostic masked models and exploit inaccurate categorical sampling",
-  Sec. 3): with ``n`` masked tokens at time ``tau_n`` the next unmasking happens at
+  "Masked diffusion models are secretly time-agnostic masked models and exploit inaccurate categorical sampling"):
+  with ``n`` masked tokens at time ``tau_n`` the next unmasking happens at
   ``tau_{n-1} = alpha^{-1}(1 - (1 - alpha(tau_n)) u^{1/n})``, ``u ~ U(0, 1)``, at one masked position chosen
   uniformly; one network call per token and no time-discretisation error. ``k > 1`` tokens per call is the
   parallel variant (k positions unmasked from one call, each drawn from its own marginal: not exact).
 * :func:`categorical`: ``"float64"`` draws by inverse CDF in float64 (each outcome's probability is exact to
   ``2^-53``); ``"float32"`` is float32 Gumbel-max (``argmax(logits - log(-log u))`` with float32 ``u``), whose noise is
   bounded above by ``-log(-log(1 - 2^-24)) = 16.64`` and so under-samples outcomes far below the top one: a lower
-  effective temperature (Zheng et al. 2024, Sec. 4).
+  effective temperature (Zheng et al. 2024; the tests compute the effect exactly).
+
+Section and equation numbers of these papers are not given: they were not checked against the papers' text here.
 """
 
 from __future__ import annotations

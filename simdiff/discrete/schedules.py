@@ -1,8 +1,11 @@
 """Masking schedules ``alpha(t)`` of absorbing-state (masked) diffusion: the probability that a token is still
 unmasked at time ``t in [0, 1]``, decreasing from ``alpha(0) = 1`` to ``alpha(1)`` (0, or ``eps`` for log-linear).
 
-* ``linear``: ``alpha(t) = 1 - t`` (Shi et al. 2024, MD4, Table 1; Sahoo et al. 2024, MDLM).
-* ``cosine``: ``alpha(t) = 1 - cos(pi/2 (1 - t))`` (MD4, Table 1).
+* ``linear``: ``alpha(t) = 1 - t`` (Shi et al. 2024, MD4; Sahoo et al. 2024, MDLM).
+* ``cosine``: ``alpha(t) = 1 - cos(pi/2 (1 - t))`` (MD4).
+
+The formulas are written from the papers' definitions as recalled, not checked against their text here (no
+equation or table numbers are given for that reason).
 * ``log_linear``: MDLM's "log-linear" noise ``sigma(t) = -log(1 - (1 - eps) t)`` with ``alpha = exp(-sigma)``, i.e.
   ``alpha(t) = 1 - (1 - eps) t`` with ``eps = 1e-3`` (the value of MDLM's released code; not checked against the
   paper text). Its ``alpha(1) = eps > 0``: the prior term of the bound at ``t = 1`` is left out, as in MDLM.
@@ -41,7 +44,7 @@ class MaskSchedule:
 
     def weight(self, t: Tensor) -> Tensor:
         """``-alpha'(t) / (1 - alpha(t))``: the weight of the masked-token cross-entropy in the continuous-time ELBO
-        (MD4 eq. 5; MDLM eq. 10)."""
+        (MD4; MDLM). The tests check the bound it gives against its closed form."""
         return -self.dalpha(t) / (1 - self.alpha(t))
 
 

@@ -4,8 +4,9 @@ baseline of the same size).
 Input ids are ``0..vocab_size`` (one extra id: the mask token for the bidirectional model, the start-of-sequence
 token for the causal one); the output is logits over the ``vocab_size`` data tokens at every position. The
 network takes no time input: the optimal masked-diffusion denoiser does not depend on ``t`` given ``x_t`` (MDLM,
-Sahoo et al. 2024, Sec. 3.2; Zheng et al. 2024, Sec. 3), which is what makes the first-hitting sampler exact.
-Pre-LayerNorm blocks, learned positional embeddings, GELU MLP, weight-tied nothing.
+Sahoo et al. 2024; Zheng et al. 2024; the exact denoiser of :mod:`simdiff.discrete.toy` is one), which is what
+makes the first-hitting sampler exact for it.
+Pre-LayerNorm blocks, learned positional embeddings, GELU MLP, no weight tying.
 """
 
 from __future__ import annotations
