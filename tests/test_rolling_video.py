@@ -196,6 +196,7 @@ def test_forecast_scores():
     s = forecast_scores(x, x, "kolmogorov")
     assert max(s["mse"]) == 0 and min(s["corr"]) > 1 - 1e-12 and s["spectrum_err"] < 1e-12
     f = forecast_scores(-x, x, "kolmogorov")
-    torch.testing.assert_close(torch.tensor(f["mse"]), 4 * x.pow(2).mean((0, 2, 3, 4)), rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.tensor(f["mse"], dtype=torch.float64), 4 * x.pow(2).mean((0, 2, 3, 4)), rtol=1e-12,
+                               atol=0)
     assert max(f["corr"]) < -1 + 1e-12 and f["spectrum_err"] < 1e-12
     assert "corr" not in forecast_scores(x, x, "moving_mnist")
