@@ -1,5 +1,7 @@
 """Data sets (MNIST, sklearn digits, Fashion-MNIST, image folders, a synthetic Gaussian-mixture set) and transforms;
-sequence data for forecasting (2-D Kolmogorov flow, Moving MNIST) as ``[N, frames, C, H, W]`` arrays.
+sequence data for forecasting (2-D Kolmogorov flow, Moving MNIST) as ``[N, frames, C, H, W]`` arrays,
+and as trainer data sets of frame windows ``[N, W, C, H, W']`` (``kolmogorov``, ``moving_mnist``;
+:mod:`simdiff.data.video_sets`).
 
 Images are presented as float32 ``[N, C, H, W]`` in ``[-1, 1]`` (held as uint8 where that is exact); see
 :mod:`simdiff.data.datasets`.
@@ -13,6 +15,7 @@ from simdiff.data.moving_mnist import moving_mnist
 from simdiff.data.sequences import sliding_windows
 from simdiff.data.sources import read_idx
 from simdiff.data.transforms import convert_channels, random_hflip, resize_images, uint8_to_float
+from simdiff.data.video_sets import load_trajectories
 
 __all__ = [
     "DATASETS",
@@ -35,4 +38,5 @@ __all__ = [
     "VORTICITY_SCALE",
     "moving_mnist",
     "sliding_windows",
+    "load_trajectories",
 ]
