@@ -33,8 +33,14 @@ def _source(value: str) -> Path:
     return PRETRAINED if value == "pretrained" else Path(value)
 
 
+#: sampling flag -> SampleConfig field.
+_SAMPLE_FLAGS = {"sampler": "--sampler", "steps": "--steps", "grid": "--grid", "guidance": "--guidance",
+                 "interval": "--interval", "rescale": "--rescale", "eta": "--eta", "seed": "--seed", "num": "--num",
+                 "batch_size": "--batch-size"}
+
+
 def _sample_overrides(args: argparse.Namespace, base):
-    """Apply sampling flags on top of a SampleConfig."""
+    """Apply sampling flags on top of a SampleConfig (each flag checked, with its name, by :func:`_check_flags`)."""
     changes = {}
     for name in ("sampler", "steps", "grid", "guidance", "rescale", "eta", "seed", "num", "batch_size"):
         value = getattr(args, name, None)
@@ -43,6 +49,21 @@ def _sample_overrides(args: argparse.Namespace, base):
     if getattr(args, "interval", None) is not None:
         changes["interval"] = tuple(args.interval)
     return dataclasses.replace(base, **changes)
+
+
+def _check_flags(args: argparse.Namespace) -> torch.device:
+    """Check every sampling flag given (by its name) and resolve ``--device``, before any model is loaded."""
+    from simdiff.devices import resolve_device
+    from simdiff.generate import sample_field_problem
+
+    for field, flag in _SAMPLE_FLAGS.items():
+        value = getattr(args, field, None)
+        if value is None:
+            continue
+        problem = sample_field_problem(field, tuple(value) if field == "interval" else value)
+        if problem is not None:
+            raise ConfigError(f"{flag} {problem}" if problem.startswith("must") else f"{flag}: {problem}")
+    return resolve_device(args.device, what="--device")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -58,7 +79,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--num", type=int, help="number of images")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="images per sampling batch")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto",
+                   help="auto (the first CUDA device if there is one, else the CPU), cpu, cuda, cuda:N or mps")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -109,20 +131,26 @@ def _parse_labels(text: str | None, num: int, num_classes: int) -> torch.Tensor 
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from simdiff.generate import generate
-    from simdiff.images import save_grid, save_images
+    from simdiff.generate import check_sample_config, generate
+    from simdiff.images import check_output, save_grid, save_images
     from simdiff.runs import check_student_sampling, class_null_cond, describe, load_model
 
-    loaded = load_model(_source(args.source), device=args.device)
+    device = _check_flags(args)
+    if not args.info:  # the outputs are checked before any model is loaded or image sampled
+        if args.out_dir:
+            check_output(args.out_dir, what="--out-dir", directory=True)
+        if args.out or not args.out_dir:
+            check_output(args.out or "samples.png", what="--out", image=True)
+    loaded = load_model(_source(args.source), device=device)
     if args.info:
         print(describe(loaded))
         return 0
-    scfg = _sample_overrides(args, loaded.config.sample)
+    scfg = check_sample_config(_sample_overrides(args, loaded.config.sample), names=_SAMPLE_FLAGS)
     check_student_sampling(loaded.meta, scfg)
     labels = _parse_labels(args.labels, scfg.num, loaded.num_classes)
     start = time.perf_counter()
     x = generate(loaded.model, loaded.schedule, loaded.image_shape, scfg, labels=labels,
-                 num_classes=loaded.num_classes, null_cond=class_null_cond(loaded.num_classes), device=args.device,
+                 num_classes=loaded.num_classes, null_cond=class_null_cond(loaded.num_classes), device=device,
                  progress=True, process=loaded.process)
     secs = time.perf_counter() - start
     if args.out_dir:
@@ -139,19 +167,49 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from simdiff.eval import check_metrics
+    from simdiff.generate import check_sample_config
+    from simdiff.images import check_output
     from simdiff.runs import check_student_sampling, evaluate_model, load_model
 
-    loaded = load_model(_source(args.source), device=args.device)
-    scfg = _sample_overrides(args, loaded.config.sample)
-    check_student_sampling(loaded.meta, scfg)
+    device = _check_flags(args)
     metrics = None if args.metrics in (None, "auto") else tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    num = args.num or 1000
-    result = evaluate_model(loaded, scfg, num=num, metrics=metrics, device=args.device)
+    num = 1000 if args.num is None else args.num
+    if metrics is not None:
+        try:
+            check_metrics(metrics, None, None, num=num)
+        except ConfigError as e:
+            raise ConfigError(f"--metrics: {e}") from None
+    if args.json:
+        check_output(args.json, what="--json")
+    loaded = load_model(_source(args.source), device=device)
+    scfg = check_sample_config(_sample_overrides(args, loaded.config.sample), names=_SAMPLE_FLAGS)
+    check_student_sampling(loaded.meta, scfg)
+    result = evaluate_model(loaded, scfg, num=num, metrics=metrics, device=device)
     result = {"sampler": scfg.sampler, "steps": scfg.steps, "grid": scfg.grid, "num": num, **result}
     print(json.dumps(result, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        _write_text(Path(args.json), json.dumps(result, indent=1))
     return 0
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``; none is left behind on failure."""
+    import os
+    import tempfile
+
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise ConfigError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -170,8 +228,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr (exit status 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"simdiff: error: {' '.join(message.split())} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="simdiff", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="simdiff", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a diffusion model from a YAML config")
@@ -240,12 +305,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, DataError, NonFiniteError, ValueError, FileNotFoundError) as e:
-        print(f"simdiff: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
+    except OSError as e:  # a file the OS refuses (permissions, a folder for a file, a full disk, ...)
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        return _error(f"{where}{e.strerror or e}")
     except KeyboardInterrupt:
         print("simdiff: interrupted (the last checkpoint is intact; rerun the same command to resume)",
               file=sys.stderr)
         return 130
+
+
+def _error(message: object) -> int:
+    """Print ``simdiff: error: <message>`` as one line on stderr; the exit status 2."""
+    text = " ".join(str(message).split()) or type(message).__name__
+    print(f"simdiff: error: {text}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

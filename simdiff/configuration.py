@@ -105,7 +105,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, *, where: str = "") -> 
     """Build dataclass ``cls`` from ``data``; unknown keys raise :class:`ConfigError` naming them."""
     data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(
@@ -135,7 +135,12 @@ def to_dict(obj: Any) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Return a copy of ``data`` with ``a.b.c=value`` overrides applied (value parsed as YAML)."""
+    """Return a copy of ``data`` with ``a.b.c=value`` overrides applied (value parsed as YAML).
+
+    Raises:
+        ConfigError: an override without ``=``, with an empty key part, whose value is not valid YAML, or that goes
+            through a key holding a value rather than a section.
+    """
     import copy
 
     out = copy.deepcopy(data)
@@ -143,28 +148,53 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.path=value")
         path, raw = item.split("=", 1)
-        keys = path.strip().split(".")
+        keys = [k.strip() for k in path.strip().split(".")]
+        if not all(keys):
+            raise ConfigError(f"override {item!r}: empty key in {path.strip()!r}; write it like train.steps=100")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_first_line(e)})") from None
         node = out
         for k in keys[:-1]:
             nxt = node.setdefault(k, {})
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override {item!r}: {k!r} is not a section")
             node = nxt
-        node[keys[-1]] = yaml.safe_load(raw)
+        node[keys[-1]] = value
     return out
 
 
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or a non-mapping gives a one-line :class:`ConfigError`."""
+    """Read a YAML mapping; a missing or unreadable file, bad YAML or a non-mapping gives a one-line
+    :class:`ConfigError` naming the file."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory, not a YAML config file")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a UTF-8 text file (byte {e.start}); save the config as UTF-8 YAML") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{p}: not valid YAML ({_first_line(e)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got a {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{p}: top-level keys must be section names, got {bad[0]!r}")
     return data

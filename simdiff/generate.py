@@ -9,18 +9,21 @@ run in bf16. Everything runs under ``torch.inference_mode()``.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from simdiff.configuration import ConfigError
 from simdiff.guidance import classifier_free_guidance
 from simdiff.processes import is_discrete
-from simdiff.samplers import check_process, get_sampler, make_grid
+from simdiff.samplers import GRID_KINDS, SAMPLERS, check_process, get_sampler, make_grid
 from simdiff.schedules import Schedule
 
-__all__ = ["SampleConfig", "generate"]
+__all__ = ["SampleConfig", "generate", "check_sample_config", "sample_field_problem"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,70 @@ class SampleConfig:
     num: int = 64
     seed: int = 0
     batch_size: int = 256
+
+
+#: the largest accepted ``seed`` + 1 (per-batch generator seeds ``seed * 1_000_003 + start`` stay within int64).
+SEED_LIMIT = 2**32
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def sample_field_problem(field: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for :class:`SampleConfig` field ``field`` (``None`` if nothing): the text that
+    follows the setting's name in an error message, e.g. ``"must be an integer >= 1, got 0"``."""
+    if field == "sampler":
+        if value not in SAMPLERS:
+            return f"unknown sampler {value!r}; valid: {', '.join(sorted(SAMPLERS))}"
+    elif field == "grid":
+        if value not in GRID_KINDS:
+            return f"unknown grid {value!r}; valid: {', '.join(sorted(GRID_KINDS))}"
+    elif field in ("steps", "num", "batch_size"):
+        if not _is_int(value) or value < 1:
+            return f"must be an integer >= 1, got {value!r}"
+    elif field == "seed":
+        if not _is_int(value) or not 0 <= value < SEED_LIMIT:
+            return f"must be an integer in [0, 2**32), got {value!r}"
+    elif field == "guidance":
+        if not _is_number(value) or not math.isfinite(value):
+            return f"must be a finite number (0 = plain conditional sampling), got {value!r}"
+    elif field == "rescale":
+        if not _is_number(value) or not 0.0 <= value <= 1.0:
+            return f"must be a number in [0, 1], got {value!r}"
+    elif field == "eta":
+        if not _is_number(value) or not 0.0 <= value <= 1.0:
+            return f"must be a number in [0, 1], got {value!r}"
+    elif field == "interval":
+        if value is None:
+            return None
+        if (not isinstance(value, (tuple, list)) or len(value) != 2 or not all(_is_number(v) for v in value)
+                or any(math.isnan(v) for v in value) or value[0] > value[1]):
+            return f"must be two log-SNR values LO <= HI (not NaN), got {value!r}"
+    return None
+
+
+def check_sample_config(cfg: SampleConfig, *, where: str = "sample",
+                        names: dict[str, str] | None = None) -> SampleConfig:
+    """Refuse, with one line naming the setting, a :class:`SampleConfig` that cannot be sampled; returns ``cfg``.
+
+    Checked: the sampler and grid are registered names, ``steps``, ``num`` and ``batch_size`` are >= 1, ``seed`` is
+    in [0, 2**32), ``guidance`` is finite, ``rescale`` and ``eta`` are in [0, 1], ``interval`` is (LO, HI) with
+    LO <= HI. The setting is named ``names[field]`` when given (e.g. a command-line flag), else ``where.field``.
+
+    Raises:
+        ConfigError: the first field that is wrong.
+    """
+    for f in dataclasses.fields(cfg):
+        problem = sample_field_problem(f.name, getattr(cfg, f.name))
+        if problem is not None:
+            name = (names or {}).get(f.name) or (f"{where}.{f.name}" if where else f.name)
+            raise ConfigError(f"{name} {problem}" if problem.startswith("must") else f"{name}: {problem}")
+    return cfg
 
 
 def _null_cond(null_cond: dict | None, conditioner: Any, num_classes: int) -> dict[str, Any]:
@@ -102,9 +169,13 @@ def generate(
             ``step`` on a uniform time grid of ``cfg.steps`` steps (``denoise`` is then its network).
 
     Raises:
+        ConfigError: a setting of ``cfg`` that cannot be sampled (see :func:`check_sample_config`), or ``num < 1``.
         ValueError: guidance without any null conditioning, or conditioning of the wrong shape.
     """
+    check_sample_config(cfg)
     num = cfg.num if num is None else num
+    if not _is_int(num) or num < 1:
+        raise ConfigError(f"num must be an integer >= 1, got {num!r}")
     per_example = _per_example(cond, labels, num)
     if is_discrete(process):
         return _generate_discrete(denoise, process, shape, cfg, num, per_example, device, progress)

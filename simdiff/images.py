@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from simdiff.configuration import ConfigError
 from simdiff.data.folder import decode_image
 from simdiff.data.transforms import float_to_uint8, uint8_to_float
 
-__all__ = ["to_uint8", "make_grid", "save_grid", "save_images", "load_image"]
+__all__ = ["to_uint8", "make_grid", "save_grid", "save_images", "load_image", "check_output"]
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
@@ -57,21 +58,70 @@ def make_grid(x: Tensor, *, nrow: int | None = None, padding: int = 2, pad_value
     return F.pad(grid[None], (padding, 0, padding, 0), value=pad_value)[0]  # left/top outer border
 
 
-def _atomic_save(img: Image.Image, path: str | Path) -> Path:
-    """Write ``img`` to ``path`` via a temporary file in the same folder and ``os.replace`` (no half-written files)."""
-    p = Path(path)
+def _image_format(p: Path) -> str:
     fmt = Image.registered_extensions().get(p.suffix.lower())
     if fmt is None:
         raise ValueError(f"{p}: unknown image file extension {p.suffix!r} (use .png)")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    return fmt
+
+
+def check_output(path: str | Path, *, what: str, directory: bool = False, image: bool = False) -> Path:
+    """Refuse, with one line naming ``what`` (e.g. ``"--out"``), an output path that cannot be written, before any
+    work: a file path that is a directory, a folder path that is a file, a parent that is a file, or a folder
+    where no file can be created (probed by creating and removing a temporary file in the nearest existing folder;
+    nothing else is created). ``image`` also checks the image file extension. Returns the path.
+
+    Raises:
+        ConfigError: one line, ``<what> <path>: <reason>``.
+    """
+    p = Path(path)
+    if directory and p.exists() and not p.is_dir():
+        raise ConfigError(f"{what} {p}: exists and is not a folder")
+    if not directory and p.is_dir():
+        raise ConfigError(f"{what} {p}: is a folder; give a file path")
+    if image and not directory:
+        try:
+            _image_format(p)
+        except ValueError as e:
+            raise ConfigError(f"{what} {e}") from None
+    folder = p if directory else p.parent
+    nearest = folder
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise ConfigError(f"{what} {p}: {nearest} is a file, not a folder")
     try:
+        fd, probe = tempfile.mkstemp(prefix=".simdiff-probe-", dir=nearest)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{what} {p}: cannot write in {nearest} ({e.strerror or e}); choose another path") from None
+    return p
+
+
+def _atomic_save(img: Image.Image, path: str | Path) -> Path:
+    """Write ``img`` to ``path`` via a temporary file in the same folder and ``os.replace`` (no half-written files).
+
+    Raises:
+        ValueError: an unknown extension, or ``<path>: cannot write ...`` when the OS refuses (no temp file is left).
+    """
+    p = Path(path)
+    fmt = _image_format(p)
+    tmp = None
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
         with os.fdopen(fd, "wb") as f:
             img.save(f, format=fmt)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; give the usual permissions of a written file
         os.replace(tmp, p)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise ValueError(f"{p}: cannot write the image ({e.strerror or e})") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return p
 

@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 import torch
 
-from simdiff.configuration import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from simdiff.configuration import ConfigError, apply_overrides, from_dict, get_registered, load_yaml, to_dict
 from simdiff.data import DataConfig, ImageDataset, build_dataset, random_hflip
-from simdiff.generate import SampleConfig, generate
+from simdiff.generate import SampleConfig, check_sample_config, generate
 from simdiff.images import save_grid
 from simdiff.losses import LossConfig
 from simdiff.nets import DiffusionModel, build_model
@@ -35,6 +35,7 @@ __all__ = [
     "LoadedModel",
     "load_config",
     "config_from_dict",
+    "check_experiment_config",
     "build_network",
     "batch_transform",
     "sample_grid",
@@ -77,18 +78,41 @@ class ExperimentConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """YAML file (or defaults) + ``a.b=value`` overrides -> validated :class:`ExperimentConfig`."""
+    """YAML file (or defaults) + ``a.b=value`` overrides -> validated :class:`ExperimentConfig` (see
+    :func:`check_experiment_config`: every problem is found here, before any data is read or any step is run)."""
     data = load_yaml(path) if path is not None else {}
-    return from_dict(ExperimentConfig, apply_overrides(data, list(overrides)))
+    return check_experiment_config(from_dict(ExperimentConfig, apply_overrides(data, list(overrides))))
 
 
 def config_from_dict(d: dict[str, Any]) -> ExperimentConfig:
-    """A stored experiment config (a checkpoint's ``experiment`` entry) -> :class:`ExperimentConfig`; keys that
-    earlier versions wrote and that were removed since (holding their old value) are dropped."""
+    """A stored experiment config (a checkpoint's ``experiment`` entry) -> validated :class:`ExperimentConfig`; keys
+    that earlier versions wrote and that were removed since (holding their old value) are dropped."""
     d = dict(d)
     if isinstance(d.get("train"), dict):
         d["train"] = upgrade_train_dict(d["train"])
-    return from_dict(ExperimentConfig, d)
+    return check_experiment_config(from_dict(ExperimentConfig, d))
+
+
+def check_experiment_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Refuse, with one line naming the key, what :func:`from_dict` cannot see: ``model.arch`` not a registered
+    backbone, ``model.options`` that are not fields of that backbone's config (named ``model.options.<key>``), and
+    ``sample.*`` values that cannot be sampled (:func:`simdiff.generate.check_sample_config`). Returns ``cfg``."""
+    _backbone_options(cfg.model)
+    check_sample_config(cfg.sample, where="sample")
+    return cfg
+
+
+def _backbone_options(model: ModelConfig) -> Any:
+    """``model.options`` as the backbone's config dataclass, errors naming ``model.arch`` / ``model.options.<key>``."""
+    from simdiff.nets import BACKBONES
+
+    try:
+        cfg_cls, _ = get_registered(BACKBONES, model.arch, "backbone")
+    except ConfigError as e:
+        raise ConfigError(f"model.arch: {e}") from None
+    if isinstance(model.options, cfg_cls):
+        return model.options
+    return from_dict(cfg_cls, model.options, where="model.options")
 
 
 def model_classes(cfg: ExperimentConfig, data_classes: int) -> int:
@@ -112,6 +136,7 @@ def build_network(cfg: ExperimentConfig, *, image_shape: tuple[int, int, int], n
     from simdiff.nets import build_backbone
     from simdiff.processes import is_discrete
 
+    _backbone_options(cfg.model)  # unknown / mistyped options are reported as model.options.<key>
     process = run_process(cfg)
     if hasattr(process, "check_data_shape"):
         process.check_data_shape(tuple(image_shape))
@@ -214,6 +239,9 @@ def student_sample_config(spec: dict[str, Any], base: SampleConfig) -> SampleCon
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", ema: bool = True) -> LoadedModel:
     """Rebuild a model from a run directory (latest checkpoint), a checkpoint directory, or an exported
     ``.safetensors`` file. EMA weights are used when present and ``ema``."""
+    from simdiff.devices import resolve_device
+
+    device = resolve_device(device, what="device")
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such run directory, checkpoint or file")
@@ -240,15 +268,36 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", ema: boo
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
         meta = {**meta, "sampler_spec": meta.get("sampler_spec") or to_dict(cfg.sample)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not match the stored config (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    problem = _weights_problem(model, state)
+    if problem:
+        raise CheckpointError(f"{path}: weights do not match the network its config describes "
+                              f"(model.arch={cfg.model.arch}): {problem}")
+    bad = next((k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: weight {bad!r} holds NaN/inf; the weights are damaged")
+    model.load_state_dict(state)
     model.to(device).eval().requires_grad_(False)
     schedule = schedule_from_dict(cfg.diffusion.schedule)
     process = model.process if isinstance(model, DiffusionModel) else run_process(cfg)
     return LoadedModel(model, cfg, schedule, image_shape, num_classes, meta, process)
+
+
+def _weights_problem(model: torch.nn.Module, state: dict[str, torch.Tensor], *, show: int = 3) -> str | None:
+    """What keeps ``state`` from loading into ``model`` (missing, unexpected and shape-mismatched keys, the first
+    ``show`` of each), or ``None``."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s) {', '.join(missing[:show])}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) {', '.join(unexpected[:show])}")
+    if shaped:
+        shown = ", ".join(f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in shaped[:show])
+        parts.append(f"{len(shaped)} key(s) of another shape (file vs config) {shown}")
+    return "; ".join(parts) + "; the weights were trained with a different model config" if parts else None
 
 
 def describe(loaded: LoadedModel) -> str:
@@ -336,11 +385,13 @@ def evaluate_model(
     data_name = loaded.config.data.name
     if metrics is None:
         metrics = tuple(default_metrics(loaded.image_shape, data_name))
-    else:
-        check_metrics(tuple(metrics), loaded.image_shape, data_name)
     labels = torch.arange(num) % loaded.num_classes if loaded.num_classes > 0 else None
     if labels is None:
+        if tuple(metrics) == ("accuracy",):
+            raise ConfigError("metric 'accuracy' scores the requested classes; this model is unconditional")
         metrics = tuple(m for m in metrics if m != "accuracy")
+    check_metrics(tuple(metrics), loaded.image_shape, data_name, num=num)  # before any sampling
+    check_sample_config(sample_cfg)
     x = generate(loaded.model, loaded.schedule, loaded.image_shape, sample_cfg, num=num, labels=labels,
                  num_classes=loaded.num_classes, null_cond=class_null_cond(loaded.num_classes), device=device,
                  progress=progress, process=loaded.process)

@@ -10,6 +10,7 @@ from simdiff.eval.evaluate import (
     check_metrics,
     default_metrics,
     evaluate_samples,
+    min_samples,
 )
 from simdiff.eval.features import InceptionFeatures
 from simdiff.eval.fid import feature_stats, frechet_distance, frechet_distance_features, kid
@@ -34,5 +35,6 @@ __all__ = [
     "frechet_distance",
     "frechet_distance_features",
     "kid",
+    "min_samples",
     "precision_recall",
 ]

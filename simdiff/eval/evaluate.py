@@ -19,8 +19,8 @@ from simdiff.eval.mnist import MNISTFeatures
 from simdiff.eval.prdc import precision_recall
 from simdiff.eval.refstats import ReferenceStats, RefStats
 
-__all__ = ["evaluate_samples", "default_metrics", "check_metrics", "METRICS", "MNIST_METRICS", "FEATURE_SPACES",
-           "MNIST_DATA"]
+__all__ = ["evaluate_samples", "default_metrics", "check_metrics", "min_samples", "METRICS", "MNIST_METRICS",
+           "FEATURE_SPACES", "MNIST_DATA"]
 
 METRICS = ("mnist_fd", "fid", "kid", "precision_recall", "accuracy")
 FEATURE_SPACES = ("inception", "mnist")
@@ -28,6 +28,14 @@ FEATURE_SPACES = ("inception", "mnist")
 MNIST_METRICS = ("mnist_fd", "accuracy")
 #: data set names (``DataConfig.name``, case and ``-``/``_`` ignored) whose images are MNIST digits.
 MNIST_DATA = frozenset({"mnist"})
+#: the fewest samples each metric is defined for: a covariance needs 2 (FID, MNIST-FD, KID's unbiased MMD^2), the
+#: k-NN radii of precision/recall need k + 1 (k = 3 by default).
+_MIN_SAMPLES = {"mnist_fd": 2, "fid": 2, "kid": 2, "accuracy": 1}
+
+
+def min_samples(metrics: tuple[str, ...] | list[str], *, pr_k: int = 3) -> int:
+    """The fewest samples (and reference images) for which every metric in ``metrics`` is defined."""
+    return max([_MIN_SAMPLES.get(m, pr_k + 1 if m == "precision_recall" else 1) for m in metrics] or [1])
 
 
 def _is_mnist_digits(image_shape: tuple[int, ...], data_name: str | None) -> bool:
@@ -62,19 +70,28 @@ def default_metrics(image_shape: tuple[int, ...], data_name: str | None) -> tupl
     return ("fid", "kid", "precision_recall")
 
 
-def check_metrics(metrics: tuple[str, ...] | list[str], image_shape: tuple[int, ...], data_name: str | None) -> None:
-    """Refuse, with one line, requested ``metrics`` that are unknown or do not fit the data.
+def check_metrics(metrics: tuple[str, ...] | list[str], image_shape: tuple[int, ...] | None, data_name: str | None,
+                  *, num: int | None = None) -> None:
+    """Refuse, with one line, requested ``metrics`` that are unknown, do not fit the data or the sample count.
 
     The MNIST-classifier metrics (:data:`MNIST_METRICS`) fit only MNIST digits at 1 x 28 x 28 (see
-    :func:`default_metrics`); the Inception metrics fit any 1- or 3-channel images.
+    :func:`default_metrics`); the Inception metrics fit any 1- or 3-channel images. ``num`` (the sample count, if
+    given) must reach :func:`min_samples`. ``image_shape=None`` checks only the names and ``num`` (what can be
+    checked before a model is loaded).
 
     Raises:
-        ConfigError: (a ValueError) an empty list, an unknown metric, or a metric that does not fit the data.
+        ConfigError: (a ValueError) an empty list, an unknown metric, a metric that does not fit the data, or too
+            few samples.
     """
     metrics = tuple(metrics)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise ConfigError(f"unknown metric(s) {unknown or list(metrics)}; valid: {', '.join(METRICS)}")
+    if num is not None and num < min_samples(metrics):
+        raise ConfigError(f"num={num} is too few samples for {', '.join(metrics)} (they need at least "
+                          f"{min_samples(metrics)})")
+    if image_shape is None:
+        return
     _channels(image_shape)
     unfit = [m for m in metrics if m in MNIST_METRICS]
     if unfit and not _is_mnist_digits(image_shape, data_name):
