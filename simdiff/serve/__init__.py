@@ -21,12 +21,21 @@ import socket
 import sys
 
 from simdiff.configuration import ConfigError
-from simdiff.serve.models import PRETRAINED, Limits, ModelEntry, ParamError, build_entries, make_entry, parse_request
 
 __all__ = ["add_serve_parser", "cmd_serve", "create_app", "build_entries", "make_entry", "parse_request",
            "ModelEntry", "Limits", "ParamError", "PRETRAINED", "listen_socket"]
 
 _LOOPBACK_NAMES = ["127.0.0.1", "localhost"]
+#: names re-exported from :mod:`simdiff.serve.models`, imported on first use (``simdiff --help`` stays quick).
+_LAZY = ("PRETRAINED", "Limits", "ModelEntry", "ParamError", "build_entries", "make_entry", "parse_request")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from simdiff.serve import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'simdiff.serve' has no attribute {name!r}")
 
 
 def create_app(*args, **kwargs):
@@ -101,6 +110,7 @@ def _is_loopback(host: str) -> bool:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the models, bind the port, serve until interrupted. Bad flags / sources raise a one-line error."""
     from simdiff.devices import resolve_device
+    from simdiff.serve.models import Limits, build_entries
 
     _require_extra()
     for flag, value, low in (("--max-images", args.max_images, 1), ("--max-queue", args.max_queue, 0)):
