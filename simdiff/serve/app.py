@@ -47,7 +47,11 @@ def _error(status: int, message: str, param: str | None = None, headers: dict[st
 
 
 def _static(name: str) -> bytes:
-    return resources.files("simdiff.serve").joinpath("static", name).read_bytes()
+    try:
+        return resources.files("simdiff.serve").joinpath("static", name).read_bytes()
+    except FileNotFoundError:
+        raise RuntimeError(f"simdiff/serve/static/{name} is missing from this installation (the package data of "
+                           f"simdiff serve); reinstall simdiff") from None
 
 
 def create_app(entries: list[ModelEntry], *, limits: Limits = Limits(), device: torch.device | str = "cpu",
