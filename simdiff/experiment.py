@@ -3,18 +3,25 @@
 This is the glue ``simdiff train`` calls; all logic lives in the modules it composes. Loading a run back for
 sampling and scoring (:func:`load_model`, :func:`sample_grid`, :func:`evaluate_model`, the config dataclasses) lives
 in :mod:`simdiff.runs` and is re-exported here. A run directory holds ``checkpoints/``, ``metrics.csv``,
-``loss_curve.png``, ``samples/`` and ``config.yaml``.
+``loss_curve.png``, ``samples/``, ``config.yaml`` and the lock file ``.lock``.
+
+Order of :func:`train`: validate the train section and resolve ``train.device`` (nothing is written yet), build the
+network with its initial weights drawn from ``train.seed`` (a forked RNG, so the caller's RNG state is untouched),
+take the run directory's lock, read the checkpoint to resume from and refuse it if it was trained with another
+network, then write ``config.yaml`` atomically and train. A refused or invalid run leaves the directory as it was.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from simdiff.configuration import to_dict
+from simdiff.configuration import ConfigError, to_dict
 from simdiff.data import build_dataset
 from simdiff.losses import DiffusionLoss, LossConfig
 from simdiff.processes import build_process, is_discrete
@@ -37,7 +44,7 @@ from simdiff.runs import (
     sample_grid,
 )
 from simdiff.schedules import Schedule, schedule_from_dict
-from simdiff.train import BatchIterator, Trainer
+from simdiff.train import BatchIterator, Checkpoint, Trainer, mix_seed, run_lock, rundir, validate_train_config
 
 __all__ = [
     "ModelConfig",
@@ -92,23 +99,86 @@ def _sample_hook(cfg: ExperimentConfig, schedule: Schedule, run_dir: Path, num_c
     return hook
 
 
+def seeded_network(cfg: ExperimentConfig, *, image_shape, num_classes: int):
+    """:func:`build_network` with its initial weights drawn from ``cfg.train.seed``: the CPU RNG is forked (the
+    caller's state is restored afterwards) and seeded with ``mix_seed("init", seed)``, so two runs of one config
+    start from the same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(mix_seed("init", cfg.train.seed))
+        return build_network(cfg, image_shape=image_shape, num_classes=num_classes)
+
+
+#: top-level entries of a checkpoint's config that fix the network's shape (besides ``model.*`` and
+#: ``diffusion.process.*``, see :func:`network_differences`).
+_NETWORK_ENTRIES = ("kind", "image_shape", "num_classes", "conditioner")
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}", v, out)
+    else:
+        out[prefix] = list(value) if isinstance(value, tuple) else value
+
+
+def _network_view(config: dict[str, Any]) -> dict[str, Any] | None:
+    exp = config.get("experiment")
+    if not isinstance(exp, dict):
+        return None
+    try:  # the defaults of the installed version fill keys an older checkpoint did not write
+        exp = to_dict(config_from_dict(exp))
+    except (ConfigError, ValueError, TypeError):
+        pass
+    flat: dict[str, Any] = {}
+    _flatten("model", exp.get("model", {}), flat)
+    _flatten("diffusion.process", (exp.get("diffusion") or {}).get("process"), flat)
+    for key in _NETWORK_ENTRIES:
+        _flatten(key, config.get(key), flat)
+    return flat
+
+
+def network_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``"key: saved -> now"`` for every setting that shapes the network (``model.*``, ``diffusion.process.*``, the
+    image shape, the class count, the conditioner, the run kind) and differs between two checkpoint config dicts.
+    Empty when they agree or when ``saved`` holds no experiment config (nothing to compare)."""
+    a, b = _network_view(saved), _network_view(now)
+    if a is None or b is None:
+        return []
+    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, "(unset)") != b.get(k, "(unset)")]
+
+
+def _write_config(cfg: ExperimentConfig, run_dir: Path) -> None:
+    path = run_dir / "config.yaml"
+    try:
+        rundir.atomic_write_bytes(path, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+    except OSError as e:
+        raise rundir.write_error(e, run_dir=run_dir, what="config.yaml", path=path) from None
+
+
 def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = True) -> dict[str, Any]:
     """Train the experiment into ``run_dir`` (resuming from its latest checkpoint when ``resume``).
 
     ``cfg.model.class_conditional = False`` trains an unconditional model even on a labelled data set.
+
+    Raises (one line each; the CLI exits 2): ConfigError for a bad train option or device, or a resume whose
+    checkpoint was trained with another network; RunLockedError when another process trains into ``run_dir``;
+    RunDirError when the directory cannot be written (disk full, read-only), naming the checkpoint to resume from.
     """
+    validate_train_config(cfg.train)
     run_dir = Path(run_dir)
+    from simdiff.train import distributed as D
+
+    info = D.init_distributed(cfg.train.device)
+    validate_train_config(cfg.train, info.world_size)
     dataset = build_dataset(cfg.data)
     image_shape = dataset.shape
     num_classes = model_classes(cfg, dataset.num_classes)
     loss_cfg = _resolved_loss_config(cfg, num_classes)
     cfg = dataclasses.replace(cfg, diffusion=loss_cfg)
-    model = build_network(cfg, image_shape=image_shape, num_classes=num_classes)
+    model = seeded_network(cfg, image_shape=image_shape, num_classes=num_classes)
     loss = build_objective(loss_cfg)
     schedule = schedule_from_dict(loss_cfg.schedule)
-    from simdiff.train import distributed as D
-
-    info = D.init_distributed(cfg.train.device)
     data = BatchIterator(dataset, cfg.train.batch_size, seed=cfg.train.seed, rank=info.rank,
                          world_size=info.world_size, transform=batch_transform(dataset, labels=num_classes > 0))
     config_dict = {"kind": "diffusion", "experiment": to_dict(cfg), "image_shape": list(image_shape),
@@ -116,17 +186,31 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = True) ->
     hooks = []
     if cfg.train.sample_every > 0:  # the trainer calls hooks every train.sample_every steps
         hooks.append(_sample_hook(cfg, schedule, run_dir, num_classes, image_shape))
-    if info.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    trainer = Trainer(model, loss, data, cfg.train, run_dir, config_dict=config_dict, hooks=hooks, resume=resume)
-    summary = trainer.fit()
-    weights = trainer.full_state_dict(ema=True)  # a collective under FSDP: every rank calls it
-    if info.rank == 0:
-        final = build_network(cfg, image_shape=image_shape, num_classes=num_classes)
-        final.load_state_dict(weights)
-        final.to(trainer.device).eval()
-        path = sample_grid(final, schedule, cfg.sample, image_shape=image_shape, num_classes=num_classes,
-                           out=run_dir / "samples" / "final.png", device=trainer.device, process=run_process(cfg))
-        summary["sample_grid"] = str(path)
+
+    def on_resume(ck: Checkpoint | None) -> None:
+        if ck is not None:
+            diffs = network_differences(ck.state.get("config") or {}, config_dict)
+            if diffs:
+                raise ConfigError(f"{run_dir}: cannot resume from {ck.path.name}, it was trained with another network "
+                                  f"({'; '.join(diffs)}); train this config into a new --run-dir, or resume with "
+                                  "the run's own settings (its config.yaml)")
+        if info.rank == 0:
+            _write_config(cfg, run_dir)
+
+    with run_lock(run_dir) if info.rank == 0 else nullcontext():
+        trainer = Trainer(model, loss, data, cfg.train, run_dir, config_dict=config_dict, hooks=hooks, resume=resume,
+                          on_resume=on_resume)
+        summary = trainer.fit()
+        weights = trainer.full_state_dict(ema=True)  # a collective under FSDP: every rank calls it
+        if info.rank == 0:
+            final = seeded_network(cfg, image_shape=image_shape, num_classes=num_classes)
+            final.load_state_dict(weights)
+            final.to(trainer.device).eval()
+            out = run_dir / "samples" / "final.png"
+            try:
+                path = sample_grid(final, schedule, cfg.sample, image_shape=image_shape, num_classes=num_classes,
+                                   out=out, device=trainer.device, process=run_process(cfg))
+            except OSError as e:
+                raise rundir.write_error(e, run_dir=run_dir, what="the final sample grid", path=out) from None
+            summary["sample_grid"] = str(path)
     return summary

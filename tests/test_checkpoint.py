@@ -90,27 +90,41 @@ def test_interrupted_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
         real(path, data)
 
     monkeypatch.setattr(ck, "_write_bytes", failing)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(ck.RunDirError, match="simulated") as err:
         _save(tmp_path, 30)
     monkeypatch.setattr(ck, "_write_bytes", real)
+    msg = str(err.value)
+    assert "\n" not in msg and "step_000030/ema.safetensors" in msg and "resumable" in msg and "step_000010" in msg
     assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_000010"]
     assert ck.load_latest(tmp_path).step == 10
-    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # stale .tmp dir removed by the save attempt
+    # the failed save removed its own temp dir and left the other process's alone
+    assert [p.name for p in (tmp_path / "checkpoints").glob(".tmp-*")] == [tmp.name]
 
 
 @pytest.mark.parametrize("damage, reason", [
-    ("truncate", "truncated"), ("garble", "not a valid safetensors"), ("json", "bad JSON"),
-    ("missing", "missing file"), ("no_state", "incomplete checkpoint"),
+    ("truncate", "truncated"), ("garble", "contents altered"), ("json", "bad JSON"),
+    ("missing", "missing file"), ("no_state", "incomplete checkpoint"), ("old_garble", "not a valid safetensors"),
+    ("flip_json", "contents altered"), ("old_nan", "holds NaN/inf"),
 ])
-def test_corrupt_checkpoint_errors_and_fallback(tmp_path, damage, reason):
+def test_corrupt_checkpoint_errors_and_fallback(tmp_path, damage, reason, capsys):
     _save(tmp_path, 1)
     path = _save(tmp_path, 2, seed=1)
-    target = {"json": "state.json", "no_state": "state.json"}.get(damage, "model.safetensors")
+    target = "state.json" if damage in ("json", "no_state", "flip_json") else "model.safetensors"
     f = path / target
+    if damage.startswith("old_"):  # a checkpoint written before hashes existed
+        doc = json.loads((path / "state.json").read_text())
+        del doc["sha256"], doc["state_sha256"]
+        (path / "state.json").write_text(json.dumps(doc))
     if damage == "truncate":
         f.write_bytes(f.read_bytes()[:-10])
-    elif damage == "garble":
+    elif damage in ("garble", "old_garble"):
         f.write_bytes(b"\xff" * len(f.read_bytes()))
+    elif damage == "flip_json":  # the same size, one digit of the step changed
+        f.write_text(f.read_text().replace('"step": 2', '"step": 3'))
+    elif damage == "old_nan":  # a NaN of the same size in a weight: only the finiteness check can see it
+        data = bytearray(f.read_bytes())
+        data[-4:] = bytes.fromhex("0000c07f")  # float32 NaN, little endian
+        f.write_bytes(bytes(data))
     elif damage == "json":
         f.write_text('{"format": "simdiff-checkpoint-v1", "step": ')
     else:
@@ -119,8 +133,10 @@ def test_corrupt_checkpoint_errors_and_fallback(tmp_path, damage, reason):
         ck.load_latest(tmp_path)
     msg = str(err.value)
     assert msg.startswith(f"{f}: ") and reason in msg and "\n" not in msg
-    with pytest.warns(UserWarning, match="skipping damaged checkpoint"):
-        assert ck.load_latest(tmp_path, fallback=True).step == 1
+    capsys.readouterr()
+    assert ck.load_latest(tmp_path, fallback=True).step == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("simdiff: warning: skipping damaged checkpoint") and reason in err[0]
 
 
 def test_export_and_load_inference(tmp_path):
@@ -136,8 +152,17 @@ def test_export_and_load_inference(tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(ck.CheckpointError, match="bad.safetensors: not a valid safetensors"):
         ck.load_inference(bad)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ck.CheckpointError, match="no checkpoint to export"):
         ck.export_inference(tmp_path / "empty", tmp_path / "x.safetensors")
+    with pytest.raises(ck.CheckpointError, match="a file, not a run or checkpoint directory"):
+        ck.export_inference(out, tmp_path / "y.safetensors")
+    with pytest.raises(ck.CheckpointError, match="is a directory"):
+        ck.export_inference(tmp_path, tmp_path / "export")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ck.CheckpointError, match="cannot write the export"):
+        ck.export_inference(tmp_path, tmp_path / "afile" / "m.safetensors")
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["model.safetensors"]  # no temp file left
 
 
 def _run(*args, **popen):

@@ -8,6 +8,8 @@ from simdiff.train.batches import BatchIterator, mix_seed
 from simdiff.train.checkpoint import (
     Checkpoint,
     CheckpointError,
+    RunDirError,
+    RunLockedError,
     export_inference,
     list_checkpoints,
     load_checkpoint,
@@ -17,10 +19,12 @@ from simdiff.train.checkpoint import (
 )
 from simdiff.train.config import OptimConfig, TrainConfig, ema_decay, lr_at, validate_train_config
 from simdiff.train.ema import EMA
+from simdiff.train.rundir import run_lock
 from simdiff.train.trainer import NonFiniteError, Trainer
 
 __all__ = [
-    "BatchIterator", "mix_seed", "Checkpoint", "CheckpointError", "export_inference", "list_checkpoints",
+    "BatchIterator", "mix_seed", "Checkpoint", "CheckpointError", "RunDirError", "RunLockedError",
+    "export_inference", "run_lock", "list_checkpoints",
     "load_checkpoint", "load_inference", "load_latest", "save_checkpoint", "OptimConfig", "TrainConfig",
     "ema_decay", "lr_at", "validate_train_config", "EMA", "NonFiniteError", "Trainer",
 ]

@@ -8,20 +8,31 @@ Layout: ``run_dir/checkpoints/step_000123/`` holding
 * ``rng.safetensors``        torch CPU / CUDA RNG states as uint8 tensors;
 * ``state.json``             written last: step, images seen, configs, optimizer structure and scalars,
                              python/numpy RNG states, data-iterator state, non-finite counts, library version,
-                             and the byte size of every other file (a cheap completeness check).
+                             the byte size and SHA-256 of every other file (``files`` / ``sha256``) and the
+                             SHA-256 of its own canonical JSON (``state_sha256``).
 
 Writing: everything goes into ``checkpoints/.tmp-step_000123-<pid>/``, each file is fsynced, then the
 directory is renamed into place with ``os.replace`` (atomic on POSIX) and the parent fsynced. A killed
-writer leaves only a ``.tmp-*`` directory, which :func:`load_latest` ignores (and the next save deletes).
-Any damaged checkpoint raises :class:`CheckpointError` with a one-line ``<path>: <reason>`` message.
+writer leaves only a ``.tmp-*`` directory, which :func:`load_latest` ignores and which the next owner of the run
+directory removes (:mod:`simdiff.train.rundir`; a save removes only its own temp folders). A failed write (disk
+full, read-only) removes its temp folder and raises a one-line :class:`~simdiff.train.errors.RunDirError`; the
+checkpoints already written are untouched.
+
+Reading verifies sizes, hashes (when present: checkpoints written before hashes existed still load) and that every
+floating-point tensor is finite. Any damaged checkpoint raises :class:`CheckpointError` with a one-line
+``<path>: <reason>`` message; :func:`load_latest` with ``fallback=True`` prints one warning line per damaged
+checkpoint and uses the next older one.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,20 +43,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from simdiff.train import rundir
+from simdiff.train.errors import CheckpointError, RunDirError, RunLockedError
+
 __all__ = [
-    "CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "load_latest", "list_checkpoints",
-    "flatten_optimizer_state", "unflatten_optimizer_state", "export_inference", "load_inference",
-    "library_version", "rng_tensors", "host_rng_doc", "restore_rng",
+    "CheckpointError", "RunDirError", "RunLockedError", "Checkpoint", "save_checkpoint", "load_checkpoint",
+    "load_latest", "list_checkpoints", "flatten_optimizer_state", "unflatten_optimizer_state", "export_inference",
+    "load_inference", "library_version", "rng_tensors", "host_rng_doc", "restore_rng",
 ]
 
 FORMAT = "simdiff-checkpoint-v1"
 INFERENCE_FORMAT = "simdiff-inference-v1"
 TENSOR_FILES = ("model", "ema", "optimizer", "rng", "aux")
 _DEVICE_FLAGS = ("fused", "foreach", "capturable", "differentiable")
-
-
-class CheckpointError(RuntimeError):
-    """A missing, incomplete or corrupt checkpoint; the message is ``<path>: <reason>`` on one line."""
 
 
 @dataclass
@@ -120,25 +130,36 @@ def merge_param_groups(saved: dict[str, Any], current: dict[str, Any]) -> dict[s
     return {"state": saved["state"], "param_groups": groups}
 
 
-def _assert_finite(name: str, tensors: dict[str, torch.Tensor]) -> None:
+def _nonfinite_key(tensors: dict[str, torch.Tensor]) -> str | None:
     for k, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{name}: tensor {k!r} holds NaN/inf; refusing to write a non-finite checkpoint")
+            return k
+    return None
+
+
+def _assert_finite(name: str, tensors: dict[str, torch.Tensor]) -> None:
+    bad = _nonfinite_key(tensors)
+    if bad is not None:
+        raise CheckpointError(f"{name}: tensor {bad!r} holds NaN/inf; refusing to write a non-finite checkpoint")
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    rundir.write_synced(path, data)
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    rundir.fsync_dir(path)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _doc_digest(doc: dict[str, Any]) -> str:
+    """SHA-256 of ``doc`` without its ``state_sha256`` entry, as canonical JSON (sorted keys, no spaces; floats
+    round-trip exactly through JSON, so a parsed document re-serialises to the same bytes)."""
+    body = {k: v for k, v in doc.items() if k != "state_sha256"}
+    return _sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode())
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -165,7 +186,9 @@ def save_checkpoint(
     keep_last: int | None = None,
     aux: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Atomically write checkpoint ``step``; return its directory. Non-finite tensors -> CheckpointError.
+    """Atomically write checkpoint ``step``; return its directory. Non-finite tensors -> CheckpointError; an
+    ``OSError`` while writing (disk full, read-only) -> one-line RunDirError, no temp folder left, older
+    checkpoints untouched.
 
     Args:
         model / ema: state dicts; optimizer: ``optimizer.state_dict()``; rng: named uint8 RNG-state tensors;
@@ -173,7 +196,6 @@ def save_checkpoint(
         aux: flat tensors of loss-owned state (written to ``aux.safetensors``; None: no file).
     """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
     final = root / name
     tensors = {"model": _cpu(model), "ema": _cpu(ema) if ema is not None else None, "rng": _cpu(rng or {}),
@@ -184,30 +206,38 @@ def save_checkpoint(
     for key in ("model", "ema", "optimizer", "aux"):
         if tensors.get(key) is not None:
             _assert_finite(str(final / f"{key}.safetensors"), tensors[key])
-    for stale in root.glob(".tmp-*"):  # left by a killed writer
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    tmp.mkdir()
+    tmp = rundir.temp_path(root / name)
+    current = final  # the file being written, for error messages
     try:
-        sizes = {}
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_own_temps(root)
+        tmp.mkdir()
+        sizes, hashes = {}, {}
         for key, tdict in tensors.items():
             if tdict is None:
                 continue
             data = st_save(tdict, metadata={"format": FORMAT})
+            current = final / f"{key}.safetensors"
             _write_bytes(tmp / f"{key}.safetensors", data)
-            sizes[f"{key}.safetensors"] = len(data)
+            sizes[f"{key}.safetensors"], hashes[f"{key}.safetensors"] = len(data), _sha256(data)
         doc = {"format": FORMAT, "version": library_version(), "step": step, **(state or {})}
-        doc["optimizer_meta"], doc["files"] = opt_meta, sizes
+        doc["optimizer_meta"], doc["files"], doc["sha256"] = opt_meta, sizes, hashes
+        doc["state_sha256"] = _doc_digest(doc)
+        current = final / "state.json"
         _write_bytes(tmp / "state.json", json.dumps(doc, indent=1, allow_nan=False).encode())
         _fsync_dir(tmp)
+        current = final
         if final.exists():  # re-saving a step: move the old one aside first (os.replace needs an empty target)
-            old = root / f".tmp-old-{name}-{os.getpid()}"
+            old = rundir.temp_path(root / f"old-{name}")
             os.replace(final, old)
             shutil.rmtree(old)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise rundir.write_error(e, run_dir=run_dir, what=f"the checkpoint of step {step}",
+                                     path=current) from None
         raise
     if keep_last is not None:
         for old in list_checkpoints(run_dir)[:-keep_last]:
@@ -215,16 +245,35 @@ def save_checkpoint(
     return final
 
 
-def _read_tensors(path: Path, expected_size: int | None) -> dict[str, torch.Tensor]:
+def _remove_own_temps(root: Path) -> None:
+    """Remove this process's leftover temp folders in ``root`` (another process's are never touched here)."""
+    mine = f"-{os.getpid()}"
+    for entry in root.iterdir():
+        if entry.name.startswith(rundir.TMP_PREFIX) and entry.name.endswith(mine):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _read_tensors(path: Path, expected_size: int | None, expected_sha256: str | None = None
+                  ) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing file")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     if expected_size is not None and len(data) != expected_size:
         raise CheckpointError(f"{path}: truncated or altered ({len(data)} bytes, state.json says {expected_size})")
+    if expected_sha256 is not None and _sha256(data) != expected_sha256:
+        raise CheckpointError(f"{path}: contents altered (SHA-256 differs from the one in state.json)")
     try:
-        return st_load(data)
+        tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
+    if path.name != "rng.safetensors":
+        bad = _nonfinite_key(tensors)
+        if bad is not None:
+            raise CheckpointError(f"{path}: tensor {bad!r} holds NaN/inf; refusing non-finite weights")
+    return tensors
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -239,12 +288,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         doc = json.loads(sj.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{sj}: bad JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{sj}: cannot read ({e.strerror})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or "step" not in doc or "files" not in doc:
         raise CheckpointError(f"{sj}: not a {FORMAT} state file")
-    files = doc["files"]
-    if "model.safetensors" not in files:
+    if "state_sha256" in doc and doc["state_sha256"] != _doc_digest(doc):
+        raise CheckpointError(f"{sj}: contents altered (its SHA-256 differs from the one it records)")
+    files, hashes = doc["files"], doc.get("sha256") or {}
+    if not isinstance(files, dict) or "model.safetensors" not in files:
         raise CheckpointError(f"{sj}: lists no model.safetensors")
-    loaded = {k: _read_tensors(path / f"{k}.safetensors", files[f"{k}.safetensors"])
+    loaded = {k: _read_tensors(path / f"{k}.safetensors", files[f"{k}.safetensors"], hashes.get(f"{k}.safetensors"))
               for k in TENSOR_FILES if f"{k}.safetensors" in files}
     optimizer = None
     if "optimizer" in loaded:
@@ -260,23 +313,26 @@ def load_latest(run_dir: str | Path, *, fallback: bool = False) -> Checkpoint | 
     """The newest checkpoint in ``run_dir`` (None if there is none).
 
     Temp directories of interrupted writes are never considered. If the newest checkpoint is damaged this
-    raises :class:`CheckpointError`, unless ``fallback=True``: then it warns and tries the next older one
-    (raising only if none is loadable).
+    raises :class:`CheckpointError`, unless ``fallback=True``: then it tries the older ones and, when one loads,
+    prints one warning line per skipped checkpoint to stderr (``simdiff: warning: skipping damaged checkpoint
+    <path> (<reason>); using step_...``); when none loads it raises one line naming the first problem.
     """
-    import warnings
-
     candidates = list_checkpoints(run_dir)
     errors = []
     for path in reversed(candidates):
         try:
-            return load_checkpoint(path)
+            ckpt = load_checkpoint(path)
         except CheckpointError as e:
             if not fallback:
                 raise
-            warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
-            errors.append(str(e))
+            errors.append((path, str(e)))
+            continue
+        for bad, reason in errors:  # warned only when an older checkpoint is used (else the error says it all)
+            print(f"simdiff: warning: skipping damaged checkpoint {bad} ({reason.removeprefix(f'{bad}/')}); using "
+                  f"{path.name}", file=sys.stderr, flush=True)
+        return ckpt
     if errors:
-        raise CheckpointError(f"{Path(run_dir) / 'checkpoints'}: no loadable checkpoint ({errors[0]})")
+        raise CheckpointError(f"{Path(run_dir) / 'checkpoints'}: no loadable checkpoint ({errors[0][1]})")
     return None
 
 
@@ -287,9 +343,14 @@ def export_inference(src: str | Path, out_path: str | Path, *, dtype: torch.dtyp
     ``dtype`` (e.g. ``torch.float16``) casts floating-point weights for a smaller file; loading casts them back
     to the model's dtype."""
     src = Path(src)
-    ckpt = load_checkpoint(src) if (src / "state.json").exists() else load_latest(src)
+    if src.is_file():
+        raise CheckpointError(f"{src}: a file, not a run or checkpoint directory (export reads a training run; an "
+                              "exported .safetensors file is already in the export format)")
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: no such run or checkpoint directory")
+    ckpt = load_checkpoint(src) if (src / "state.json").exists() else load_latest(src, fallback=True)
     if ckpt is None:
-        raise CheckpointError(f"{src}: no checkpoint to export")
+        raise CheckpointError(f"{src}: no checkpoint to export (no {src / 'checkpoints' / 'step_*'} directory)")
     weights = ckpt.ema if ckpt.ema is not None else ckpt.model
     if dtype is not None:
         weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
@@ -301,10 +362,15 @@ def export_inference(src: str | Path, out_path: str | Path, *, dtype: torch.dtyp
         "version": library_version(),
     }
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    _write_bytes(tmp, st_save(_cpu(weights), metadata=meta))
-    os.replace(tmp, out)
+    if out.is_dir():
+        raise CheckpointError(f"{out}: is a directory; give the output file's path, e.g. {out / 'model.safetensors'}")
+    data = st_save(_cpu(weights), metadata=meta)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rundir.atomic_write_bytes(out, data)  # no temp file is left behind when it fails
+    except OSError as e:
+        reason = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+        raise CheckpointError(f"{out}: cannot write the export ({reason}); choose another output path") from None
     return out
 
 

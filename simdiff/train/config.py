@@ -13,6 +13,7 @@ learning rate and EMA decay without saving them.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,7 +30,7 @@ Strategy = Literal["ddp", "fsdp"]
 class OptimConfig:
     """AdamW hyper-parameters and the learning-rate schedule.
 
-    ``grad_clip``: max global L2 norm of the gradient (<= 0 disables clipping; the norm is still logged).
+    ``grad_clip``: max global L2 norm of the gradient (0 disables clipping; the norm is still logged).
     ``min_lr_ratio``: floor of the cosine / linear decay as a fraction of ``lr`` (unused by rsqrt and none).
     """
 
@@ -108,30 +109,61 @@ def upgrade_train_dict(data: dict, *, where: str = "train") -> dict:
     return out
 
 
-def validate_train_config(cfg: TrainConfig, world_size: int = 1) -> None:
-    """Raise :class:`ConfigError` (one line) if ``cfg`` cannot run with ``world_size`` processes."""
-    checks = [
-        (cfg.steps >= 0, f"steps must be >= 0, got {cfg.steps}"),
-        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
-        (cfg.grad_accum >= 1, f"grad_accum must be >= 1, got {cfg.grad_accum}"),
-        (
-            cfg.batch_size % (world_size * cfg.grad_accum) == 0,
-            f"batch_size {cfg.batch_size} is not divisible by world_size {world_size} x grad_accum {cfg.grad_accum}",
-        ),
-        (cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}"),
-        (cfg.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}"),
-        (0.0 <= cfg.optim.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}"),
-        (cfg.optim.decay in ("none", "cosine", "linear", "rsqrt"),
-         f"unknown optim.decay {cfg.optim.decay!r}; valid: cosine, linear, none, rsqrt"),
-        (cfg.ema_half_life_images >= 0, f"ema_half_life_images must be >= 0, got {cfg.ema_half_life_images}"),
-        (cfg.keep_last >= 1, f"keep_last must be >= 1, got {cfg.keep_last}"),
-        (cfg.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {cfg.max_nonfinite}"),
-        (min(cfg.checkpoint_every, cfg.log_every, cfg.sample_every) >= 0, "checkpoint/log/sample_every must be >= 0"),
-        (cfg.strategy in ("ddp", "fsdp"), f"unknown strategy {cfg.strategy!r}; valid: ddp, fsdp"),
-    ]
-    for ok, msg in checks:
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _train_problems(cfg: TrainConfig) -> Iterator[tuple[bool, str, str, object]]:
+    """``(ok, key, requirement, value)`` for every option of ``cfg``."""
+    o = cfg.optim
+    for key in ("steps", "warmup_steps", "checkpoint_every", "log_every", "sample_every"):
+        value = getattr(o if key == "warmup_steps" else cfg, key)
+        name = f"optim.{key}" if key == "warmup_steps" else key
+        yield _is_int(value) and value >= 0, name, "an integer >= 0", value
+    for key in ("batch_size", "grad_accum", "keep_last", "max_nonfinite"):
+        value = getattr(cfg, key)
+        yield _is_int(value) and value >= 1, key, "an integer >= 1", value
+    yield _is_int(cfg.seed), "seed", "an integer", cfg.seed
+    yield _is_number(o.lr) and o.lr > 0, "optim.lr", "a finite number > 0", o.lr
+    yield _is_number(o.eps) and o.eps > 0, "optim.eps", "a finite number > 0", o.eps
+    for key in ("weight_decay", "grad_clip"):
+        value = getattr(o, key)
+        yield _is_number(value) and value >= 0, f"optim.{key}", "a finite number >= 0", value
+    yield (_is_number(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "a number in [0, 1]",
+           o.min_lr_ratio)
+    betas_ok = isinstance(o.betas, (tuple, list)) and len(o.betas) == 2 and all(
+        _is_number(b) and 0 <= b < 1 for b in o.betas)
+    yield betas_ok, "optim.betas", "two numbers in [0, 1)", o.betas
+    yield (_is_number(cfg.ema_half_life_images) and cfg.ema_half_life_images >= 0, "ema_half_life_images",
+           "a finite number >= 0 (0 disables the EMA)", cfg.ema_half_life_images)
+    r = cfg.ema_rampup_ratio
+    yield r is None or (_is_number(r) and r > 0), "ema_rampup_ratio", "null or a finite number > 0", r
+    for key in ("bf16", "compile", "progress", "tf32", "channels_last"):
+        value = getattr(cfg, key)
+        yield isinstance(value, bool), key, "true or false", value
+    yield isinstance(cfg.device, str) and bool(cfg.device.strip()), "device", "a device name such as auto, cpu, " \
+        "cuda, cuda:N", cfg.device
+
+
+def validate_train_config(cfg: TrainConfig, world_size: int = 1, *, where: str = "train") -> None:
+    """Raise :class:`ConfigError` (one line naming the key, e.g. ``train.optim.lr``) if ``cfg`` cannot run with
+    ``world_size`` processes. Every numeric option is checked (type, finiteness, range); ``where`` is the prefix
+    of the key names in the message."""
+    prefix = f"{where}." if where else ""
+    for ok, key, need, value in _train_problems(cfg):
         if not ok:
-            raise ConfigError(msg)
+            raise ConfigError(f"{prefix}{key} must be {need}, got {value!r}")
+    if cfg.optim.decay not in ("none", "cosine", "linear", "rsqrt"):
+        raise ConfigError(f"unknown {prefix}optim.decay {cfg.optim.decay!r}; valid: cosine, linear, none, rsqrt")
+    if cfg.strategy not in ("ddp", "fsdp"):
+        raise ConfigError(f"unknown {prefix}strategy {cfg.strategy!r}; valid: ddp, fsdp")
+    if cfg.batch_size % (world_size * cfg.grad_accum):
+        raise ConfigError(f"{prefix}batch_size {cfg.batch_size} is not divisible by world_size {world_size} x "
+                          f"{prefix}grad_accum {cfg.grad_accum}")
 
 
 def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:

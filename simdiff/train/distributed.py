@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from simdiff.devices import resolve_device
+
 __all__ = [
     "DistInfo", "init_distributed", "cleanup", "is_distributed", "get_rank", "get_world_size", "is_main",
     "barrier", "all_reduce_mean", "all_reduce_grads_mean", "all_reduce_mean_",
@@ -58,20 +60,14 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> DistIn
     """Start the process group from the torchrun environment (idempotent) and pick this rank's device.
 
     Args:
-        device: "auto" -> ``cuda:LOCAL_RANK`` if CUDA is available, else cpu; or an explicit device string.
+        device: "auto" -> ``cuda:LOCAL_RANK`` if CUDA is available, else cpu; or an explicit device string. An
+            unknown name or an accelerator this machine lacks raises a one-line ConfigError naming train.device.
         backend: default nccl for CUDA devices, gloo otherwise.
     """
     world = _env_int("WORLD_SIZE", 1)
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
-    if device == "auto":
-        dev = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
+    dev = resolve_device(device, what="train.device", local_rank=local_rank)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available")
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend or ("nccl" if dev.type == "cuda" else "gloo"), init_method="env://")

@@ -29,7 +29,9 @@ class NonFiniteError(RuntimeError):
 @dataclass(frozen=True)
 class GuardState:
     """A host copy of the guard: counts, the trip step (-1: none), the loss and grad norm of the latest skipped
-    update, the mean loss over the applied updates since the previous read (NaN: none), the last grad norm."""
+    update, the mean loss over the applied updates since the previous read (NaN: none), the last grad norm, and the
+    float64 sum behind that mean (``window_sum`` / ``window_count``: what a checkpoint stores so that the first
+    logged mean after a resume equals the uninterrupted run's)."""
 
     total: int
     consecutive: int
@@ -39,6 +41,7 @@ class GuardState:
     window_loss: float
     window_count: int
     grad_norm: float
+    window_sum: float = 0.0
 
 
 class StepGuard:
@@ -48,9 +51,11 @@ class StepGuard:
         device: where the loss and gradients live.
         max_consecutive: trip after this many consecutive skipped updates.
         total, consecutive: initial counts (restored from a checkpoint).
+        window_sum, window_count: the loss window to continue (restored from a checkpoint; float64 sum).
     """
 
-    def __init__(self, device: torch.device, max_consecutive: int, *, total: int = 0, consecutive: int = 0):
+    def __init__(self, device: torch.device, max_consecutive: int, *, total: int = 0, consecutive: int = 0,
+                 window_sum: float = 0.0, window_count: int = 0):
         self.max_consecutive = int(max_consecutive)
         i64 = {"dtype": torch.int64, "device": device}
         f64 = {"dtype": torch.float64, "device": device}
@@ -58,8 +63,8 @@ class StepGuard:
         self.consecutive = torch.tensor(consecutive, **i64)
         self.tripped_at = torch.tensor(-1, **i64)
         self.bad = torch.full((2,), math.nan, **f64)
-        self.loss_sum = torch.zeros((), **f64)
-        self.loss_count = torch.zeros((), **i64)
+        self.loss_sum = torch.tensor(float(window_sum), **f64)
+        self.loss_count = torch.tensor(int(window_count), **i64)
         self.grad_norm = torch.full((), math.nan, **f64)
 
     @torch.no_grad()
@@ -90,4 +95,4 @@ class StepGuard:
             self.loss_count.zero_()
         return GuardState(total=int(total), consecutive=int(consecutive), tripped_at=int(tripped), bad_loss=bad_loss,
                           bad_grad_norm=bad_norm, window_loss=loss_sum / count if count else math.nan,
-                          window_count=int(count), grad_norm=grad_norm)
+                          window_count=int(count), grad_norm=grad_norm, window_sum=loss_sum)

@@ -5,7 +5,9 @@ mean. Randomness is a pure function of ``(seed, rank, step)``: before step ``k``
 seeded with ``mix_seed("global", seed, rank, k)`` and the generator handed to ``loss_fn`` with ``mix_seed("loss",
 seed, rank, k, micro)``; the data order is a pure function of ``(seed, epoch, position)``. A resumed run therefore
 repeats an uninterrupted one bit for bit (on the same device and thread count); the global python / numpy / torch
-RNG states are saved and restored as well, for user code that draws from them between steps. A loss object with
+RNG states are saved and restored as well, for user code that draws from them between steps (a fresh run seeds the
+python and numpy ones from ``seed``). The initial weights are the caller's: :func:`simdiff.experiment.train` draws
+them from ``seed`` too. A loss object with
 state of its own (distillation: auxiliary networks and their optimizers, a progressive round's teacher) exposes
 ``aux_state_dict()`` / ``load_aux_state_dict(d)``; the trainer writes it into every checkpoint (``aux.safetensors``,
 rank 0's copy) and restores it on resume.
@@ -37,19 +39,23 @@ from __future__ import annotations
 import copy
 import logging as pylogging
 import math
+import os
+import random
+import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from simdiff.configuration import to_dict
 from simdiff.train import checkpoint as ckpt_io
 from simdiff.train import distributed as D
+from simdiff.train import rundir
 from simdiff.train.batches import BatchIterator, DevicePrefetcher, mix_seed
 from simdiff.train.config import TrainConfig, ema_decay, lr_at, validate_train_config
 from simdiff.train.ema import EMA
@@ -82,13 +88,17 @@ class Trainer:
             one full model of memory there) loaded with the gathered weights; pass the same hooks on every rank
             (the gather is collective).
         resume: continue from the newest loadable checkpoint in ``run_dir`` if there is one.
+        on_resume: ``on_resume(checkpoint_or_None)`` is called on every rank inside :meth:`fit`, once the checkpoint to
+            resume from is read (None: a fresh start) and before any state is restored or any log written; it may
+            raise to refuse the resume (the experiment checks the network config there and writes config.yaml).
         strategy: "ddp" or "fsdp" (default: ``cfg.strategy``); irrelevant in a single process.
         find_unused_parameters: passed to DDP.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: BatchIterator, cfg: TrainConfig,
                  run_dir: str | Path, *, config_dict: dict[str, Any] | None = None, hooks: Sequence[Hook] = (),
-                 resume: bool = True, strategy: str | None = None, find_unused_parameters: bool = False):
+                 resume: bool = True, strategy: str | None = None, find_unused_parameters: bool = False,
+                 on_resume: Callable[[ckpt_io.Checkpoint | None], None] | None = None):
         self.dist = D.init_distributed(cfg.device)
         self.device, self.rank, self.world_size = self.dist.device, self.dist.rank, self.dist.world_size
         validate_train_config(cfg, self.world_size)
@@ -103,7 +113,7 @@ class Trainer:
                              f"{(cfg.batch_size, self.rank, self.world_size)}")
         self.cfg, self.loss_fn, self.data, self.hooks = cfg, loss_fn, data, list(hooks)
         self.run_dir, self.config_dict = Path(run_dir), dict(config_dict or {})
-        self.is_main, self.resume = self.rank == 0, resume
+        self.is_main, self.resume, self.on_resume = self.rank == 0, resume, on_resume
         self.model = model.to(self.device)
         self.model.train()
         cuda = self.device.type == "cuda"
@@ -135,18 +145,33 @@ class Trainer:
         self._resumed = False
         self._guard: StepGuard | None = None
         self._batches: Any = self.data
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._window = (0.0, 0)  # the logged loss window (float64 sum, count) carried through checkpoints
 
     # ----------------------------------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
-        """Train to ``cfg.steps`` (resuming first if allowed); return a summary dict."""
+        """Train to ``cfg.steps`` (resuming first if allowed); return a summary dict.
+
+        Rank 0 owns the run directory for the whole call (:func:`~simdiff.train.rundir.run_lock`: a second process
+        gets :class:`~simdiff.train.errors.RunLockedError`). A failed write into the run directory (disk full,
+        read-only) raises a one-line :class:`~simdiff.train.errors.RunDirError` naming the checkpoint the run
+        resumes from."""
+        lock = rundir.run_lock(self.run_dir) if self.is_main else nullcontext()
+        with lock:
+            try:
+                return self._fit()
+            except OSError as e:
+                if not _is_run_dir_error(e, self.run_dir):
+                    raise
+                raise rundir.write_error(e, run_dir=self.run_dir, what="the run's outputs") from None
+
+    def _fit(self) -> dict[str, Any]:
         cfg, start_time = self.cfg, time.perf_counter()
         start = self._maybe_resume()
         logger = MetricsLogger(self.run_dir, enabled=self.is_main, resume_step=start if self._resumed else None,
                                total_steps=cfg.steps, initial_step=start, progress=cfg.progress)
         self._guard = StepGuard(self.device, cfg.max_nonfinite, total=self.nonfinite_total,
-                                consecutive=self.nonfinite_consecutive)
+                                consecutive=self.nonfinite_consecutive, window_sum=self._window[0],
+                                window_count=self._window[1])
         self._batches = DevicePrefetcher(self.data, self.device, channels_last=self.channels_last) \
             if _use_prefetcher(self.device) else self.data
         t_window, last_loss = time.perf_counter(), math.nan
@@ -326,7 +351,9 @@ class Trainer:
 
         Under FSDP every rank first takes part in gathering the full model / optimizer / EMA state dicts. Inside
         ``fit`` the step guard is read first (raising :class:`NonFiniteError` instead of writing after a trip)."""
-        self.sync_guard()
+        st = self.sync_guard()
+        if st is not None:
+            self._window = (st.window_sum, st.window_count)
         ema = None
         if self.sharded:
             model, optim = D.full_model_state_dict(self.model), D.full_optimizer_state_dict(self.model, self.optimizer)
@@ -349,6 +376,7 @@ class Trainer:
         return {"images_seen": self.images_seen, "config": self.config_dict, "train_config": to_dict(self.cfg),
                 "data": self._batches.state_dict(), "world_size": self.world_size,
                 "nonfinite": {"total": self.nonfinite_total, "consecutive": self.nonfinite_consecutive},
+                "loss_window": {"sum": self._window[0], "count": self._window[1]},
                 "rng": ckpt_io.host_rng_doc()}
 
     def _maybe_resume(self) -> int:
@@ -356,18 +384,26 @@ class Trainer:
             return self.step
         if not self.resume:
             if ckpt_io.list_checkpoints(self.run_dir):
-                raise ValueError(f"{self.run_dir} already holds checkpoints; pass resume=True or use a new run_dir")
+                raise ValueError(f"{self.run_dir} already holds checkpoints and resuming is off; use a new run "
+                                 "directory (--run-dir) or allow resuming")
+            if self.on_resume is not None:
+                self.on_resume(None)
+            self._seed_host_rngs()
             return self.step
         ck = ckpt_io.load_latest(self.run_dir, fallback=True)
         D.barrier()
+        if self.on_resume is not None:
+            self.on_resume(ck)
         if ck is None:
+            self._seed_host_rngs()
             return self.step
         st = ck.state
         saved_cfg, now_cfg = st.get("train_config", {}), to_dict(self.cfg)
         changed = [k for k in _RESUME_MUST_MATCH if saved_cfg.get(k) != now_cfg.get(k)]
         if changed:
-            warnings.warn(f"resuming {ck.path} with changed config keys {changed}; the run will not be "
-                          "identical to an uninterrupted one", stacklevel=2)
+            _warn(self.is_main, f"resuming {ck.path} with changed train keys {', '.join(changed)}; the run will not "
+                  "be identical to an uninterrupted one")
+        _check_weights_fit(ck, self.model if not self.sharded else None)
         if self.sharded:  # every rank reads the full checkpoint and keeps its shard
             D.load_full_model_state_dict(self.model, ck.model)
         else:
@@ -382,14 +418,16 @@ class Trainer:
             self.ema.load_state_dict(ck.ema)
         if hasattr(self.loss_fn, "load_aux_state_dict"):
             if ck.aux is None:
-                warnings.warn(f"{ck.path} holds no loss state (aux.safetensors); the loss object starts afresh and "
-                              "the run will not be identical to an uninterrupted one", stacklevel=2)
+                _warn(self.is_main, f"{ck.path} holds no loss state (aux.safetensors); the loss object starts afresh "
+                      "and the run will not be identical to an uninterrupted one")
             else:
                 self.loss_fn.load_aux_state_dict({k: v.to(self.device) for k, v in ck.aux.items()})
         self.data.load_state_dict(st["data"])
         self.step, self.images_seen = ck.step, int(st["images_seen"])
         self.nonfinite_total = int(st["nonfinite"]["total"])
         self.nonfinite_consecutive = int(st["nonfinite"]["consecutive"])
+        window = st.get("loss_window") or {}  # absent in checkpoints written before it was stored
+        self._window = (float(window.get("sum", 0.0)), int(window.get("count", 0)))
         ckpt_io.restore_rng(ck.rng, st["rng"])
         self.last_checkpoint, self._resumed = ck.path, True
         if self.is_main:
@@ -397,6 +435,12 @@ class Trainer:
         return self.step
 
     # ------------------------------------------------------------------------------------------ helpers
+    def _seed_host_rngs(self) -> None:
+        """A fresh run seeds the global python and numpy RNGs from ``cfg.seed`` (a resumed one restores them), so
+        the RNG states saved in its checkpoints, and user code drawing from them, repeat from run to run."""
+        random.seed(mix_seed("python", self.cfg.seed, self.rank))
+        np.random.seed(mix_seed("numpy", self.cfg.seed, self.rank) % 2**32)
+
     def _seed_step(self, step: int) -> None:
         torch.manual_seed(mix_seed("global", self.cfg.seed, self.rank, step))
 
@@ -413,6 +457,41 @@ def _use_fused(device: torch.device) -> bool:
 def _use_prefetcher(device: torch.device) -> bool:
     """Stage batches in a background thread (pinned memory, side-stream copies) on CUDA only."""
     return device.type == "cuda"
+
+
+def _warn(enabled: bool, message: str) -> None:
+    """One warning line on stderr (rank 0 only)."""
+    if enabled:
+        print(f"simdiff: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _check_weights_fit(ck: ckpt_io.Checkpoint, model: nn.Module | None) -> None:
+    """Refuse (one line) a checkpoint whose weight names or shapes differ from ``model``'s (None: not checked)."""
+    if model is None:
+        return
+    now = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in ck.model.items()}
+    if now == saved:
+        return
+    missing, extra = sorted(set(now) - set(saved)), sorted(set(saved) - set(now))
+    shapes = sorted(k for k in set(now) & set(saved) if now[k] != saved[k])
+    what = (f"shape of {shapes[0]!r} {saved[shapes[0]]} in the checkpoint, {now[shapes[0]]} in the model" if shapes
+            else f"{len(missing)} weight(s) missing (e.g. {missing[0]!r})" if missing
+            else f"{len(extra)} unexpected weight(s) (e.g. {extra[0]!r})")
+    raise ckpt_io.CheckpointError(f"{ck.path}: the weights do not fit this model ({what}); resume with the model "
+                                  "settings the run was started with, or train into a new --run-dir")
+
+
+def _is_run_dir_error(e: OSError, run_dir: Path) -> bool:
+    """Whether ``e`` came from writing into ``run_dir`` (or is a disk-full / read-only error with no file named)."""
+    import errno
+
+    if e.filename:
+        try:
+            return Path(os.path.abspath(e.filename)).is_relative_to(os.path.abspath(run_dir))
+        except (TypeError, ValueError):
+            return False
+    return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def _step_of(path: Path) -> int:
