@@ -120,7 +120,8 @@ class MaskedDiffusion:
 
     def loss(self, model: Any, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         """Per-example bound ``[B]`` in nats per token, at stratified times ``t_i = (u + i / B) mod 1`` (one
-        uniform ``u`` per batch: a low-discrepancy sampler of ``t``, as MDLM and MD4 do). The batch's other entries
+        uniform ``u`` per batch: a low-discrepancy sampler of ``t``; MDLM and MD4 reduce the variance of ``t``
+        similarly, not checked against their text). The batch's other entries
         (e.g. ``labels``) are passed to the network."""
         x = self.tokens(batch["x"])
         b, dev = x.shape[0], x.device

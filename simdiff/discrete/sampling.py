@@ -15,7 +15,8 @@ logits ``[B, *shape, V]`` of ``p(x_0 | x_t)`` (only the masked positions are rea
   uniformly; one network call per token and no time-discretisation error. ``k > 1`` tokens per call is the
   parallel variant (k positions unmasked from one call, each drawn from its own marginal: not exact).
 * :func:`categorical`: ``"float64"`` draws by inverse CDF in float64 (each outcome's probability is exact to
-  ``2^-53``); ``"float32"`` is float32 Gumbel-max (``argmax(logits - log(-log u))`` with float32 ``u``), whose noise is
+  ``2^-53``); ``"float32"`` is float32 Gumbel-max (``argmax(log p - log(-log(u + 1e-10)))`` with float32 ``u``; the
+  ``1e-10`` guard is the usual one in released masked-diffusion code, not checked), whose noise is
   bounded above by ``-log(-log(1 - 2^-24)) = 16.64`` and so under-samples outcomes far below the top one: a lower
   effective temperature (Zheng et al. 2024; the tests compute the effect exactly).
 
@@ -40,8 +41,8 @@ Denoiser = Callable[..., Tensor]
 
 
 def gumbel_noise(u: Tensor) -> Tensor:
-    """``-log(-log u)`` in ``u``'s dtype: standard Gumbel noise from uniforms ``u`` in [0, 1)."""
-    return -torch.log(-torch.log(u))
+    """``-log(-log(u + 1e-10))`` in ``u``'s dtype: Gumbel noise from uniforms ``u`` in [0, 1) (finite at 0)."""
+    return -torch.log(-torch.log(u + 1e-10))
 
 
 def categorical(probs: Tensor, *, generator: torch.Generator | None = None, precision: str = "float64") -> Tensor:
