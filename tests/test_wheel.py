@@ -42,7 +42,7 @@ def test_build_makes_wheel_and_sdist_with_weights(dist: Path) -> None:
     assert wheels[0].name.startswith(f"simdiff-{simdiff.__version__}-")  # the version has one home
     names = zipfile.ZipFile(wheels[0]).namelist()
     assert "simdiff/pretrained/mnist_uvit.safetensors" in names
-    assert "simdiff/configs/mnist.yaml" in names
+    assert "simdiff/configs/mnist.yaml" in names and "simdiff/serve/static/index.html" in names
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
 
 
