@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from simdiff.train import (
     list_checkpoints,
     load_latest,
     lr_at,
+    rundir,
 )
 from simdiff.train.logging import read_metrics
 
@@ -182,6 +185,50 @@ def test_in_process_resume_is_bit_identical(tmp_path):
     assert [tuple(r[k] for k in key) for r in full] == [tuple(r[k] for k in key) for r in cut]
     a, b = load_latest(tmp_path / "full"), load_latest(tmp_path / "cut")
     assert all(torch.equal(a.model[k], b.model[k]) and torch.equal(a.ema[k], b.ema[k]) for k in a.model)
+
+
+def test_resume_inside_a_logging_window_logs_what_the_uninterrupted_run_logs(tmp_path):
+    """log_every=3 with checkpoints every 4 steps: the run resumed from step 8 logs at step 9 the mean over steps
+    7-9, as the uninterrupted run does (the window's float64 sum and count are in the checkpoint)."""
+    class Crash(Exception):
+        pass
+
+    def run(run_dir, crash_at=None):
+        torch.manual_seed(0)
+        calls = []
+
+        def loss_fn(m, b, g):
+            calls.append(1)
+            assert rundir.lock_holder(run_dir) == os.getpid()  # fit() owns the run directory
+            if len(calls) == crash_at:
+                raise Crash
+            return noisy_loss(m, b, g)
+
+        cfg = _cfg(steps=12, checkpoint_every=4, log_every=3)
+        return Trainer(TinyNet(), loss_fn, BatchIterator(make_data(), 8, seed=2), cfg, run_dir).fit()
+
+    run(tmp_path / "full")
+    with pytest.raises(Crash):
+        run(tmp_path / "cut", crash_at=11)
+    assert not (tmp_path / "cut" / rundir.LOCK_NAME).exists()  # released on the way out
+    assert load_latest(tmp_path / "cut").state["loss_window"]["count"] == 2  # steps 7 and 8
+    assert run(tmp_path / "cut")["resumed_from"] == 8
+    full, cut = read_metrics(tmp_path / "full" / "metrics.csv"), read_metrics(tmp_path / "cut" / "metrics.csv")
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]  # noqa: E731
+    assert [r["step"] for r in full] == ["3", "6", "9", "12"] and drop(full) == drop(cut)
+
+
+def test_train_options_are_validated_with_their_full_names(tmp_path):
+    for bad, needle in [(dict(optim=OptimConfig(grad_clip=math.nan)), "train.optim.grad_clip must be a finite number "
+                                                                     ">= 0, got nan"),
+                        (dict(optim=OptimConfig(lr=math.inf)), "train.optim.lr must be a finite number > 0, got inf"),
+                        (dict(optim=OptimConfig(betas=(0.9, 1.5))), "train.optim.betas"),
+                        (dict(ema_half_life_images=-1.0), "train.ema_half_life_images"),
+                        (dict(log_every=-2), "train.log_every must be an integer >= 0"),
+                        (dict(device="gpu"), "train.device")]:
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            Trainer(TinyNet(), noisy_loss, BatchIterator(make_data(), 8, seed=2), _cfg(**bad), tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_nan_steps_are_skipped_and_params_unchanged(tmp_path):

@@ -27,7 +27,7 @@ from pathlib import Path
 from simdiff.train.errors import RunDirError, RunLockedError
 
 __all__ = ["LOCK_NAME", "run_lock", "lock_holder", "temp_path", "atomic_write_bytes", "write_synced",
-           "fsync_dir", "remove_stale_temps", "pid_alive", "write_error"]
+           "fsync_dir", "remove_stale_temps", "pid_alive", "write_error", "is_run_dir_error"]
 
 LOCK_NAME = ".lock"
 TMP_PREFIX = ".tmp-"
@@ -149,6 +149,16 @@ def write_error(e: OSError, *, run_dir: str | Path, what: str, path: str | Path 
     else:
         fix = f"cannot write {what} ({reason}); fix the cause"
     return RunDirError(f"{target}: {fix}; {_resume_hint(run_dir)}")
+
+
+def is_run_dir_error(e: OSError, run_dir: Path) -> bool:
+    """Whether ``e`` came from writing into ``run_dir`` (or is a disk-full / read-only error with no file named)."""
+    if e.filename:
+        try:
+            return Path(os.path.abspath(e.filename)).is_relative_to(os.path.abspath(run_dir))
+        except (TypeError, ValueError):
+            return False
+    return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 # -------------------------------------------------------------------------------------------------------- lock

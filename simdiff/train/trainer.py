@@ -39,9 +39,7 @@ from __future__ import annotations
 import copy
 import logging as pylogging
 import math
-import os
 import random
-import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -55,6 +53,7 @@ from torch import nn
 from simdiff.configuration import to_dict
 from simdiff.train import checkpoint as ckpt_io
 from simdiff.train import distributed as D
+from simdiff.train import resume as resume_mod
 from simdiff.train import rundir
 from simdiff.train.batches import BatchIterator, DevicePrefetcher, mix_seed
 from simdiff.train.config import TrainConfig, ema_decay, lr_at, validate_train_config
@@ -67,7 +66,6 @@ __all__ = ["Trainer", "NonFiniteError", "LossFn", "Hook"]
 log = pylogging.getLogger(__name__)
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Generator], torch.Tensor]
 Hook = Callable[["Trainer", int], None]
-_RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "optim", "ema_half_life_images", "ema_rampup_ratio")
 
 
 class Trainer:
@@ -160,7 +158,7 @@ class Trainer:
             try:
                 return self._fit()
             except OSError as e:
-                if not _is_run_dir_error(e, self.run_dir):
+                if not rundir.is_run_dir_error(e, self.run_dir):
                     raise
                 raise rundir.write_error(e, run_dir=self.run_dir, what="the run's outputs") from None
 
@@ -397,39 +395,7 @@ class Trainer:
         if ck is None:
             self._seed_host_rngs()
             return self.step
-        st = ck.state
-        saved_cfg, now_cfg = st.get("train_config", {}), to_dict(self.cfg)
-        changed = [k for k in _RESUME_MUST_MATCH if saved_cfg.get(k) != now_cfg.get(k)]
-        if changed:
-            _warn(self.is_main, f"resuming {ck.path} with changed train keys {', '.join(changed)}; the run will not "
-                  "be identical to an uninterrupted one")
-        _check_weights_fit(ck, self.model if not self.sharded else None)
-        if self.sharded:  # every rank reads the full checkpoint and keeps its shard
-            D.load_full_model_state_dict(self.model, ck.model)
-        else:
-            self.model.load_state_dict(ck.model)
-        if ck.optimizer is not None:
-            optim = ckpt_io.merge_param_groups(ck.optimizer, self.optimizer.state_dict())
-            if self.sharded:
-                D.load_full_optimizer_state_dict(self.model, self.optimizer, optim)
-            else:
-                self.optimizer.load_state_dict(optim)
-        if self.ema is not None and ck.ema is not None:
-            self.ema.load_state_dict(ck.ema)
-        if hasattr(self.loss_fn, "load_aux_state_dict"):
-            if ck.aux is None:
-                _warn(self.is_main, f"{ck.path} holds no loss state (aux.safetensors); the loss object starts afresh "
-                      "and the run will not be identical to an uninterrupted one")
-            else:
-                self.loss_fn.load_aux_state_dict({k: v.to(self.device) for k, v in ck.aux.items()})
-        self.data.load_state_dict(st["data"])
-        self.step, self.images_seen = ck.step, int(st["images_seen"])
-        self.nonfinite_total = int(st["nonfinite"]["total"])
-        self.nonfinite_consecutive = int(st["nonfinite"]["consecutive"])
-        window = st.get("loss_window") or {}  # absent in checkpoints written before it was stored
-        self._window = (float(window.get("sum", 0.0)), int(window.get("count", 0)))
-        ckpt_io.restore_rng(ck.rng, st["rng"])
-        self.last_checkpoint, self._resumed = ck.path, True
+        resume_mod.restore(self, ck)
         if self.is_main:
             log.info("resumed from %s (step %d)", ck.path, ck.step)
         return self.step
@@ -457,41 +423,6 @@ def _use_fused(device: torch.device) -> bool:
 def _use_prefetcher(device: torch.device) -> bool:
     """Stage batches in a background thread (pinned memory, side-stream copies) on CUDA only."""
     return device.type == "cuda"
-
-
-def _warn(enabled: bool, message: str) -> None:
-    """One warning line on stderr (rank 0 only)."""
-    if enabled:
-        print(f"simdiff: warning: {message}", file=sys.stderr, flush=True)
-
-
-def _check_weights_fit(ck: ckpt_io.Checkpoint, model: nn.Module | None) -> None:
-    """Refuse (one line) a checkpoint whose weight names or shapes differ from ``model``'s (None: not checked)."""
-    if model is None:
-        return
-    now = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    saved = {k: tuple(v.shape) for k, v in ck.model.items()}
-    if now == saved:
-        return
-    missing, extra = sorted(set(now) - set(saved)), sorted(set(saved) - set(now))
-    shapes = sorted(k for k in set(now) & set(saved) if now[k] != saved[k])
-    what = (f"shape of {shapes[0]!r} {saved[shapes[0]]} in the checkpoint, {now[shapes[0]]} in the model" if shapes
-            else f"{len(missing)} weight(s) missing (e.g. {missing[0]!r})" if missing
-            else f"{len(extra)} unexpected weight(s) (e.g. {extra[0]!r})")
-    raise ckpt_io.CheckpointError(f"{ck.path}: the weights do not fit this model ({what}); resume with the model "
-                                  "settings the run was started with, or train into a new --run-dir")
-
-
-def _is_run_dir_error(e: OSError, run_dir: Path) -> bool:
-    """Whether ``e`` came from writing into ``run_dir`` (or is a disk-full / read-only error with no file named)."""
-    import errno
-
-    if e.filename:
-        try:
-            return Path(os.path.abspath(e.filename)).is_relative_to(os.path.abspath(run_dir))
-        except (TypeError, ValueError):
-            return False
-    return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def _step_of(path: Path) -> int:
