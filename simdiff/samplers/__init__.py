@@ -20,6 +20,7 @@ from simdiff.configuration import get_registered
 from simdiff.samplers._common import require_isotropic
 from simdiff.samplers.addim import sample_addim
 from simdiff.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_3m
+from simdiff.samplers.edm import sample_edm
 from simdiff.samplers.first_order import sample_ddim, sample_ddpm
 from simdiff.samplers.grids import GRID_KINDS, make_grid
 from simdiff.samplers.ode import sample_euler, sample_heun, solve_reference
@@ -48,6 +49,7 @@ __all__ = [
     "sample_unipc",
     "sample_dpmpp_2m_sde",
     "sample_addim",
+    "sample_edm",
 ]
 
 SAMPLERS: dict[str, Callable] = {
@@ -60,6 +62,7 @@ SAMPLERS: dict[str, Callable] = {
     "unipc": sample_unipc,
     "sde": sample_dpmpp_2m_sde,
     "addim": sample_addim,
+    "edm": sample_edm,
     **STUDENT_SAMPLERS,
 }
 
@@ -86,10 +89,11 @@ def check_process(name: str, process) -> None:
 
 def nfe(name: str, steps: int) -> int:
     """Network evaluations for ``steps`` steps on a grid ending at +inf (``make_grid``): ``steps`` for every
-    sampler except Heun, ``2 steps - 1`` (its last step to +inf is an Euler step), and the one-step generator."""
+    sampler except Heun and EDM's sampler, ``2 steps - 1`` (the last step to +inf is an Euler step), and the
+    one-step generator."""
     get_sampler(name)
     if steps < 1:
         raise ValueError(f"nfe: steps must be >= 1, got {steps}")
     if name == "generator":
         return 1
-    return 2 * steps - 1 if name == "heun" else steps
+    return 2 * steps - 1 if name in ("heun", "edm") else steps

@@ -37,6 +37,7 @@ from simdiff.samplers._common import (
     require_isotropic,
     to_state,
 )
+from simdiff.samplers.noise import NoiseSource
 
 __all__ = ["sample_dpmpp_2m", "sample_dpmpp_3m", "multistep_loop", "step_orders"]
 
@@ -60,8 +61,12 @@ def multistep_loop(
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    source: NoiseSource | None = None,
 ) -> Tensor:
     """Run ``z <- ratio_i z + alpha_next_i sum_j w_ij x_(i-j)`` (+ ``noise_i * N(0, I)``) over the grid.
+
+    The standard normals come from ``source(z, lam_i, lam_(i+1))`` when given (:mod:`simdiff.samplers.noise`),
+    else from ``torch.randn`` with ``generator``.
 
     ``weights[i]``: ``[k_i]`` weights on the stored x-predictions, newest first. ``corrector[i]`` (optional):
     ``[1 + k_i]`` weights on (x at the predicted new point, then the stored ones); the corrected state replaces the
@@ -77,7 +82,11 @@ def multistep_loop(
         w = weights[i]
         z_pred = ratio[i] * z + alpha_next[i] * sum(w[j] * xs[j] for j in range(w.shape[0]))
         if noise is not None:
-            z_pred = z_pred + noise[i] * torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+            if source is None:
+                xi = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+            else:
+                xi = source(z, float(net.host_lam[i]), float(net.host_lam[i + 1]))
+            z_pred = z_pred + noise[i] * xi
         if i < m - 1 or grid.final_inf:
             x_cur = net.x(z_pred, i + 1)
             wc = None if corrector is None else corrector[i]

@@ -7,7 +7,9 @@ With ``h = lambda_s - lambda_t`` (``lambda = logsnr / 2``) and stochasticity ``e
 
 ``D = (1 + 1/(2r)) x_i - 1/(2r) x_(i-1)`` (``r = h_(i-1) / h_i``; first step ``D = x_i``). ``eta = 1`` is the
 SDE solver (its first-order form is exactly the ancestral small-variance step), ``eta = 0`` is DPM-Solver++(2M).
-A final +inf step returns x_hat (no noise). Isotropic process only.
+A final +inf step returns x_hat (no noise). Isotropic process only. ``noise=`` takes a noise source
+(:class:`simdiff.samplers.noise.BrownianTreeNoise`: the same Brownian path on every grid, so runs converge as the
+grid is refined; with its SNR clock the eta = 1 first-order noise term is the exact Ito integral).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from simdiff.process import alpha_sigma, sigma_ratio
 from simdiff.processes import GaussianProcess
 from simdiff.samplers._common import Callback, Net, prepare_grid, require_isotropic, to_state
 from simdiff.samplers.dpm_solver import dpmpp_2m_weights, multistep_loop
+from simdiff.samplers.noise import NoiseSource
 
 __all__ = ["sample_dpmpp_2m_sde"]
 
@@ -31,6 +34,7 @@ def sample_dpmpp_2m_sde(
     logsnrs: Tensor,
     *,
     eta: float = 1.0,
+    noise: NoiseSource | None = None,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     cond: dict | None = None,
@@ -47,7 +51,7 @@ def sample_dpmpp_2m_sde(
     h = 0.5 * torch.diff(lam)
     a_s, s_s = alpha_sigma(lam[1:])
     ratio = sigma_ratio(logsnr_s=lam[1:], logsnr_t=lam[:-1]) * torch.exp(-eta * h)
-    noise = s_s * (-torch.expm1(-2 * eta * h)).clamp_min(0).sqrt()
+    scale = s_s * (-torch.expm1(-2 * eta * h)).clamp_min(0).sqrt()
     weights = dpmpp_2m_weights(h, scale=-torch.expm1(-(1 + eta) * h))
     return multistep_loop(
         net,
@@ -56,7 +60,8 @@ def sample_dpmpp_2m_sde(
         ratio=to_state(ratio, z),
         alpha_next=to_state(a_s, z),
         weights=[to_state(w, z) for w in weights],
-        noise=to_state(noise, z) if eta > 0 else None,
+        noise=to_state(scale, z) if eta > 0 else None,
         generator=generator,
+        source=noise,
         callback=callback,
     )
