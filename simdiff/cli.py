@@ -222,7 +222,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import math
+
     from simdiff.demo import run_demo
+    from simdiff.eval import min_samples
+
+    if not math.isfinite(args.minutes) or args.minutes <= 0:
+        raise ConfigError(f"--minutes must be a positive number, got {args.minutes}")
+    need = min_samples(("mnist_fd", "accuracy"))
+    if args.num_eval < need:
+        raise ConfigError(f"--num-eval must be >= {need} (the MNIST Fréchet distance needs a covariance), "
+                          f"got {args.num_eval}")
+    if args.num_fid != 0 and args.num_fid < min_samples(("fid",)):
+        raise ConfigError(f"--num-fid must be 0 (no FID) or >= {min_samples(('fid',))}, got {args.num_fid}")
 
     run_demo(minutes=args.minutes, run_dir=Path(args.run_dir), num_eval=args.num_eval, num_fid=args.num_fid)
     return 0

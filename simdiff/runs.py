@@ -248,6 +248,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", ema: boo
     if path.is_file():
         state, meta = load_inference(path)
     else:
+        if path.name == "checkpoints" and not (path / "checkpoints").exists():  # given run/checkpoints: the run
+            path = path.parent
         ckpt = load_checkpoint(path) if (path / "state.json").exists() else load_latest(path, fallback=True)
         if ckpt is None:
             raise CheckpointError(f"{path}: no checkpoint found (expected a run directory with checkpoints/)")

@@ -21,6 +21,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import simdiff.demo
 import simdiff.experiment
 import simdiff.generate
 import simdiff.runs
@@ -88,6 +89,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(simdiff.generate, "generate", refuse)
     monkeypatch.setattr(simdiff.runs, "generate", refuse)
     monkeypatch.setattr(simdiff.experiment, "train", refuse)
+    monkeypatch.setattr(simdiff.demo, "run_demo", refuse)
 
 
 def _check_fails(capsys, root: Path, argv: list[str], pattern: str, *, progress: bool = False) -> str:
@@ -181,6 +183,9 @@ CASES = [
      "model.options.dim"),
     ("model-arch", ["train", "{root}/tiny.yaml", "--run-dir", "{run}", "--set", "model.arch=vit"], "model.arch"),
     ("command-unknown", ["smaple", "{run}"], "invalid choice"),
+    ("demo-minutes", ["demo", "--minutes", "-1", "--run-dir", "{root}/demo"], "--minutes"),
+    ("demo-num-eval", ["demo", "--num-eval", "1", "--run-dir", "{root}/demo"], "--num-eval"),
+    ("demo-num-fid", ["demo", "--num-fid", "1", "--run-dir", "{root}/demo"], "--num-fid"),
 ]
 
 
@@ -247,6 +252,7 @@ def test_good_input_still_works(root, capsys):
                      "--out", str(out)]) == 0
         assert out.is_file()
         assert main(["sample", str(root / "model.safetensors"), "--info"]) == 0
+        assert main(["sample", str(root / "run" / "checkpoints"), "--info"]) == 0  # the run's checkpoints folder
     finally:
         for p in (out, out.parent):
             if p.is_file():
