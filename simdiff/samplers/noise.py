@@ -133,8 +133,8 @@ class BrownianTreeNoise:
 
     def __call__(self, z: Tensor, lam_t: float, lam_s: float) -> Tensor:
         if self.tree is None or self.tree.shape != tuple(z.shape):
-            self.tree = BrownianTree(tuple(z.shape), p0=self.lo - self.MARGIN, p1=self.hi, clock=self.clock, seed=self.seed,
-                                     tol=self.tol, dtype=z.dtype, device=z.device)
+            self.tree = BrownianTree(tuple(z.shape), p0=self.lo - self.MARGIN, p1=self.hi, clock=self.clock,
+                                     seed=self.seed, tol=self.tol, dtype=z.dtype, device=z.device)
         a, b = (min(max(float(v), self.lo - self.MARGIN), self.hi) for v in (lam_t, lam_s))
         length = abs(self.clock(b) - self.clock(a))
         if length == 0.0:
