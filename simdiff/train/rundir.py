@@ -135,10 +135,12 @@ def _resume_hint(run_dir: Path) -> str:
     return "the run is resumable: rerun the same command (no checkpoint yet, so it restarts from step 0)"
 
 
-def write_error(e: OSError, *, run_dir: str | Path, what: str, path: str | Path | None = None) -> RunDirError:
+def write_error(e: OSError, *, run_dir: str | Path, what: str, path: str | Path | None = None,
+                resumable: bool | None = True) -> RunDirError:
     """The one-line :class:`RunDirError` for ``e``, met while writing ``what`` (e.g. "metrics.csv") of ``run_dir``.
 
-    ``path``: the file to name (default: ``e.filename``, else ``run_dir``)."""
+    ``path``: the file to name (default: ``e.filename``, else ``run_dir``). ``resumable``: add which checkpoint the
+    same command resumes from (None: only when the run has a checkpoint, e.g. before anything was written)."""
     run_dir = Path(run_dir)
     target = path if path is not None else (e.filename if e.filename else run_dir)
     reason = (e.strerror or str(e)).splitlines()[0] if (e.strerror or str(e)) else type(e).__name__
@@ -147,8 +149,11 @@ def write_error(e: OSError, *, run_dir: str | Path, what: str, path: str | Path 
     elif e.errno in _NOT_WRITABLE:
         fix = f"cannot write {what} ({reason}); make {run_dir} writable or pass another --run-dir"
     else:
-        fix = f"cannot write {what} ({reason}); fix the cause"
-    return RunDirError(f"{target}: {fix}; {_resume_hint(run_dir)}")
+        fix = f"cannot write {what} ({reason}); check {run_dir} or pass another --run-dir"
+    hint = _resume_hint(run_dir) if resumable is not False else None
+    if resumable is None and hint is not None and "no checkpoint yet" in hint:
+        hint = None
+    return RunDirError(f"{target}: {fix}" + (f"; {hint}" if hint else ""))
 
 
 def is_run_dir_error(e: OSError, run_dir: Path) -> bool:
@@ -189,7 +194,8 @@ def _acquire(run_dir: Path, path: Path) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise write_error(e, run_dir=run_dir, what=f"the lock file {LOCK_NAME}", path=path) from None
+            raise write_error(e, run_dir=run_dir, what=f"the lock file {LOCK_NAME}", path=path,
+                              resumable=None) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -236,7 +242,8 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     except OSError as e:
         os.close(fd)
-        raise write_error(e, run_dir=run_dir, what=f"the lock file {LOCK_NAME}", path=path) from None
+        raise write_error(e, run_dir=run_dir, what=f"the lock file {LOCK_NAME}", path=path,
+                              resumable=None) from None
     _HELD[key] = [fd, 1]
     try:
         remove_stale_temps(run_dir)
