@@ -66,6 +66,13 @@ def _check_flags(args: argparse.Namespace) -> torch.device:
     return resolve_device(args.device, what="--device")
 
 
+def _check_model_flags(loaded, scfg) -> None:
+    """Refuse flags the loaded model cannot honour (before sampling): guidance on an unconditional model."""
+    if scfg.guidance != 0.0 and loaded.num_classes == 0 and not getattr(loaded.model, "guidance_input", False):
+        raise ConfigError(f"--guidance {scfg.guidance} needs a class-conditional model; this model is unconditional "
+                          "(use --guidance 0)")
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     from simdiff.samplers import GRID_KINDS, SAMPLERS
 
@@ -147,6 +154,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return 0
     scfg = check_sample_config(_sample_overrides(args, loaded.config.sample), names=_SAMPLE_FLAGS)
     check_student_sampling(loaded.meta, scfg)
+    _check_model_flags(loaded, scfg)
     labels = _parse_labels(args.labels, scfg.num, loaded.num_classes)
     start = time.perf_counter()
     x = generate(loaded.model, loaded.schedule, loaded.image_shape, scfg, labels=labels,
@@ -185,6 +193,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     loaded = load_model(_source(args.source), device=device)
     scfg = check_sample_config(_sample_overrides(args, loaded.config.sample), names=_SAMPLE_FLAGS)
     check_student_sampling(loaded.meta, scfg)
+    _check_model_flags(loaded, scfg)
     result = evaluate_model(loaded, scfg, num=num, metrics=metrics, device=device)
     result = {"sampler": scfg.sampler, "steps": scfg.steps, "grid": scfg.grid, "num": num, **result}
     print(json.dumps(result, indent=1))

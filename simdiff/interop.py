@@ -107,7 +107,7 @@ class DiffusersDenoiser(torch.nn.Module):
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, or not JSON
         raise ConfigError(f"cannot read {path}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")

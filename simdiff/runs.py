@@ -398,4 +398,5 @@ def evaluate_model(
                  num_classes=loaded.num_classes, null_cond=class_null_cond(loaded.num_classes), device=device,
                  progress=progress, process=loaded.process)
     ref, key = reference_images(loaded.config, max(num, 1000))
-    return evaluate_samples(x, ref, metrics=metrics, labels=labels, reference_key=key, progress=progress)
+    return evaluate_samples(x, ref, metrics=metrics, labels=labels, reference_key=key, progress=progress,
+                            device=device)
