@@ -1,8 +1,9 @@
 """Calibration sets: the denoiser inputs ``(z_t, logsnr, cond)`` whose activations set the quantisation ranges.
 
-* "trajectory" (Q-Diffusion, Li et al. 2023, sec. 3.2): inputs recorded along the float model's own sampling
-  trajectories (a forward pre-hook on the denoiser during :func:`simdiff.generate.generate`), then the same number
-  of examples taken from every step of the sampler's grid ("uniformly over steps").
+* "trajectory" (Q-Diffusion, Li et al. 2023, time step-aware calibration): inputs recorded along the float model's
+  own sampling trajectories (a forward pre-hook on the denoiser during :func:`simdiff.generate.generate`), then the
+  same number of examples taken from every step of the sampler's grid ("uniformly over steps"; the paper's counts
+  and step interval are not verified here).
 * "single": the same recording, but only one level of the grid: ``single_level`` in ``[0, 1]`` picks the step at
   that fraction of the way from the noisiest to the cleanest (default 0.5, the middle step).
 * "data": real training images noised to random levels, ``t ~ U(0, 1)``, ``logsnr = schedule.logsnr(t)``,

@@ -21,7 +21,7 @@ embeddings, first / last conv
 With ``activations="float16"`` (W8A16) every quantised layer's input is rounded to float16 and the weights are the
 dequantised int codes (weight-only quantisation, float kernels); with ``"none"`` inputs stay float32.
 
-Split quantisation (Q-Diffusion sec. 3.3, "shortcut splitting"): a layer whose input channels are a concatenation
+Split quantisation (Q-Diffusion, Li et al. 2023, "shortcut splitting"): a layer whose input channels are a concatenation
 ``[h, skip]`` gets one activation quantiser per branch and its weight quantised separately per branch (its own
 per-output-channel scales for ``W[:, :c_h]`` and ``W[:, c_h:]``), i.e. ``y = Q(W_1) Q(x_1) + Q(W_2) Q(x_2)``.
 """

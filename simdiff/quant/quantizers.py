@@ -12,8 +12,8 @@ Activations (asymmetric, per tensor, ``b`` bits): a calibrated range ``[lo, hi]`
 exact) gives ``s = (hi - lo) / (2^b - 1)`` and the zero point ``zp = round(-lo / s)``; ``x_hat = s (clamp(round(x /
 s) + zp, 0, 2^b - 1) - zp)``. The range comes from an :class:`RangeObserver`: the running min/max ("minmax"), a
 two-sided percentile of a value reservoir ("percentile"), or the clipping of the min/max range that minimises the
-reservoir's squared quantisation error ("mse", a grid search over shrink factors as in the MSE-based range setting of
-Q-Diffusion's released code; the grid is ours, not verified against the paper).
+reservoir's squared quantisation error ("mse": a grid search over 41 shrink factors of the min/max range;
+the grid is ours, not verified against Q-Diffusion's paper or code).
 """
 
 from __future__ import annotations
