@@ -184,3 +184,20 @@ def test_cli_quantize_writes_a_loadable_file(tmp_path, capsys):
     bad = parser.parse_args(["quantize", str(src), str(out), "--set", "weight_bits=3"])
     with pytest.raises(ConfigError, match="weight_bits must be 4 or 8"):
         cmd_quantize(bad)
+
+
+def test_quantised_guided_student_samples():
+    """A distilled student wrapper (the guidance weight as an input) quantises and samples like any denoiser."""
+    from simdiff.nets.students import GuidanceConditioned
+
+    loaded = tiny_loaded("unet")
+    student = GuidanceConditioned(loaded.model).eval().requires_grad_(False)
+    scfg = SampleConfig(sampler="ddim", steps=6, grid="uniform_t", guidance=1.5, num=8)
+    rec = record_trajectories(student, loaded.schedule, SHAPE, scfg, num=8, labels=torch.arange(8) % 3, num_classes=3)
+    assert set(rec.cond) == {"labels", "guidance"} and torch.all(rec.cond["guidance"] == 1.5)
+    q = quantize_model(student, select_uniform_steps(rec, 24), QuantConfig())
+    assert isinstance(q, GuidanceConditioned) and q.guidance_input
+    assert any(n.startswith("w_embed.") for n in q.quant_spec["layers"])  # the w-embedding MLP is quantised too
+    xf = generate(student, loaded.schedule, SHAPE, scfg, labels=torch.arange(8) % 3, num_classes=3)
+    xq = generate(q, loaded.schedule, SHAPE, scfg, labels=torch.arange(8) % 3, num_classes=3)
+    assert bool(torch.isfinite(xq).all()) and 0 < rel_err(xq, xf) < 0.5
