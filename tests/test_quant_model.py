@@ -201,3 +201,25 @@ def test_quantised_guided_student_samples():
     xf = generate(student, loaded.schedule, SHAPE, scfg, labels=torch.arange(8) % 3, num_classes=3)
     xq = generate(q, loaded.schedule, SHAPE, scfg, labels=torch.arange(8) % 3, num_classes=3)
     assert bool(torch.isfinite(xq).all()) and 0 < rel_err(xq, xf) < 0.5
+
+
+def test_layers_calibration_never_reaches_stay_float_after_reload(tmp_path):
+    """Cross-attention calibrated without context tokens: its quantisers stay float (saved with scale 0)."""
+    cfg = config_from_dict({"model": {"arch": "unet", "parameterisation": "x",
+                                      "options": {**ARCHS["unet"], "context_dim": 4}}})
+    torch.manual_seed(0)
+    model = build_network(cfg, image_shape=SHAPE, num_classes=3).eval().requires_grad_(False)
+    meta = {"experiment": to_dict(cfg), "image_shape": list(SHAPE), "num_classes": 3}
+    from simdiff.schedules import schedule_from_dict
+
+    loaded = LoadedModel(model, cfg, schedule_from_dict(cfg.diffusion.schedule), SHAPE, 3, meta, None)
+    q = quantize_loaded(loaded, QuantConfig(), calib=select_uniform_steps(recorded(loaded, runs=4, steps=4), 16))
+    states = {n: m.state for n, m in q.model.named_modules() if isinstance(m, ActQuant)}
+    cross = [n for n in states if ".cross." in n and n.endswith(("act_q", "act_k", "act_v"))]
+    assert cross and all(states[n] == "off" for n in cross)
+    assert all(s == "quant" for n, s in states.items() if ".cross" not in n and ".context" not in n)
+    back = load_quantized(save_quantized(q, tmp_path / "ctx.safetensors"))
+    assert {n: m.state for n, m in back.model.named_modules() if isinstance(m, ActQuant)} == states
+    z, ctx = torch.randn(2, *SHAPE), torch.randn(2, 3, 4)
+    lam = torch.tensor([0.0, 2.0])
+    assert torch.equal(q.model(z, lam, context=ctx).x, back.model(z, lam, context=ctx).x)

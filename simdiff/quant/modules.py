@@ -57,7 +57,8 @@ class ActQuant(nn.Module):
     """Per-tensor activation quantiser with buffers ``scale`` / ``zero_point`` ``[1]``.
 
     ``state``: "observe" (record the range, pass through), "quant" (fake-quantise), "float16" (round to float16),
-    "off" (pass through). ``fixed=(lo, hi)`` sets a range that is never calibrated (attention probabilities).
+    "off" (pass through; also an int8 quantiser that calibration never reached, saved with ``scale = 0``).
+    ``fixed=(lo, hi)`` sets a range that is never calibrated (attention probabilities).
     """
 
     def __init__(self, mode: str = "int8", *, bits: int = 8, fixed: tuple[float, float] | None = None):
@@ -68,6 +69,7 @@ class ActQuant(nn.Module):
         self.register_buffer("zero_point", torch.tensor([zp]))
         self.state = "off" if mode == "none" else ("float16" if mode == "float16" else "quant")
         self.observer: RangeObserver | None = None
+        self.register_load_state_dict_post_hook(lambda mod, _incompatible: mod._after_load())
 
     def start_observing(self, method: str, percentile: float) -> None:
         if self.mode == "int8" and self.fixed is None:
@@ -75,11 +77,22 @@ class ActQuant(nn.Module):
             self.state = "observe"
 
     def freeze(self) -> None:
+        """Set ``scale`` / ``zero_point`` from the observed range. A quantiser the calibration never reached (e.g.
+        cross-attention without context in the calibration set) stays float; it is saved with ``scale = 0``."""
         if self.state == "observe":
+            if self.observer.count == 0:
+                self.scale.zero_()
+                self.zero_point.zero_()
+                self.observer, self.state = None, "off"
+                return
             scale, zp = act_qparams(*self.observer.range(), self.bits)
             self.scale.fill_(scale)
             self.zero_point.fill_(zp)
             self.observer, self.state = None, "quant"
+
+    def _after_load(self) -> None:
+        if self.mode == "int8" and self.fixed is None:
+            self.state = "off" if float(self.scale) == 0.0 else "quant"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.state == "quant":
@@ -180,7 +193,7 @@ class QuantLayer(nn.Module):
         return torch.cat([a(p) for a, p in zip(self.acts, x.split(self.split, dim=dim))], dim=dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.int8_kernel and self.acts[0].state == "quant" and x.dtype == torch.float32:
+        if self.int8_kernel and x.dtype == torch.float32 and all(a.state == "quant" for a in self.acts):
             return self._int8_linear(x)
         x = self._quant_input(x)
         w = self._weight.to(x.dtype)
