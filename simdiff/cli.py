@@ -334,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         return _error(f"{where}{e.strerror or e}")
     except KeyboardInterrupt:
-        print("simdiff: interrupted (the last checkpoint is intact; rerun the same command to resume)",
-              file=sys.stderr)
+        resumable = args.command in ("train", "distill")
+        print("simdiff: interrupted" + (" (the last checkpoint is intact; rerun the same command to resume)"
+                                        if resumable else ""), file=sys.stderr)
         return 130
 
 

@@ -166,6 +166,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
 
 
 def _first_line(error: Exception) -> str:
+    """One line about ``error``; a YAML error's problem with its line and column when it has them."""
+    problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
