@@ -278,3 +278,37 @@ def test_no_traceback_reaches_the_terminal(root):
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert err.startswith("simdiff: error: "), err
     assert _snapshot(root) == before
+
+
+@pytest.mark.parametrize("field, value", [
+    ("sampler", "bogus"), ("grid", "linear"), ("steps", 0), ("steps", 2.5), ("num", -1), ("batch_size", 0),
+    ("seed", -1), ("seed", 2**40), ("guidance", float("nan")), ("guidance", float("-inf")), ("rescale", 1.5),
+    ("eta", -0.1), ("interval", (1.0, -1.0)), ("interval", (float("nan"), 1.0)), ("interval", (1.0,)),
+])
+def test_sample_config_field_refused_by_name(field, value):
+    """Every SampleConfig field is checked by :func:`check_sample_config`, and a stored or loaded config with the
+    bad value is refused when it is read (``config_from_dict``), naming ``sample.<field>``."""
+    import dataclasses
+
+    from simdiff.configuration import ConfigError
+    from simdiff.generate import SampleConfig, check_sample_config
+    from simdiff.runs import config_from_dict
+
+    check_sample_config(SampleConfig())  # the defaults are valid
+    bad = dataclasses.replace(SampleConfig(), **{field: value})
+    with pytest.raises(ConfigError, match=f"^sample.{field}"):
+        check_sample_config(bad)
+    with pytest.raises(ConfigError, match=f"--{field.replace('_', '-')}"):
+        check_sample_config(bad, names={field: f"--{field.replace('_', '-')}"})
+    if not isinstance(value, float) or value == value:  # JSON-like dicts (NaN compares unequal; covered above)
+        with pytest.raises(ConfigError, match=f"sample.{field}"):
+            config_from_dict({**TINY, "sample": {**TINY["sample"], field: list(value) if isinstance(value, tuple)
+                                                 else value}})
+
+
+def test_config_file_with_byte_order_mark_loads(tmp_path):
+    from simdiff.runs import load_config
+
+    p = tmp_path / "bom.yaml"
+    p.write_bytes(b"\xef\xbb\xbf" + yaml.safe_dump(TINY).encode())
+    assert load_config(p).name == "tiny"
