@@ -41,7 +41,6 @@ from .quantizers import (
     dequantize_per_channel,
     fake_quant_act,
     pack_int4,
-    quant_act_codes,
     quantize_groupwise,
     quantize_per_channel,
     unpack_int4,
@@ -184,7 +183,7 @@ class QuantLayer(nn.Module):
             for i in range(len(self.split)):
                 q = getattr(self, f"qweight_{i}")
                 self.register_buffer(f"_qt_{i}", q.t().contiguous(), persistent=False)  # [in_i, out] int8
-                self.register_buffer(f"_colsum_{i}", q.to(torch.int32).sum(dim=1), persistent=False)  # [out]
+                self.register_buffer(f"_colsum_{i}", q.float().sum(dim=1), persistent=False)  # [out], exact
 
     def _quant_input(self, x: Tensor) -> Tensor:
         if len(self.split) == 1:
@@ -205,20 +204,20 @@ class QuantLayer(nn.Module):
         return F.conv2d(x, w, b, **self.conv_args)
 
     def _int8_linear(self, x: Tensor) -> Tensor:
-        """``sum_i s_a,i s_w,i (int_mm(q_i - 128, W_i^T) - (zp_i - 128) colsum(W_i)) + bias`` (exact int32 sums)."""
+        """``sum_i s_a,i s_w,i int_mm(q_i - 128, W_i^T) + bias_eff`` with the zero points folded into
+        ``bias_eff = bias - sum_i s_a,i s_w,i (zp_i - 128) colsum(W_i)`` (exact int32 sums)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        out = None
-        for i, (act, part) in enumerate(zip(self.acts, x2.split(self.split, dim=-1))):
-            codes = quant_act_codes(part, act.scale, act.zero_point, act.bits)
-            q = (codes - 128).to(torch.int8)
-            acc = torch._int_mm(q.contiguous(), getattr(self, f"_qt_{i}"))
-            acc = acc - (act.zero_point.to(torch.int32) - 128) * getattr(self, f"_colsum_{i}")
-            y = acc.float() * (act.scale * getattr(self, f"wscale_{i}"))
-            out = y if out is None else out + y
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*lead, out.shape[-1])
+        parts = x2.split(self.split, dim=-1) if len(self.split) > 1 else (x2,)
+        out, bias = None, (torch.zeros(()) if self.bias is None else self.bias)
+        for i, (act, part) in enumerate(zip(self.acts, parts)):
+            q = torch.div(part, act.scale).round_().add_(act.zero_point - 128).clamp_(-128, 127).to(torch.int8)
+            acc = torch._int_mm(q, getattr(self, f"_qt_{i}"))
+            out_scale = act.scale * getattr(self, f"wscale_{i}")
+            bias = bias - out_scale * (act.zero_point - 128) * getattr(self, f"_colsum_{i}")
+            y = acc.float().mul_(out_scale)
+            out = y if out is None else out.add_(y)
+        return out.add_(bias).reshape(*lead, out.shape[-1])
 
     def weight_bytes(self) -> int:
         return sum(getattr(self, f"qweight_{i}").numel() * getattr(self, f"qweight_{i}").element_size()
