@@ -23,6 +23,10 @@ sampling ``--num`` images on this CPU with ``--threads`` threads (noisy on a sha
 Run::
 
     nice -n 10 python benchmarks/quantize.py --num 500
+    nice -n 10 python benchmarks/quantize.py --timing --num 100   # sampling time only (quant_timing.{json,md})
+
+``--timing`` times sampling (best of ``--repeats`` runs, which discounts other processes' load) for the float model,
+W8A8 with and without the int8 GEMM, W8A16 and W4A8, with trajectory calibration, and scores nothing.
 
 Writes ``benchmarks/results/quant.{json,md}`` and ``benchmarks/results/quant_grid.png`` (top two rows float, bottom
 two rows W8A8 with trajectory calibration; same noise, classes 0..9).
@@ -63,8 +67,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="quant")
     p.add_argument("--skip-fid", action="store_true", help="MNIST metrics only (Inception is slow on a CPU)")
+    p.add_argument("--timing", action="store_true", help="only time sampling (see the module docstring)")
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.timing:
+        return timing(args)
     from simdiff.eval import evaluate_samples
     from simdiff.quant import QuantConfig, build_calibration, quantize_model, save_quantized
     from simdiff.quant.io import record_float_trajectories
@@ -137,6 +145,44 @@ def main() -> None:
     grid = torch.cat([x_float[:20], x_grid[:20]])
     save_grid(grid, RESULTS_DIR / f"{args.name}_grid.png", nrow=10, scale=2)
     print(table_text(HEADER, table))
+
+
+def timing(args) -> None:
+    """Best-of-``repeats`` sampling time per image of the float model and the quantised variants."""
+    from simdiff.quant import QuantConfig, build_calibration, quantize_model
+
+    t_all = time.perf_counter()
+    loaded = load_model(PRETRAINED)
+    scfg = dataclasses.replace(loaded.config.sample, sampler=args.sampler, steps=args.steps, guidance=0.0,
+                               seed=args.seed, num=args.num, batch_size=250)
+    labels = torch.arange(args.num) % loaded.num_classes
+    base = QuantConfig(num_calib=args.num_calib, calib_runs=32, calib_sampler=args.sampler, calib_steps=args.steps,
+                       group_size=args.group_size, seed=args.seed)
+    calib = build_calibration(loaded, base)
+    variants = [("float32", None), ("W8A8, int8 GEMM for Linear", {}), ("W8A8, all fake-quantised",
+                {"int8_kernels": False}), ("W8A16 (weight-only)", {"activations": "float16"}),
+                ("W4A8", {"weight_bits": 4})]
+    header, table = ["model", f"sample s/img (best of {args.repeats})"], []
+    for label, changes in variants:
+        model = loaded.model if changes is None else quantize_model(loaded.model, calib,
+                                                                      dataclasses.replace(base, **changes))
+        best = float("inf")
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            generate(model, loaded.schedule, loaded.image_shape, scfg, labels=labels,
+                     num_classes=loaded.num_classes)
+            best = min(best, time.perf_counter() - t0)
+        table.append([label, best / args.num])
+        print(table_text(header, table[-1:]), flush=True)
+    info = machine_info()
+    wall = time.perf_counter() - t_all
+    write_json(f"{args.name}_timing", {"machine": info, "command": command_line(), "args": vars(args),
+                                       "wall_s": wall, "rows": [dict(zip(header, r)) for r in table]})
+    write_text(f"{args.name}_timing.md", f"Date: {info['date']}; {info['processor']}, {info['cpu_count']} CPUs, "
+               f"torch {info['torch']}, {args.threads} thread(s); command: `{command_line()}`; wall-clock "
+               f"{wall / 60:.1f} min. {args.num} images, {args.sampler} {args.steps} steps, batch 250.\n\n"
+               + table_markdown(header, table))
+    print(table_text(header, table))
 
 
 def write_results(args, rows, table, record_s, wall_s) -> None:
