@@ -18,9 +18,10 @@ error ``mean_k |log E_model(k) - log E_true(k)|`` over wavenumbers ``1 <= k < N 
 those frames and sequences (:func:`simdiff.data.kolmogorov.energy_spectrum`). "persistence" (repeat the last
 context frame) is a reference row.
 
-CPU run (about 20 minutes on one thread; the results in the repository)::
+CPU run (20 minutes on one thread of 2 shared cores; the results in the repository; the configs' own budget is
+600 steps)::
 
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/rolling.py --budget 600
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/rolling.py --budget 300
 
 GPU: ``--device cuda --budget 20000 --batch 64 --dim 256 --depth 8 --eval-num 64 --horizon 48 --threads 8``.
 Writes ``benchmarks/results/<name>.{json,md,csv}``, ``<name>_<data>.png`` (scores vs lead time, spectra) and
@@ -136,7 +137,7 @@ def strip(data: str, truth: torch.Tensor, rows: dict[str, torch.Tensor], path: P
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
-    p.add_argument("--budget", type=int, default=600, help="training steps per model (the same for every row)")
+    p.add_argument("--budget", type=int, default=300, help="training steps per model (the same for every row)")
     p.add_argument("--batch", type=int, default=16, help="windows per training step")
     p.add_argument("--dim", type=int, default=64, help="video_uvit width")
     p.add_argument("--depth", type=int, default=3, help="video_uvit blocks")
