@@ -247,6 +247,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", ema: boo
         raise CheckpointError(f"{path}: no such run directory, checkpoint or file")
     if path.is_file():
         state, meta = load_inference(path)
+        source = path
     else:
         if path.name == "checkpoints" and not (path / "checkpoints").exists():  # given run/checkpoints: the run
             path = path.parent
@@ -254,7 +255,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", ema: boo
         if ckpt is None:
             raise CheckpointError(f"{path}: no checkpoint found (expected a run directory with checkpoints/)")
         meta = ckpt.state.get("config") or {}
-        state = ckpt.ema if (ema and ckpt.ema is not None) else ckpt.model
+        use_ema = ema and ckpt.ema is not None
+        state = ckpt.ema if use_ema else ckpt.model
+        source = ckpt.path / ("ema.safetensors" if use_ema else "model.safetensors")
     if "experiment" not in meta or "image_shape" not in meta:
         raise CheckpointError(f"{path}: not a simdiff diffusion model (its config has no experiment / image_shape)")
     try:
@@ -272,11 +275,11 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", ema: boo
         meta = {**meta, "sampler_spec": meta.get("sampler_spec") or to_dict(cfg.sample)}
     problem = _weights_problem(model, state)
     if problem:
-        raise CheckpointError(f"{path}: weights do not match the network its config describes "
+        raise CheckpointError(f"{source}: weights do not match the network its config describes "
                               f"(model.arch={cfg.model.arch}): {problem}")
     bad = next((k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
     if bad is not None:
-        raise CheckpointError(f"{path}: weight {bad!r} holds NaN/inf; the weights are damaged")
+        raise CheckpointError(f"{source}: weight {bad!r} holds NaN/inf; the weights are damaged")
     model.load_state_dict(state)
     model.to(device).eval().requires_grad_(False)
     schedule = schedule_from_dict(cfg.diffusion.schedule)
