@@ -165,3 +165,19 @@ def test_fit_grids_monotone_in_calls_and_beats_fixed():
         tuned = float((unipc(gm, zt, grid) - rt).pow(2).mean().sqrt())
         fixed = float((unipc(gm, zt, make_grid(sch, k, kind="uniform_t")) - rt).pow(2).mean().sqrt())
         assert tuned < fixed  # held-out batch: the fit generalises
+
+
+def test_tuned_grid_cache_roundtrip(tmp_path):
+    from simdiff.samplers.tune_cli import grid_key, load_tuned_grid, save_tuned_grid
+
+    grid = make_grid(CosineSchedule(), 5, kind="auto")
+    key = grid_key("unipc", 5, 0.0)
+    assert load_tuned_grid(tmp_path, key) is None
+    save_tuned_grid(tmp_path, key, grid, val_rmse=0.1)
+    assert torch.equal(load_tuned_grid(tmp_path, key), grid)
+    (tmp_path / "tuned_grids.json").write_text('{"unipc/5/0": {"logsnrs": [1.0, 0.0, "inf"]}}')
+    with pytest.raises(ValueError, match="increasing"):
+        load_tuned_grid(tmp_path, key)
+    (tmp_path / "tuned_grids.json").write_text("not json")
+    with pytest.raises(ValueError, match="JSON"):
+        load_tuned_grid(tmp_path, key)
