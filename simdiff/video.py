@@ -63,6 +63,9 @@ def rollout(model: Any, process: RollingDiffusion, *, context: Tensor | None = N
         mode: "rolling" or "uniform" (module docstring).
         sampler: "ddim" (with ``eta``) or "ddpm".
         generator: the noise (on ``device``'s type, or CPU).
+
+    The window is in the model's parameter dtype (for a plain function: the context's dtype, else float32); the
+    returned frames are float32.
     """
     from simdiff.samplers import get_sampler
     from simdiff.samplers.rolling import sample_rolling, sweep_grid
@@ -82,7 +85,8 @@ def rollout(model: Any, process: RollingDiffusion, *, context: Tensor | None = N
         num = context.shape[0]
     elif num is None:
         raise ValueError("rollout: give num (the number of rollouts) when the model has no context frames")
-    dtype = next(model.parameters()).dtype if hasattr(model, "parameters") else torch.float32
+    params = list(model.parameters())[:1] if hasattr(model, "parameters") else []
+    dtype = params[0].dtype if params else (context.dtype if context is not None else torch.float32)
     ctx = None if c == 0 else context.to(device=device, dtype=dtype)
 
     def noise(k: int) -> Tensor:
