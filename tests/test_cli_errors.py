@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ import simdiff.experiment
 import simdiff.generate
 import simdiff.runs
 from simdiff.cli import main
+from simdiff.train import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 from tiny_configs import tiny_uvit  # noqa: E402
@@ -62,6 +64,16 @@ def root(tmp_path_factory) -> Path:
     _rewrite_export(root / "model.safetensors", root / "wider.safetensors", options={"dim": 48})
     _rewrite_export(root / "model.safetensors", root / "deeper.safetensors", options={"depth": 2})
     _rewrite_export(root / "model.safetensors", root / "nan.safetensors", nan=True)
+    # a run whose checkpoint's config describes another architecture than its weights
+    (root / "other_run" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(root / "run" / "checkpoints" / "step_000002", root / "other_run" / "checkpoints" / "step_000002")
+    state_json = root / "other_run" / "checkpoints" / "step_000002" / "state.json"
+    doc = json.loads(state_json.read_text())
+    doc["config"]["experiment"]["model"]["options"]["dim"] = 48
+    doc.pop("state_sha256", None)
+    if hasattr(checkpoint, "_doc_digest"):  # re-seal the edited state.json as the trainer would have written it
+        doc["state_sha256"] = checkpoint._doc_digest(doc)
+    state_json.write_text(json.dumps(doc))
     (root / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
     (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "broken.yaml").write_text("name: [unclosed\n")
@@ -151,6 +163,7 @@ CASES = [
     ("weights-missing-keys", ["sample", "{root}/deeper.safetensors"], "missing key"),
     ("weights-other-eval", ["eval", "{root}/wider.safetensors", "--num", "8"], "another shape"),
     ("weights-nan", ["sample", "{root}/nan.safetensors"], "NaN"),
+    ("weights-other-run", ["sample", "{root}/other_run", "--num", "2"], "ema.safetensors: weights do not match"),
     # export
     ("export-into-folder", ["export", "{run}", "{root}/a_folder"], "a_folder"),
     ("export-under-file", ["export", "{run}", "{root}/a_file.txt/m.safetensors"], "m.safetensors"),
