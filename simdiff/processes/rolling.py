@@ -38,9 +38,9 @@ over the ``R`` rolling frames (context frames, ``k < c``, are inputs only), with
 (``diffusion.weighting``, default sigmoid) at each frame's own log-SNR and ``J(t_k) = -dlogsnr/dt`` at the frame's
 local time when ``diffusion.jacobian`` (each frame is weighted like a standard-diffusion example at its local time;
 the factor ``dt_k / dt`` of the phase is left out). With the phase "uniform" and no context this is exactly the
-standard per-example loss of :func:`simdiff.losses.diffusion_loss`. The paper trains on a mixture of the rolling
-and init schedules (sec. 3.4, with a fraction it calls beta, tuned in its appendix H); ``init_fraction = 0.1`` is
-our default, not checked against the paper's value.
+standard per-example loss of :func:`simdiff.losses.diffusion_loss`. We understand the paper to train on a mixture of
+the rolling and init schedules with a fraction it calls beta (sec. 3.4; appendix H searches over beta); that reading
+is not verified against its text, and ``init_fraction = 0.1`` is our default, not checked against the paper's value.
 """
 
 from __future__ import annotations
