@@ -71,8 +71,9 @@ class CachedDenoiser:
     """Reuse each row's last logits while its input tokens are unchanged (the network ignores ``t``), evaluating the
     network on the changed rows only; ``calls`` counts rows evaluated / batch rows, i.e. network calls per sample."""
 
-    def __init__(self, net, labels=None):
-        self.net, self.labels, self.rows, self.batch, self._x, self._out = net, labels, 0, 1, None, None
+    def __init__(self, net, labels=None, mask_id: int = 256):
+        self.net, self.labels, self.mask_id = net, labels, mask_id
+        self.rows, self.batch, self._x, self._out = 0, 1, None, None
 
     @property
     def calls(self) -> float:
@@ -85,6 +86,7 @@ class CachedDenoiser:
             self._out = None
         else:
             changed = (self._x != x_t).reshape(x_t.shape[0], -1).any(1)
+            changed &= (x_t == self.mask_id).reshape(x_t.shape[0], -1).any(1)  # finished rows need no logits
         if bool(changed.any()):
             cond = {} if self.labels is None else {"labels": self.labels[changed]}
             fresh = self.net(x_t[changed], **cond)
@@ -125,7 +127,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=96)
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--steps", type=int, default=1200, help="training steps per model (before --budget)")
+    p.add_argument("--steps", type=int, default=800, help="training steps per model (before --budget)")
     p.add_argument("--budget", type=float, default=1.0, help="multiply the training steps")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -257,7 +259,7 @@ def mnist_part(args) -> None:
         out = []
         for i in range(0, n, 100):
             lab = labels[i:i + 100]
-            den = CachedDenoiser(net, labels=lab)
+            den = CachedDenoiser(net, labels=lab, mask_id=mask)
             gen = torch.Generator().manual_seed(1 + i)
             x0 = torch.full((len(lab), 1, size, size), mask)
             with torch.inference_mode():
