@@ -279,5 +279,5 @@ def test_loss_config_process_key():
     assert isinstance(loss_fn.process, IsotropicGaussian) and loss_fn.process.schedule is loss_fn.schedule
     assert loss_fn.to_dict()["process"] == {"name": "isotropic"}
     assert DiffusionLoss.from_config(loss_fn.to_dict()).to_dict() == loss_fn.to_dict()
-    with pytest.raises(ConfigError, match="unknown process 'blur'; valid: blurring, isotropic, rolling"):
+    with pytest.raises(ConfigError, match="unknown process 'blur'; valid: blurring, isotropic, masked, rolling"):
         DiffusionLoss.from_config({"process": {"name": "blur"}})

@@ -336,7 +336,7 @@ def test_build_process_registry():
     assert isinstance(proc, IsotropicGaussian) and proc.schedule is sched and proc.isotropic
     assert isinstance(build_process(None, sched), IsotropicGaussian)
     assert proc.to_dict() == {"name": "isotropic"} and "isotropic" in PROCESSES
-    with pytest.raises(ConfigError, match="unknown process 'blur'; valid: blurring, isotropic, rolling"):
+    with pytest.raises(ConfigError, match="unknown process 'blur'; valid: blurring, isotropic, masked, rolling"):
         build_process({"name": "blur"}, sched)
     with pytest.raises(ConfigError, match="process 'isotropic': bad parameters"):
         build_process({"name": "isotropic", "sigma": 2}, sched)
