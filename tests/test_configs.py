@@ -1,7 +1,7 @@
 """Every YAML config shipped in ``simdiff/configs`` is parsed by its loader and runs for one trainer step.
 
 Training configs keep their model, diffusion and optimiser sections and train one step on a few 8x8 digits
-resized to 28x28; distillation configs (``distill_*.yaml``) distil a tiny teacher trained here on the 8x8 digits.
+resized to 28x28 (sequence and text configs: on a tiny version of their own data); distillation configs (``distill_*.yaml``) distil a tiny teacher trained here on the 8x8 digits.
 """
 
 from __future__ import annotations
@@ -29,6 +29,18 @@ TRAINING = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswit
 ONE_STEP = ["train.steps=1", "train.batch_size=4", "train.checkpoint_every=0", "train.sample_every=0",
             "train.progress=false", "train.log_every=1", "sample.num=2"]
 TEACHER = tiny_uvit("tiny_teacher", steps=10, sample_num=2)
+#: image configs train on 16 of the 8x8 digits resized to 28x28: (overrides, data shape, classes)
+DIGITS = (["data.name=digits", "data.image_size=28", "data.limit=16", "data.split=train"], (1, 28, 28), 10)
+_KOLMOGOROV = ["data.options.trajectories=2", "data.options.frames=8", "data.options.resolution=16",
+               "data.options.solver_size=32", "data.options.frame_every=8", "data.options.burn_in=1.0"]
+#: sequence and text configs keep their own data source, made tiny
+TINY_DATA = {
+    "kolmogorov_rolling.yaml": (_KOLMOGOROV, (6, 1, 16, 16), 0),
+    "kolmogorov_video.yaml": (_KOLMOGOROV, (6, 1, 16, 16), 0),
+    "moving_mnist_rolling.yaml": (["data.options.sequences=2", "data.options.frames=8"], (6, 1, 32, 32), 0),
+    "moving_mnist_video.yaml": (["data.options.sequences=2", "data.options.frames=8"], (6, 1, 32, 32), 0),
+    "text_masked.yaml": (["data.limit=16", "data.options.seq_len=32"], (1, 1, 32), 0),
+}
 
 
 def _final_checkpoint(run: Path) -> Path:
@@ -46,19 +58,19 @@ def test_training_config_parses_and_trains_one_step(name, tmp_path):
     cfg = experiment.load_config(path)
     raw = load_yaml(path)
     assert cfg.model.arch == raw["model"]["arch"] and cfg.train.steps == raw["train"]["steps"]
-    cfg = experiment.load_config(path, [*ONE_STEP, "data.name=digits", "data.image_size=28", "data.limit=16",
-                                        "data.split=train", "sample.steps=2"])
+    data, shape, classes = TINY_DATA.get(name, DIGITS)
+    cfg = experiment.load_config(path, [*ONE_STEP, *data, "sample.steps=2"])
     summary = experiment.train(cfg, tmp_path / "run")
     assert summary["step"] == 1 and summary["nonfinite_total"] == 0 and torch.isfinite(torch.tensor(summary["loss"]))
     loaded = experiment.load_model(tmp_path / "run", ema=False)
     assert loaded.config.model == cfg.model and loaded.config.diffusion.schedule == cfg.diffusion.schedule
-    assert loaded.image_shape == (1, 28, 28) and loaded.num_classes == 10
+    assert loaded.image_shape == shape and loaded.num_classes == classes
     assert loaded.config.diffusion.process == cfg.diffusion.process
     named = raw["diffusion"].get("process", {}).get("name", "isotropic")
     assert (loaded.process.name if loaded.process is not None else "isotropic") == named
     if name == "mnist.yaml":  # the shipped model's architecture: the README's "3.0M-parameter residual U-ViT"
         assert round(count_parameters(loaded.model, trainable_only=False) / 1e6, 1) == 3.0
-    head = [p for n, p in loaded.model.named_parameters() if n.startswith("backbone.head.")]
+    head = [p for n, p in loaded.model.named_parameters() if n.startswith(("backbone.head.", "head."))]
     assert head and all(p.abs().max() > 0 for p in head)  # the zero-initialised output head took its first step
 
 
