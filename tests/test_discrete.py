@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.special import betainc, betaln
-from scipy.stats import chi2, chisquare, kstest
+from scipy.stats import chisquare, kstest
 
 from simdiff.discrete import MaskedDiffusion, categorical, sample_first_hitting, sample_tau_leaping
 from simdiff.discrete.masked import data_from_tokens
@@ -111,7 +111,7 @@ def test_elbo_of_the_exact_denoiser_is_the_closed_form(joint, masking):
             k = int(m.sum())
             prob = (1 - a) ** k * a ** (L - k)
             x_t = torch.where(m, MASK, x)
-            integral += 0.5 * wq * prob * proc.bound_terms(joint, x, x_t, t).double()
+            integral += 0.5 * wq * prob * proc.bound_terms(joint, x, x_t=x_t, t=t).double()
     torch.testing.assert_close(integral, closed, rtol=2e-6, atol=0)
 
 
@@ -215,4 +215,3 @@ def test_float32_gumbel_lowers_the_temperature_and_float64_does_not():
     assert chisquare(torch.bincount(draws, minlength=4).numpy(), [20000, 10000, 6000, 4000])[1] > ALPHA_LEVEL
     with pytest.raises(ValueError, match="unknown precision"):
         categorical(p, precision="float16")
-    assert chi2.sf(0.0, 3) == 1.0

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from simdiff.configuration import ConfigError
-from simdiff.discrete.sampling import PRECISIONS, categorical, first_hitting_step, tau_leaping_step
+from simdiff.discrete.sampling import PRECISIONS, first_hitting_step, tau_leaping_step
 from simdiff.discrete.schedules import get_mask_schedule
 
 __all__ = ["MaskedDiffusion", "SAMPLERS", "tokens_from_data", "data_from_tokens", "decode_text"]
@@ -108,7 +108,7 @@ class MaskedDiffusion:
         return torch.where(u < keep, x, torch.full_like(x, self.mask_id))
 
     # ------------------------------------------------------------------------------------------ the bound
-    def bound_terms(self, model: Any, x: Tensor, x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
+    def bound_terms(self, model: Any, x: Tensor, *, x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """The ELBO integrand at ``(x_t, t)``: ``w(t) sum_{l masked} -log p(x^l | x_t)`` per token ``[B]`` (nats).
         Its expectation over ``t ~ U(0, 1)`` and ``x_t ~ q(x_t | x)`` is the bound on ``-log p(x) / L``."""
         masked = (x_t == self.mask_id).reshape(x.shape[0], -1)
@@ -128,7 +128,7 @@ class MaskedDiffusion:
         u = torch.rand((), generator=generator, dtype=torch.float64, device=dev)
         t = ((u + torch.arange(b, dtype=torch.float64, device=dev) / b) % 1).clamp_min(1e-6)
         cond = {k: v for k, v in batch.items() if k != "x"}
-        return self.bound_terms(model, x, self.corrupt(x, t, generator), t, **cond)
+        return self.bound_terms(model, x, x_t=self.corrupt(x, t, generator), t=t, **cond)
 
     @torch.no_grad()
     def elbo(self, model: Any, x: Tensor, *, samples: int = 8, generator: torch.Generator | None = None,
@@ -140,7 +140,7 @@ class MaskedDiffusion:
         u = torch.rand(b, generator=generator, dtype=torch.float64, device=dev)
         for i in range(samples):
             t = ((u + i / samples) % 1).clamp_min(1e-6)
-            total += self.bound_terms(model, x, self.corrupt(x, t, generator), t, **cond).double()
+            total += self.bound_terms(model, x, x_t=self.corrupt(x, t, generator), t=t, **cond).double()
         return total / samples
 
     # ------------------------------------------------------------------------------------------ sampling
@@ -154,10 +154,6 @@ class MaskedDiffusion:
         k = x_t[0].numel() if bool((s <= 0).all()) else self.tokens_per_call
         return first_hitting_step(model, x_t, t=t, mask_id=self.mask_id, k=k, generator=generator,
                                   precision=self.precision, **cond)
-
-    def draw(self, probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """A categorical draw per row of ``probs`` at this process's precision."""
-        return categorical(probs, generator=generator, precision=self.precision)
 
     # ------------------------------------------------------------------------------------------ outputs
     def save_samples(self, x: Tensor, out: str | Path) -> Path:
