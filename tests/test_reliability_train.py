@@ -29,7 +29,7 @@ STEPS, EVERY = 6, 2
 #: log_every=3 with checkpoints every 2 steps: a resume lands inside a loss-averaging window
 CONFIG = tiny_uvit("rel", steps=STEPS, checkpoint_every=EVERY, log_every=3)
 CONFIG["train"]["device"] = "cpu"  # the bitwise guarantees are for the CPU
-KILLS = int(os.environ.get("SIMDIFF_REL_KILLS", "4"))
+KILLS = int(os.environ.get("SIMDIFF_REL_KILLS", "5"))
 SEED = int(os.environ.get("SIMDIFF_REL_SEED", "2026"))
 
 
@@ -51,12 +51,14 @@ class Runner:
         self.proc = subprocess.Popen([sys.executable, str(SCRIPT), "--serve", *warm], env=_env(), cwd=ROOT,
                                      text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
-    def __call__(self, run_dir: Path, cfg: Path, *hook: str) -> tuple[int, str]:
-        """(exit status, negative for a signal; the job's stdout + stderr)."""
+    def __call__(self, run_dir: Path, cfg: Path, *hook: str, kill_after: float | None = None) -> tuple[int, str]:
+        """(exit status, negative for a signal; the job's stdout + stderr). ``kill_after``: SIGKILL the job after
+        that many seconds if it still runs."""
         self.count += 1
         log = self.log_dir / f"job{self.count}.log"
         args = [*hook, "--", "train", str(cfg), "--run-dir", str(run_dir)]
-        self.proc.stdin.write(json.dumps({"args": args, "log": str(log)}) + "\n")
+        job = {"args": args, "log": str(log), **({"kill_after": kill_after} if kill_after is not None else {})}
+        self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         answer = self.proc.stdout.readline()
         assert answer, "the job server died"
@@ -139,7 +141,8 @@ def test_kill_before_the_first_checkpoint_then_rerun_is_identical(reference, run
 
 
 def _kill_specs(rng: random.Random, n: int) -> list[str]:
-    """``n`` kill points: one torn checkpoint-file write, one metrics.csv rewrite, the rest anywhere."""
+    """``n`` kill points: one torn checkpoint-file write, one metrics.csv rewrite, one SIGKILL from outside after a
+    random delay, the rest at random events."""
     files = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
     anywhere = [f"write:{rng.choice(files)},{rng.randint(1, 2)},{rng.choice(('before', 'torn', 'after'))}",
                 f"replace:step_,{rng.randint(1, 2)},{rng.choice(('before', 'after'))}",
@@ -148,37 +151,43 @@ def _kill_specs(rng: random.Random, n: int) -> list[str]:
                 f"append,1,{rng.choice(('before', 'torn', 'after'))}",
                 f"write:.tmp-metrics.csv,1,{rng.choice(('before', 'torn'))}"]
     specs = [f"write:{rng.choice(files)},{rng.randint(1, 2)},torn",
-             f"replace:metrics.csv,1,{rng.choice(('before', 'after'))}"]
-    specs += [rng.choice(anywhere) for _ in range(max(n - 2, 0))]
+             f"replace:metrics.csv,1,{rng.choice(('before', 'after'))}", f"timer,{rng.uniform(0.05, 0.8):.3f}"]
+    specs += [rng.choice(anywhere) for _ in range(max(n - 3, 0))]
     rng.shuffle(specs)
     return specs[:n]
 
 
-def _killed_at(trace: Path) -> int | None:
-    """Steps done when the process killed itself (None: it was not killed)."""
-    lines = [ln.split() for ln in trace.read_text().splitlines() if ln.startswith("KILL ")] if trace.exists() else []
-    return int(lines[-1][-1]) if lines else None
+def _steps_done(trace: Path) -> int:
+    """Steps done at the last event the process recorded (its kill point, if it killed itself)."""
+    lines = trace.read_text().splitlines() if trace.exists() else []
+    return int(lines[-1].split()[-1]) if lines else 0
 
 
 def test_random_kills_end_in_the_uninterrupted_state(reference, runner, tmp_path):
+    """Each kill is followed by the same command; a command that finishes the run before its kill point ends that
+    run (compared with the uninterrupted one) and the next kill starts a new run directory."""
     cfg, a, _ = reference
     rng = random.Random(SEED)
     specs = _kill_specs(rng, KILLS)
-    run, hit = tmp_path / "run", []
+    runs, hit = [tmp_path / "run0"], []
     for i, spec in enumerate(specs):
-        trace = tmp_path / f"trace{i}"
-        rc, log = runner(run, cfg, "--kill", spec, "--trace", str(trace))
-        done = _killed_at(trace)
+        trace, run = tmp_path / f"trace{i}", runs[-1]
+        if spec.startswith("timer,"):  # SIGKILL from outside after a random delay
+            rc, log = runner(run, cfg, "--trace", str(trace), kill_after=float(spec.split(",")[1]))
+        else:
+            rc, log = runner(run, cfg, "--kill", spec, "--trace", str(trace))
         where = f"seed {SEED}, kill {i} ({spec})"
-        if done is None:  # this process finished before reaching the kill point
-            assert rc == 0, f"{where}: {log}"
+        if rc == 0:  # the command finished the run before reaching its kill point
+            _assert_same_run(run, a, f"{where}, after kills {hit}")
+            runs.append(tmp_path / f"run{len(runs)}")
             continue
         assert rc == -9, f"{where}: {log}"
         hit.append(spec)
         newest = ck.load_latest(run)  # no damaged checkpoint is ever visible (fallback not needed)
-        kept = newest.step if newest is not None else 0
+        kept, done = (newest.step if newest is not None else 0), _steps_done(trace)
         assert done - kept <= EVERY, f"{where}: {done} steps done, only {kept} kept"
     assert len(hit) >= min(KILLS, 3), f"seed {SEED}: only {hit} of {specs} were reached"
-    rc, log = runner(run, cfg)
+    rc, log = runner(runs[-1], cfg)
     assert rc == 0, log
-    _assert_same_run(run, a, f"seed {SEED}, kills {hit}")
+    _assert_same_run(runs[-1], a, f"seed {SEED}, kills {hit}")
+    print(f"seed {SEED}: {len(hit)} of {len(specs)} kill points reached in {len(runs)} run(s): {hit}")

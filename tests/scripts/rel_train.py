@@ -143,10 +143,27 @@ def _parse(argv: list[str]) -> list[str]:
     return cli
 
 
+def _wait(pid: int, kill_after: float | None) -> int:
+    """Wait for child ``pid``; with ``kill_after`` (seconds), SIGKILL it if it still runs by then. The wait status.
+    (The child is not reaped before the kill, so its PID cannot have been reused.)"""
+    if kill_after is None:
+        return os.waitpid(pid, 0)[1]
+    end = time.monotonic() + kill_after
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() >= end:
+            os.kill(pid, signal.SIGKILL)
+            return os.waitpid(pid, 0)[1]
+        time.sleep(0.002)
+
+
 def serve(warm: list[str]) -> int:
     """Import once (and run the CLI arguments ``warm`` once, to load lazily imported modules, data and fonts), then
-    fork one child process per job (a JSON line ``{"args": [...], "log": PATH}`` on stdin); answer ``{"rc": exit
-    status, negative for a signal}`` per job on stdout. Each child is a separate process that runs the CLI with its
+    fork one child process per job (a JSON line ``{"args": [...], "log": PATH, "kill_after": SECONDS or absent}`` on
+    stdin; ``kill_after``: SIGKILL the child then if it still runs); answer ``{"rc": exit status, negative for a
+    signal}`` per job on stdout. Each child is a separate process that runs the CLI with its
     hooks, as a fresh interpreter would, minus the start-up time."""
     import contextlib
     import io
@@ -179,7 +196,7 @@ def serve(warm: list[str]) -> int:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
-        _, status = os.waitpid(pid, 0)
+        status = _wait(pid, job.get("kill_after"))
         print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "pid": pid}), flush=True)
     return 0
 
