@@ -6,11 +6,13 @@
     simdiff export SOURCE OUT.safetensors
     simdiff distill [CONFIG] --method NAME --teacher RUN [--student-steps K] [--run-dir DIR] [--set key=value ...]
     simdiff demo [--minutes M]
+    simdiff serve [RUN_DIR_OR_FILE ...] [--host 127.0.0.1] [--port 8000] [--device auto]
 
 SOURCE is a run directory, a checkpoint directory, an exported ``.safetensors`` file, or ``pretrained`` (the
 class-conditional MNIST model shipped with the package). Errors print one line and exit with status 2. A distilled
 student samples only with the sampler and step count it was distilled for (``simdiff sample SOURCE --info`` shows
-them); other ``--sampler`` / ``--steps`` values are refused.
+them); other ``--sampler`` / ``--steps`` values are refused. A rolling-diffusion model samples a rollout
+(``--frames N``: PNG strip, GIF and .npz) and ``eval`` scores its forecasts per lead time.
 """
 
 from __future__ import annotations
@@ -152,6 +154,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.info:
         print(describe(loaded))
         return 0
+    if _is_rolling(loaded):  # frame-window models: a rollout (PNG strip, GIF, .npz), not an image grid
+        from simdiff.video import run_rollout
+
+        return run_rollout(args, loaded)
     scfg = check_sample_config(_sample_overrides(args, loaded.config.sample), names=_SAMPLE_FLAGS)
     check_student_sampling(loaded.meta, scfg)
     _check_model_flags(loaded, scfg)
@@ -191,6 +197,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         check_output(args.json, what="--json")
     loaded = load_model(_source(args.source), device=device)
+    if _is_rolling(loaded):  # forecasts scored against held-out trajectories per lead time
+        from simdiff.video import run_rollout_eval
+
+        result = run_rollout_eval(args, loaded)
+        print(json.dumps(result, indent=1))
+        if args.json:
+            _write_text(Path(args.json), json.dumps(result, indent=1))
+        return 0
     scfg = check_sample_config(_sample_overrides(args, loaded.config.sample), names=_SAMPLE_FLAGS)
     check_student_sampling(loaded.meta, scfg)
     _check_model_flags(loaded, scfg)
@@ -200,6 +214,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         _write_text(Path(args.json), json.dumps(result, indent=1))
     return 0
+
+
+def _is_rolling(loaded) -> bool:
+    from simdiff.processes import RollingDiffusion
+
+    return isinstance(loaded.process, RollingDiffusion)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -257,6 +277,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from simdiff.serve import add_serve_parser
+    from simdiff.video import add_rollout_flags
+
     parser = _Parser(prog="simdiff", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -287,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample images from a run, checkpoint, export or 'pretrained'")
     p.add_argument("source")
     _add_sampling_flags(p)
+    add_rollout_flags(p)
     p.add_argument("--labels", help="comma-separated class labels (cycled); default: all classes in turn")
     p.add_argument("--out", help="grid PNG path (default samples.png)")
     p.add_argument("--out-dir", help="also write individual PNGs here")
@@ -296,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="sample and score against the data set's test split")
     p.add_argument("source")
     _add_sampling_flags(p)
+    add_rollout_flags(p)
     p.add_argument("--metrics", default="auto",
                    help="comma-separated: mnist_fd, fid, kid, precision_recall, accuracy; default 'auto': MNIST-"
                         "classifier metrics for 28x28 grey digits, FID/KID/precision-recall otherwise")
@@ -315,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-eval", type=int, default=1000, help="samples for MNIST Fréchet distance and accuracy")
     p.add_argument("--num-fid", type=int, default=300, help="samples for Inception FID (slow on CPU; 0 skips)")
     p.set_defaults(func=cmd_demo)
+    add_serve_parser(sub)
     return parser
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from simdiff.configuration import ConfigError
+from simdiff.devices import resolve_device
 from simdiff.processes.rolling import RollingDiffusion
 
 __all__ = ["rollout", "save_rollout", "frames_to_rgb", "preview_rollout", "forecast_scores", "add_rollout_flags",
@@ -291,7 +292,7 @@ def _settings(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
             "eta": float(args.eta if getattr(args, "eta", None) is not None else scfg.eta),
             "seed": int(args.seed if getattr(args, "seed", None) is not None else scfg.seed),
             "frames": int(getattr(args, "frames", 32)), "mode": mode,
-            "device": torch.device(getattr(args, "device", "cpu"))}
+            "device": resolve_device(getattr(args, "device", None) or "cpu", what="--device")}
 
 
 def run_rollout(args: argparse.Namespace, loaded: Any) -> int:

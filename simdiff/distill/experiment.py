@@ -48,7 +48,7 @@ from simdiff.distill.em import EMDistillation
 from simdiff.distill.guided import GuidanceDistillation, GuidedProgressiveDistillation
 from simdiff.distill.moment_matching import MomentMatching
 from simdiff.distill.progressive import ProgressiveDistillation, ProgressiveSchedule
-from simdiff.generate import SampleConfig
+from simdiff.generate import SampleConfig, check_sample_config
 from simdiff.nets.students import GuidanceConditioned, wrap_student
 from simdiff.runs import conditioner_for, student_sample_config
 from simdiff.train import TrainConfig, Trainer
@@ -114,7 +114,9 @@ def load_distill_config(path: str | Path | None = None, overrides: list[str] | t
     data = apply_overrides(load_yaml(path) if path is not None else {}, list(overrides))
     if "steps" in data:
         raise ConfigError(_RENAMED_STEPS)
-    return from_dict(DistillConfig, data)
+    cfg = from_dict(DistillConfig, data)
+    check_sample_config(cfg.sample, where="sample")  # a bad sample.* is found before any training
+    return cfg
 
 
 def _check_params(method: str, params: dict[str, Any]) -> None:
