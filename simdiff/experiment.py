@@ -5,10 +5,11 @@ sampling and scoring (:func:`load_model`, :func:`sample_grid`, :func:`evaluate_m
 in :mod:`simdiff.runs` and is re-exported here. A run directory holds ``checkpoints/``, ``metrics.csv``,
 ``loss_curve.png``, ``samples/``, ``config.yaml`` and the lock file ``.lock``.
 
-Order of :func:`train`: validate the train section and resolve ``train.device`` (nothing is written yet), build the
-network with its initial weights drawn from ``train.seed`` (a forked RNG, so the caller's RNG state is untouched),
-take the run directory's lock, read the checkpoint to resume from and refuse it if it was trained with another
-network, then write ``config.yaml`` atomically and train. A refused or invalid run leaves the directory as it was.
+Order of :func:`train`: validate the train section and resolve ``train.device`` (nothing is written yet), take the
+run directory's lock, load the data and build the network with its initial weights drawn from ``train.seed`` (a
+forked RNG, so the caller's RNG state is untouched), read the checkpoint to resume from and refuse it if it was
+trained with another network, then write ``config.yaml`` atomically and train. A refused or invalid run leaves the
+directory as it was (a new directory that received nothing is removed again).
 """
 
 from __future__ import annotations
@@ -171,6 +172,21 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = True) ->
 
     info = D.init_distributed(cfg.train.device)
     validate_train_config(cfg.train, info.world_size)
+    created = info.rank == 0 and not run_dir.exists()
+    try:  # the lock first: a second process stops before loading any data
+        with run_lock(run_dir) if info.rank == 0 else nullcontext():
+            return _train_locked(cfg, run_dir, info, resume=resume)
+    except BaseException:
+        if created:  # a new run that failed before writing anything leaves no empty directory behind
+            try:
+                run_dir.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _train_locked(cfg: ExperimentConfig, run_dir: Path, info, *, resume: bool) -> dict[str, Any]:
+    """:func:`train` once the run directory is owned (rank 0) and the train options are checked."""
     dataset = build_dataset(cfg.data)
     image_shape = dataset.shape
     num_classes = model_classes(cfg, dataset.num_classes)
@@ -197,20 +213,19 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = True) ->
         if info.rank == 0:
             _write_config(cfg, run_dir)
 
-    with run_lock(run_dir) if info.rank == 0 else nullcontext():
-        trainer = Trainer(model, loss, data, cfg.train, run_dir, config_dict=config_dict, hooks=hooks, resume=resume,
-                          on_resume=on_resume)
-        summary = trainer.fit()
-        weights = trainer.full_state_dict(ema=True)  # a collective under FSDP: every rank calls it
-        if info.rank == 0:
-            final = seeded_network(cfg, image_shape=image_shape, num_classes=num_classes)
-            final.load_state_dict(weights)
-            final.to(trainer.device).eval()
-            out = run_dir / "samples" / "final.png"
-            try:
-                path = sample_grid(final, schedule, cfg.sample, image_shape=image_shape, num_classes=num_classes,
-                                   out=out, device=trainer.device, process=run_process(cfg))
-            except OSError as e:
-                raise rundir.write_error(e, run_dir=run_dir, what="the final sample grid", path=out) from None
-            summary["sample_grid"] = str(path)
+    trainer = Trainer(model, loss, data, cfg.train, run_dir, config_dict=config_dict, hooks=hooks, resume=resume,
+                      on_resume=on_resume)
+    summary = trainer.fit()
+    weights = trainer.full_state_dict(ema=True)  # a collective under FSDP: every rank calls it
+    if info.rank == 0:
+        final = seeded_network(cfg, image_shape=image_shape, num_classes=num_classes)
+        final.load_state_dict(weights)
+        final.to(trainer.device).eval()
+        out = run_dir / "samples" / "final.png"
+        try:
+            path = sample_grid(final, schedule, cfg.sample, image_shape=image_shape, num_classes=num_classes,
+                               out=out, device=trainer.device, process=run_process(cfg))
+        except OSError as e:
+            raise rundir.write_error(e, run_dir=run_dir, what="the final sample grid", path=out) from None
+        summary["sample_grid"] = str(path)
     return summary
