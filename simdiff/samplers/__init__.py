@@ -23,10 +23,11 @@ from simdiff.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_3m
 from simdiff.samplers.edm import sample_edm
 from simdiff.samplers.first_order import sample_ddim, sample_ddpm
 from simdiff.samplers.grids import GRID_KINDS, make_grid
+from simdiff.samplers.noise import BrownianTreeNoise
 from simdiff.samplers.ode import sample_euler, sample_heun, solve_reference
 from simdiff.samplers.stochastic import sample_dpmpp_2m_sde
 from simdiff.samplers.students import STUDENT_SAMPLERS
-from simdiff.samplers.tuned import optimize_grid
+from simdiff.samplers.tuned import fit_grids, optimize_grid
 from simdiff.samplers.unipc import sample_unipc
 
 __all__ = [
@@ -40,6 +41,8 @@ __all__ = [
     "make_grid",
     "solve_reference",
     "optimize_grid",
+    "fit_grids",
+    "BrownianTreeNoise",
     "sample_ddpm",
     "sample_ddim",
     "sample_euler",
