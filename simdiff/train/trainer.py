@@ -7,10 +7,10 @@ seed, rank, k, micro)``; the data order is a pure function of ``(seed, epoch, po
 repeats an uninterrupted one bit for bit (on the same device and thread count); the global python / numpy / torch
 RNG states are saved and restored as well, for user code that draws from them between steps (a fresh run seeds the
 python and numpy ones from ``seed``). The initial weights are the caller's: :func:`simdiff.experiment.train` draws
-them from ``seed`` too. A loss object with
-state of its own (distillation: auxiliary networks and their optimizers, a progressive round's teacher) exposes
-``aux_state_dict()`` / ``load_aux_state_dict(d)``; the trainer writes it into every checkpoint (``aux.safetensors``,
-rank 0's copy) and restores it on resume.
+them from ``seed`` too. A loss object with state of its own (distillation: auxiliary networks and their optimizers,
+a progressive round's teacher) exposes ``aux_state_dict()`` / ``load_aux_state_dict(d)``; the trainer writes it
+into every checkpoint (``aux.safetensors``, rank 0's copy) and restores it on resume. The mean loss logged every
+``log_every`` steps continues across a resume (its running sum and count are in the checkpoint).
 
 A step whose all-reduced loss or gradient norm is NaN/inf is skipped (no optimizer or EMA update, gradients
 dropped) and counted; ``max_nonfinite`` *consecutive* skips abort with :class:`NonFiniteError` and no
