@@ -139,6 +139,17 @@ def test_corrupt_checkpoint_errors_and_fallback(tmp_path, damage, reason, capsys
     assert len(err) == 1 and err[0].startswith("simdiff: warning: skipping damaged checkpoint") and reason in err[0]
 
 
+def test_checkpoint_without_hashes_still_loads(tmp_path):
+    path = _save(tmp_path, 4)
+    doc = json.loads((path / "state.json").read_text())
+    assert set(doc["sha256"]) == set(doc["files"]) and len(doc["state_sha256"]) == 64
+    del doc["sha256"], doc["state_sha256"]  # as written before hashes existed
+    (path / "state.json").write_text(json.dumps(doc, indent=1))
+    c = ck.load_checkpoint(path)
+    model, _, _ = _state()
+    assert c.step == 4 and all(torch.equal(v, c.model[k]) for k, v in model.state_dict().items())
+
+
 def test_export_and_load_inference(tmp_path):
     _save(tmp_path, 3)
     out = ck.export_inference(tmp_path, tmp_path / "export" / "model.safetensors")
