@@ -25,6 +25,7 @@ def resolve_device(name: str | torch.device, *, what: str = "device", local_rank
         local_rank: the CUDA index "auto" and a bare "cuda" resolve to (torchrun's LOCAL_RANK).
     """
     text = str(name).strip()
+    fix = "use --device cpu" if what.startswith("--") else f"set {what}=cpu"
     if text == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     try:
@@ -35,11 +36,11 @@ def resolve_device(name: str | torch.device, *, what: str = "device", local_rank
         raise ConfigError(f"{what}: unknown device {text!r}; use auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"{what}={text!r} but CUDA is not available on this machine; use --device cpu")
+            raise ConfigError(f"{what}={text!r} but CUDA is not available on this machine; {fix}")
         if dev.index is None:
             dev = torch.device(f"cuda:{local_rank}")
         if dev.index >= torch.cuda.device_count():
             raise ConfigError(f"{what}={text!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ConfigError(f"{what}={text!r} but MPS is not available on this machine; use --device cpu")
+        raise ConfigError(f"{what}={text!r} but MPS is not available on this machine; {fix}")
     return dev

@@ -80,8 +80,12 @@ class ExperimentConfig:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """YAML file (or defaults) + ``a.b=value`` overrides -> validated :class:`ExperimentConfig` (see
     :func:`check_experiment_config`: every problem is found here, before any data is read or any step is run)."""
+    from simdiff.train import validate_train_config
+
     data = load_yaml(path) if path is not None else {}
-    return check_experiment_config(from_dict(ExperimentConfig, apply_overrides(data, list(overrides))))
+    cfg = check_experiment_config(from_dict(ExperimentConfig, apply_overrides(data, list(overrides))))
+    validate_train_config(cfg.train)
+    return cfg
 
 
 def config_from_dict(d: dict[str, Any]) -> ExperimentConfig:

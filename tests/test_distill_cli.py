@@ -338,3 +338,39 @@ def test_old_steps_spelling_is_refused_with_a_hint(root, tmp_path, capsys):
     cfg.write_text(yaml.safe_dump({"method": "consistency", "steps": 2}))
     _one_line_error(capsys, ["distill", str(cfg), "--teacher", teacher], "now 'student_steps'")
     assert not (tmp_path / "x").exists()
+
+
+def test_distill_owns_its_run_directory(root, tmp_path, capsys):
+    """A second process on a locked run directory stops at once naming the holder; a resume by another method (another
+    kind of student) is refused before distill.yaml is rewritten."""
+    import subprocess
+    import time
+
+    run = tmp_path / "locked"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from simdiff.train import run_lock\n"
+        f"with run_lock({str(run)!r}):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.perf_counter()
+        code = main(["distill", "--method", "progressive", "--teacher", str(root / "teacher"), "--student-steps", "2",
+                     "--run-dir", str(run), *FAST, "--set", "method_params.start_steps=8"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and str(holder.pid) in err and err.count("\n") == 0, err
+        assert time.perf_counter() - start < 30 and not (run / "distill.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    run = tmp_path / "resumed"
+    base = ["distill", "--method", "consistency", "--teacher", str(root / "teacher"), "--student-steps", "2",
+            "--run-dir", str(run), *FAST, "--set", "method_params.teacher_steps=8"]
+    assert main(base) == 0
+    before = (run / "distill.yaml").read_bytes()
+    capsys.readouterr()
+    other = ["distill", "--method", "moment_matching", "--teacher", str(root / "teacher"), "--student-steps", "2",
+             "--run-dir", str(run), *FAST, "--set", "train.steps=6"]
+    assert main(other) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another network" in err and "kind" in err and err.count("\n") == 0, err
+    assert (run / "distill.yaml").read_bytes() == before

@@ -33,6 +33,7 @@ import copy
 import dataclasses
 import inspect
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ from simdiff.distill.progressive import ProgressiveDistillation, ProgressiveSche
 from simdiff.generate import SampleConfig, check_sample_config
 from simdiff.nets.students import GuidanceConditioned, wrap_student
 from simdiff.runs import conditioner_for, student_sample_config
-from simdiff.train import TrainConfig, Trainer
+from simdiff.train import TrainConfig, Trainer, run_lock, rundir, validate_train_config
 
 __all__ = ["DistillConfig", "METHODS", "TEACHER_KINDS", "GuidanceConditioned", "load_distill_config", "distill",
            "build_loss", "wrap_student"]
@@ -247,16 +248,37 @@ def distill(cfg: DistillConfig, run_dir: str | Path, *, resume: bool = True) -> 
     Raises:
         ConfigError / CheckpointError / ValueError: one-line messages for a bad teacher, method or step count.
     """
-    from simdiff.data import build_dataset
-    from simdiff.runs import batch_transform, sample_grid
-    from simdiff.train import BatchIterator
     from simdiff.train import distributed as D
 
     get_registered(METHODS, cfg.method, "distillation method")
     _check_params(cfg.method, cfg.method_params)
     if isinstance(cfg.student_steps, bool) or cfg.student_steps < 1:
         raise ConfigError(f"student_steps must be an integer >= 1, got {cfg.student_steps}")
+    validate_train_config(cfg.train)
+    check_sample_config(cfg.sample, where="sample")
     info = D.init_distributed(cfg.train.device)
+    validate_train_config(cfg.train, info.world_size)
+    run_dir = Path(run_dir)
+    created = info.rank == 0 and not run_dir.exists()
+    try:  # the lock first: a second process stops before loading the teacher or any data
+        with run_lock(run_dir) if info.rank == 0 else nullcontext():
+            return _distill_locked(cfg, run_dir, info, resume=resume)
+    except BaseException:
+        if created:  # a new run that failed before writing anything leaves no empty directory behind
+            try:
+                run_dir.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _distill_locked(cfg: DistillConfig, run_dir: Path, info, *, resume: bool) -> dict[str, Any]:
+    """:func:`distill` once the run directory is owned (rank 0) and the options are checked."""
+    from simdiff.data import build_dataset
+    from simdiff.experiment import network_differences
+    from simdiff.runs import batch_transform, sample_grid
+    from simdiff.train import BatchIterator
+
     teacher = _load_teacher(cfg.teacher, info.device, TEACHER_KINDS.get(cfg.method, ("diffusion",)))
     if teacher.process is not None:
         raise ConfigError(f"{cfg.method}: distillation is implemented for the isotropic Gaussian process; the teacher "
@@ -274,7 +296,6 @@ def distill(cfg: DistillConfig, run_dir: str | Path, *, resume: bool = True) -> 
     if dataset.shape != teacher.image_shape:
         raise ConfigError(f"data images have shape {dataset.shape} but the teacher was trained on "
                           f"{teacher.image_shape}")
-    run_dir = Path(run_dir)
     exp = dataclasses.replace(teacher.config, name=cfg.name, data=data_cfg, train=cfg.train)
     config_dict = {"kind": cfg.method, "experiment": to_dict(exp), "image_shape": list(teacher.image_shape),
                    "num_classes": teacher.num_classes, "student": student_info, "distill": to_dict(cfg),
@@ -283,11 +304,22 @@ def distill(cfg: DistillConfig, run_dir: str | Path, *, resume: bool = True) -> 
     _record_sampler_spec(config_dict, loss.sampler_spec(), cfg.sample)
     data = BatchIterator(dataset, cfg.train.batch_size, seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
                          transform=batch_transform(dataset, labels=teacher.num_classes > 0))
-    if info.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "distill.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    def on_resume(ck) -> None:  # after the checkpoint is read, before anything is written
+        if ck is not None:
+            diffs = network_differences(ck.state.get("config") or {}, config_dict)
+            if diffs:
+                raise ConfigError(f"{run_dir}: cannot resume from {ck.path.name}, it was distilled with another "
+                                  f"network ({'; '.join(diffs)}); distil into a new --run-dir")
+        if info.rank == 0:
+            path = run_dir / "distill.yaml"
+            try:
+                rundir.atomic_write_bytes(path, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+            except OSError as e:
+                raise rundir.write_error(e, run_dir=run_dir, what="distill.yaml", path=path) from None
+
     trainer = _DistillTrainer(student, loss, data, cfg.train, run_dir, config_dict=config_dict, resume=resume,
-                              sample_base=cfg.sample)
+                              sample_base=cfg.sample, on_resume=on_resume)
     summary = trainer.fit()
     summary["sampler_spec"] = loss.sampler_spec()
     if info.rank == 0:
@@ -295,7 +327,11 @@ def distill(cfg: DistillConfig, run_dir: str | Path, *, resume: bool = True) -> 
         if trainer.ema is not None:
             trainer.ema.copy_to(student)
         scfg = student_sample_config(loss.sampler_spec(), cfg.sample)
-        path = sample_grid(student, teacher.schedule, scfg, image_shape=teacher.image_shape,
-                           num_classes=teacher.num_classes, out=run_dir / "samples" / "final.png", device=info.device)
+        out = run_dir / "samples" / "final.png"
+        try:
+            path = sample_grid(student, teacher.schedule, scfg, image_shape=teacher.image_shape,
+                               num_classes=teacher.num_classes, out=out, device=info.device)
+        except OSError as e:
+            raise rundir.write_error(e, run_dir=run_dir, what="the final sample grid", path=out) from None
         summary["sample_grid"] = str(path)
     return summary
