@@ -3,12 +3,12 @@ unmasked at time ``t in [0, 1]``, decreasing from ``alpha(0) = 1`` to ``alpha(1)
 
 * ``linear``: ``alpha(t) = 1 - t`` (Shi et al. 2024, MD4; Sahoo et al. 2024, MDLM).
 * ``cosine``: ``alpha(t) = 1 - cos(pi/2 (1 - t))`` (MD4).
-
-The formulas follow the papers' definitions but were not checked against their text here (no
-equation or table numbers are given for that reason).
 * ``log_linear``: MDLM's "log-linear" noise ``sigma(t) = -log(1 - (1 - eps) t)`` with ``alpha = exp(-sigma)``, i.e.
   ``alpha(t) = 1 - (1 - eps) t`` with ``eps = 1e-3`` (the value of MDLM's released code; not checked against the
   paper text). Its ``alpha(1) = eps > 0``: the prior term of the bound at ``t = 1`` is left out, as in MDLM.
+
+The formulas follow the papers' definitions but were not checked against their text here (no equation or table
+numbers are given for that reason).
 
 Each schedule gives ``alpha``, its derivative ``dalpha`` and the inverse ``inverse(a)`` (the first-hitting sampler's
 ``alpha^{-1}``), all elementwise on tensors of any float dtype (use float64 for the bound and the sampler times).
