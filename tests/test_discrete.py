@@ -215,3 +215,13 @@ def test_float32_gumbel_lowers_the_temperature_and_float64_does_not():
     assert chisquare(torch.bincount(draws, minlength=4).numpy(), [20000, 10000, 6000, 4000])[1] > ALPHA_LEVEL
     with pytest.raises(ValueError, match="unknown precision"):
         categorical(p, precision="float16")
+
+
+@pytest.mark.parametrize("masking", ["linear", "cosine", "log_linear"])
+def test_mask_schedules_derivative_and_inverse(masking):
+    s = get_mask_schedule(masking)
+    t = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
+    torch.testing.assert_close(s.inverse(s.alpha(t)), t, rtol=0, atol=1e-9)
+    h = 1e-6
+    torch.testing.assert_close(s.dalpha(t), (s.alpha(t + h) - s.alpha(t - h)) / (2 * h), rtol=1e-6, atol=1e-8)
+    assert float(s.alpha(torch.tensor(0.0))) == 1.0 and bool((s.dalpha(t) < 0).all())
