@@ -158,6 +158,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from simdiff.video import run_rollout
 
         return run_rollout(args, loaded)
+    discrete = _apply_discrete_flags(args, loaded)
     scfg = check_sample_config(_sample_overrides(args, loaded.config.sample), names=_SAMPLE_FLAGS)
     check_student_sampling(loaded.meta, scfg)
     _check_model_flags(loaded, scfg)
@@ -170,13 +171,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.out_dir:
         save_images(x, args.out_dir)
         print(f"wrote {len(x)} images to {args.out_dir}")
-    if args.out or not args.out_dir:
+    if (args.out or not args.out_dir) and discrete:  # text: a PNG strip and a .txt beside it; image tokens: a grid
+        out = loaded.process.save_samples(x, Path(args.out or "samples.png"))
+        print(f"wrote {len(x)} samples to {out}")
+    elif args.out or not args.out_dir:
         out = Path(args.out or "samples.png")
         nrow = loaded.num_classes if loaded.num_classes and args.labels is None and scfg.num % loaded.num_classes == 0 \
             else None
         save_grid(x, out, nrow=nrow, scale=max(1, 64 // loaded.image_shape[-1]))
         print(f"wrote grid of {len(x)} images to {out}")
-    print(f"{scfg.sampler}, {scfg.steps} steps: {len(x) / secs:.1f} images/s")
+    name = f"{loaded.process.sampler} ({loaded.process.precision})" if discrete else scfg.sampler
+    print(f"{name}, {scfg.steps} steps: {len(x) / secs:.1f} samples/s")
     return 0
 
 
@@ -214,6 +219,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         _write_text(Path(args.json), json.dumps(result, indent=1))
     return 0
+
+
+_DISCRETE_FLAGS = {"discrete_sampler": ("sampler", "--discrete-sampler"),
+                   "tokens_per_call": ("tokens_per_call", "--tokens-per-call"),
+                   "precision": ("precision", "--precision")}
+
+
+def _add_discrete_flags(p: argparse.ArgumentParser) -> None:
+    from simdiff.discrete.masked import SAMPLERS
+    from simdiff.discrete.sampling import PRECISIONS
+
+    g = p.add_argument_group("masked discrete diffusion (default: the run's diffusion.process settings)")
+    g.add_argument("--discrete-sampler", choices=SAMPLERS,
+                   help="tau_leaping (a fixed grid of --steps) or first_hitting (exact unmasking times)")
+    g.add_argument("--tokens-per-call", type=int, help="first_hitting: tokens unmasked per network call (1 = exact)")
+    g.add_argument("--precision", choices=PRECISIONS, help="categorical sampling precision (float64: exact)")
+
+
+def _apply_discrete_flags(args: argparse.Namespace, loaded) -> bool:
+    """For a discrete model, rebuild its process with the discrete sampling flags; refuse them for any other model.
+    Returns whether the model is discrete."""
+    from simdiff.processes import build_process, is_discrete
+
+    given = {key: getattr(args, attr) for attr, (key, _) in _DISCRETE_FLAGS.items()
+             if getattr(args, attr, None) is not None}
+    if not is_discrete(loaded.process):
+        if given:
+            flag = next(flag for key, flag in _DISCRETE_FLAGS.values() if key in given)
+            raise ConfigError(f"{flag} applies to masked discrete diffusion models only")
+        return False
+    if given.get("tokens_per_call", 1) < 1:
+        raise ConfigError(f"--tokens-per-call must be an integer >= 1, got {given['tokens_per_call']}")
+    if given:  # the choices of the other two flags are checked by the parser
+        loaded.process = build_process({**loaded.process.spec, **given}, loaded.schedule)
+    return True
 
 
 def _is_rolling(loaded) -> bool:
@@ -311,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source")
     _add_sampling_flags(p)
     add_rollout_flags(p)
+    _add_discrete_flags(p)
     p.add_argument("--labels", help="comma-separated class labels (cycled); default: all classes in turn")
     p.add_argument("--out", help="grid PNG path (default samples.png)")
     p.add_argument("--out-dir", help="also write individual PNGs here")

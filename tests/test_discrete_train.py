@@ -131,3 +131,19 @@ def test_autoregressive_baseline_trains_with_the_same_trainer(tmp_path):
     assert nll.shape == (4,) and torch.allclose(nll, ar.loss(net, {"x": data["x"][:4]}))
     s = ar.sample(net, 3, 16, generator=torch.Generator().manual_seed(0))
     assert s.shape == (3, 16) and int(s.max()) < 256
+
+
+def test_cli_sample_writes_text_and_takes_the_discrete_sampler_flags(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(CONFIGS / "text_masked.yaml"), "--run-dir", str(run), *_sets(TINY)]) == 0
+    out = tmp_path / "fh.png"
+    assert main(["sample", str(run), "--discrete-sampler", "first_hitting", "--steps", "32", "--num", "2",
+                 "--out", str(out)]) == 0
+    assert "first_hitting (float64)" in capsys.readouterr().out
+    assert out.is_file() and out.with_suffix(".txt").read_text(encoding="utf-8").count("--- sample") == 2
+    for flags, needle in ((["--tokens-per-call", "0"], "--tokens-per-call"), (["--precision", "float16"], "precision")):
+        assert main(["sample", str(run), "--out", str(tmp_path / "bad.png"), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and err.count("\n") == 0 and not (tmp_path / "bad.png").exists(), err
+    assert main(["sample", "pretrained", "--discrete-sampler", "first_hitting", "--out", str(tmp_path / "p.png")]) == 2
+    assert "masked discrete diffusion models only" in capsys.readouterr().err

@@ -8,8 +8,9 @@
   (Hoogeboom & Salimans 2023).
 * :class:`RollingDiffusion` (``rolling.py``, "rolling"): per-frame local times in a sliding window (Ruhe et al.
   2024); its sampler is :func:`simdiff.samplers.rolling.sample_rolling`.
-* :class:`DiscreteProcess`: the protocol a discrete process (e.g. masked diffusion) implements so that the
-  training objective, the network builder and ``generate`` dispatch to it. No discrete process is implemented here.
+* :class:`DiscreteProcess`: the protocol a discrete process implements so that the training objective, the
+  network builder and ``generate`` dispatch to it; masked (absorbing-state) diffusion,
+  :class:`simdiff.discrete.MaskedDiffusion` ("masked"), is the one registered.
 
 ``build_process({"name": ...}, schedule)`` builds a registered process of either family from a config dict
 (``diffusion.process`` of an experiment); :func:`is_discrete` tells the families apart.
@@ -67,7 +68,7 @@ def build_process(spec: dict[str, Any] | None, schedule: Any) -> GaussianProcess
 
 @runtime_checkable
 class DiscreteProcess(Protocol):
-    """The discrete sibling of :class:`GaussianProcess` (e.g. masked diffusion; not implemented in simdiff yet).
+    """The discrete sibling of :class:`GaussianProcess` (e.g. masked diffusion, :mod:`simdiff.discrete`).
 
     Data are integer tokens ``[B, ...]``; the process owns the map from a data batch to tokens and back. The
     training objective is :meth:`loss` (the trainer's ``loss_fn(model, batch, generator) -> [B]``), the network is
