@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tune", nargs="*", default=["64-D", "2-D K12 std 0.08"],
                    help="mixtures (name prefixes) to tune grids on")
     p.add_argument("--tune-max-nfe", type=int, default=10)
-    p.add_argument("--tune-iters", type=int, default=30)
+    p.add_argument("--tune-iters", type=int, default=40)
     p.add_argument("--n-cal", type=int, default=256)
     p.add_argument("--n-val", type=int, default=192)
     p.add_argument("--quick", action="store_true", help="smoke mode: 2 problems, NFE 5 and 10, 64 points")

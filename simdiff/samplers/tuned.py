@@ -10,9 +10,9 @@
   global error is ~ ``int h(lambda)^p f dlambda``, minimised at fixed step count by the density
   ``1/h ~ f^(1/(p+1))`` (the classical error-equidistributing mesh, de Boor 1973). Isotropic process only (the
   measurement uses ``lambda = logsnr / 2``).
-* :func:`fit_grids` - robust tuned grids for a list of step counts: several inits (restarts), validation-batch
-  selection, and the previous count's grid with one interval split as a candidate, so the validation error is
-  monotone in the number of calls.
+* :func:`fit_grids` - robust tuned grids for a list of step counts: many starting grids (fixed kinds, the
+  default policy with several ends, refinements of the smaller counts' choices), the best few fitted (restarts),
+  selection on a validation batch; the refinements keep the error (nearly always) monotone in the number of calls.
 
 :func:`optimize_grid` passes ``process`` on to the sampler, which refuses a process it has no form for.
 """
@@ -214,6 +214,15 @@ def _insert_point(grid: Tensor) -> Tensor:
     return torch.cat([lam[: i + 1], 0.5 * (lam[i : i + 1] + lam[i + 1 : i + 2]), lam[i + 1 :], grid[-1:]])
 
 
+def _policy_family(schedule, steps: int, ends: tuple[float, ...]) -> list[Tensor]:
+    """The "auto" grid's logistic levels with other ends (inside the schedule's range)."""
+    from simdiff.samplers.policy import logistic_levels
+
+    lo, hi = float(schedule.logsnr_min), float(schedule.logsnr_max)
+    inf = torch.tensor([math.inf], dtype=torch.float64)
+    return [torch.cat([logistic_levels(lo, min(e, hi), steps), inf]) for e in ends if min(e, hi) > lo]
+
+
 def fit_grids(
     denoise: Callable,
     sampler_name: str,
@@ -225,50 +234,56 @@ def fit_grids(
     val_z: Tensor,
     val_reference: Tensor,
     inits: tuple[str, ...] = ("auto", "uniform_t", "quadratic_t"),
+    ends: tuple[float, ...] = (3.0, 5.0, 7.0, 10.0),
+    restarts: int = 3,
     iters: int = 60,
     lr: float = 0.05,
     cond: dict | None = None,
     sampler_kwargs: dict | None = None,
 ) -> dict[int, tuple[Tensor, float]]:
-    """Robust tuned grids for several step counts: restarts, validation selection, error monotone in calls.
+    """Robust tuned grids for several step counts: many starting grids, several fits, validation selection.
 
-    For each ``steps`` (in increasing order) the candidates are: every fixed grid kind in ``inits``, each fitted by
-    :func:`optimize_grid` (Adam on the calibration batch ``z``, early-stopped on the validation batch), the
-    chosen grid of every smaller step count refined to ``steps`` by splitting its widest intervals (the previous
-    count's also fitted), and the unfitted fixed grids.
-    The candidate with the lowest validation RMSE is kept. Monotonicity in calls comes from the refined
-    candidates (a refinement of an earlier choice is usually no worse than it); it is measured, not forced: the
-    returned errors are the true validation RMSEs (optimistic for the chosen grid: report on a third batch).
+    For each ``steps`` (in increasing order) the starting candidates are the fixed grid kinds ``inits``, the
+    "auto" grid's logistic levels ending at each of ``ends``, and the chosen grid of every smaller step count
+    refined to ``steps`` (its widest intervals split). All are scored on the validation batch; the best
+    ``restarts`` of them are each fitted by :func:`optimize_grid` (Adam on the calibration batch ``z``,
+    early-stopped on the validation batch), and the candidate (fitted or not) with the lowest validation RMSE is
+    kept. Monotonicity in calls comes from the refined candidates (a refinement of an earlier choice is usually no
+    worse than it); it is measured, not forced: the returned errors are the true validation RMSEs (optimistic for
+    the chosen grid, which was selected on them: report on a third batch).
 
     Returns:
         ``{steps: (grid [steps + 1], validation RMSE)}``.
     """
     sampler = _deterministic(sampler_name)
     kwargs = dict(sampler_kwargs or {})
+    if restarts < 1:
+        raise ValueError(f"fit_grids: restarts must be >= 1, got {restarts}")
 
     def val_rmse(grid: Tensor) -> float:
         with torch.no_grad():
-            out = sampler(denoise, val_z, grid, cond=cond, **kwargs)
-        value = float((out - val_reference.to(out.dtype)).pow(2).mean().sqrt())
+            pred = sampler(denoise, val_z, grid, cond=cond, **kwargs)
+        value = float((pred - val_reference.to(pred.dtype)).pow(2).mean().sqrt())
         return value if math.isfinite(value) else float("inf")
 
     out: dict[int, tuple[Tensor, float]] = {}
     for steps in sorted(set(steps_list)):
         cands = [make_grid(schedule, steps, kind=k) for k in inits]
-        fitted = [optimize_grid(denoise, sampler_name, schedule, steps, z=z, reference=reference, iters=iters, lr=lr,
-                                init=k, cond=cond, sampler_kwargs=sampler_kwargs, val_z=val_z,
-                                val_reference=val_reference) for k in inits] if steps >= 2 else []
-        cands += fitted
-        for k, (chosen, _) in out.items():  # every smaller count's choice, refined to this count (no fitting)
+        if steps >= 2:
+            cands += _policy_family(schedule, steps, ends)
+        for chosen, _ in out.values():
             split = chosen
             while split.shape[0] < steps + 1:
                 split = _insert_point(split)
             cands.append(split)
-            if k == max(out) and steps >= 2:  # and the previous count's, refined and fitted
-                cands.append(optimize_grid(denoise, sampler_name, schedule, steps, z=z, reference=reference,
-                                           iters=iters, lr=lr, init_grid=split, cond=cond,
-                                           sampler_kwargs=sampler_kwargs, val_z=val_z, val_reference=val_reference))
         errs = [val_rmse(g) for g in cands]
+        if steps >= 2:
+            for i in sorted(range(len(cands)), key=lambda j: errs[j])[:restarts]:
+                fitted = optimize_grid(denoise, sampler_name, schedule, steps, z=z, reference=reference, iters=iters,
+                                       lr=lr, init_grid=cands[i], cond=cond, sampler_kwargs=sampler_kwargs,
+                                       val_z=val_z, val_reference=val_reference)
+                cands.append(fitted)
+                errs.append(val_rmse(fitted))
         best = min(range(len(cands)), key=lambda i: errs[i])
         out[steps] = (cands[best], errs[best])
     return out
