@@ -11,9 +11,10 @@ Per step i (N = number of steps):
 Here the state is the VP ``z = alpha y``, so the Heun step is the one of :func:`simdiff.samplers.sample_heun`
 between ``logsnr_hat`` and ``logsnr_(i+1)``, and a final +inf step returns ``x_hat`` (the Euler step to t = 0).
 With ``churn = 0`` the sampler is exactly Heun (Alg. 1). Cost: 2 calls per finite step, 1 for the final step (as
-Heun: ``2 steps - 1``). The update rules and the gamma clamp were checked line by line against the paper's
-Algorithm 2 as recalled here; the paper's Table 5 settings (e.g. S_churn = 40-80, S_noise ~ 1.003-1.007 on
-ImageNet) are per dataset, not defaults. Isotropic process only.
+Heun: ``2 steps - 1``). Verified against the authors' published sampler code (the gamma clamp, ``t_hat``, the
+noise ``sqrt(t_hat^2 - t^2) S_noise``, the Euler step from ``t_hat`` and the correction skipped on the last step,
+with N = the number of steps including the one to t = 0); the paper's PDF itself was not re-read here, nor its
+per-dataset settings (S_churn, S_tmin, S_tmax, S_noise), which are therefore not defaults. Isotropic process only.
 """
 
 from __future__ import annotations
