@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["AUTO_MU", "AUTO_SCALE", "END_BASE", "END_SLOPE", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "logistic_levels",
+__all__ = ["AUTO_MU", "AUTO_SCALE", "END_BASE", "END_SLOPE", "DEFAULT_SAMPLER", "logistic_levels",
            "auto_end", "auto_interior"]
 
 AUTO_MU = 2.0
@@ -36,7 +36,6 @@ END_BASE = 1.0 / 3.0
 END_SLOPE = 2.0 / 3.0
 #: the sampler the policy was chosen with (UniPC bh2, order 3).
 DEFAULT_SAMPLER = "unipc"
-DEFAULT_STEPS = 10
 
 
 def auto_end(schedule, steps: int) -> float:
