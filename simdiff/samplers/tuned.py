@@ -207,10 +207,11 @@ def error_balanced_grid(
     return _assemble(schedule, interior)
 
 
-def _insert_point(grid: Tensor) -> Tensor:
-    """A grid with one more step: the widest finite interval (in log-SNR) split at its midpoint."""
+def _insert_point(grid: Tensor, i: int | None = None) -> Tensor:
+    """A grid with one more step: finite interval ``i`` (default: the widest, in log-SNR) split at its midpoint."""
     lam = grid[:-1]
-    i = int(torch.argmax(torch.diff(lam)))
+    if i is None:
+        i = int(torch.argmax(torch.diff(lam)))
     return torch.cat([lam[: i + 1], 0.5 * (lam[i : i + 1] + lam[i + 1 : i + 2]), lam[i + 1 :], grid[-1:]])
 
 
@@ -245,7 +246,8 @@ def fit_grids(
 
     For each ``steps`` (in increasing order) the starting candidates are the fixed grid kinds ``inits``, the
     "auto" grid's logistic levels ending at each of ``ends``, and the chosen grid of every smaller step count
-    refined to ``steps`` (its widest intervals split). All are scored on the validation batch; the best
+    refined to ``steps`` (the previous count's with each of its intervals split in turn, older ones by splitting
+    their widest intervals). All are scored on the validation batch; the best
     ``restarts`` of them are each fitted by :func:`optimize_grid` (Adam on the calibration batch ``z``,
     early-stopped on the validation batch), and the candidate (fitted or not) with the lowest validation RMSE is
     kept. Monotonicity in calls comes from the refined candidates (a refinement of an earlier choice is usually no
@@ -272,6 +274,9 @@ def fit_grids(
         if steps >= 2:
             cands += _policy_family(schedule, steps, ends)
         for chosen, _ in out.values():
+            if chosen.shape[0] == steps and chosen.shape[0] >= 3:  # one step fewer: every single split
+                cands += [_insert_point(chosen, i) for i in range(chosen.shape[0] - 2)]
+                continue
             split = chosen
             while split.shape[0] < steps + 1:
                 split = _insert_point(split)
