@@ -25,8 +25,8 @@ Run::
     nice -n 10 python benchmarks/quantize.py --num 500
     nice -n 10 python benchmarks/quantize.py --timing --num 100   # sampling time only (quant_timing.{json,md})
 
-``--timing`` times sampling (best of ``--repeats`` runs, which discounts other processes' load) for the float model,
-W8A8 with and without the int8 GEMM, W8A16 and W4A8, with trajectory calibration, and scores nothing.
+``--timing`` times sampling (best of ``--repeats`` round-robin runs, which discounts other processes' load) for the
+float model, W8A8 with and without the int8 GEMM, W8A16 and W4A8, with trajectory calibration, and scores nothing.
 
 Writes ``benchmarks/results/quant.{json,md}`` and ``benchmarks/results/quant_grid.png`` (top two rows float, bottom
 two rows W8A8 with trajectory calibration; same noise, classes 0..9).
@@ -163,17 +163,17 @@ def timing(args) -> None:
                 {"int8_kernels": False}), ("W8A16 (weight-only)", {"activations": "float16"}),
                 ("W4A8", {"weight_bits": 4})]
     header, table = ["model", f"sample s/img (best of {args.repeats})"], []
-    for label, changes in variants:
-        model = loaded.model if changes is None else quantize_model(loaded.model, calib,
-                                                                      dataclasses.replace(base, **changes))
-        best = float("inf")
-        for _ in range(args.repeats):
+    models = [(label, loaded.model if changes is None else
+               quantize_model(loaded.model, calib, dataclasses.replace(base, **changes)))
+              for label, changes in variants]
+    best = {label: float("inf") for label, _ in models}
+    for _ in range(args.repeats):  # round-robin, so that every variant sees the same spread of machine load
+        for label, model in models:
             t0 = time.perf_counter()
             generate(model, loaded.schedule, loaded.image_shape, scfg, labels=labels,
                      num_classes=loaded.num_classes)
-            best = min(best, time.perf_counter() - t0)
-        table.append([label, best / args.num])
-        print(table_text(header, table[-1:]), flush=True)
+            best[label] = min(best[label], time.perf_counter() - t0)
+    table = [[label, best[label] / args.num] for label, _ in models]
     info = machine_info()
     wall = time.perf_counter() - t_all
     write_json(f"{args.name}_timing", {"machine": info, "command": command_line(), "args": vars(args),
