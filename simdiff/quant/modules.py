@@ -192,7 +192,8 @@ class QuantLayer(nn.Module):
         return torch.cat([a(p) for a, p in zip(self.acts, x.split(self.split, dim=dim))], dim=dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.int8_kernel and x.dtype == torch.float32 and all(a.state == "quant" for a in self.acts):
+        if (self.int8_kernel and x.dtype == torch.float32 and x.device.type == "cpu"
+                and all(a.state == "quant" for a in self.acts)):  # elsewhere: the same math, fake-quantised
             return self._int8_linear(x)
         x = self._quant_input(x)
         w = self._weight.to(x.dtype)
@@ -209,7 +210,7 @@ class QuantLayer(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         parts = x2.split(self.split, dim=-1) if len(self.split) > 1 else (x2,)
-        out, bias = None, (torch.zeros(()) if self.bias is None else self.bias)
+        out, bias = None, (x.new_zeros(()) if self.bias is None else self.bias)
         for i, (act, part) in enumerate(zip(self.acts, parts)):
             q = torch.div(part, act.scale).round_().add_(act.zero_point - 128).clamp_(-128, 127).to(torch.int8)
             acc = torch._int_mm(q, getattr(self, f"_qt_{i}"))
