@@ -59,6 +59,9 @@ class QuantConfig:
         calib_sampler / calib_steps / calib_guidance: the float model's sampling for the recording (sampler
             ``None``: the model's own ``sample.sampler``).
         single_level: the grid fraction of the single-level calibration (0 noisiest, 1 cleanest).
+        reconstruction: "adaround" learns each layer's weight rounding on the calibration inputs after the
+            activation ranges are set (:mod:`simdiff.quant.reconstruct`, ``recon_iters`` Adam steps per layer);
+            "none" rounds to nearest.
     """
 
     weight_bits: int = 8
@@ -77,6 +80,8 @@ class QuantConfig:
     calib_steps: int = 20
     calib_guidance: float = 0.0
     single_level: float = 0.5
+    reconstruction: Literal["none", "adaround"] = "none"
+    recon_iters: int = 300
     batch_size: int = 64
     seed: int = 0
 
@@ -91,7 +96,9 @@ class QuantConfig:
             raise ConfigError(f"quant calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}")
         if self.group_size < 2 or self.group_size % 2:
             raise ConfigError(f"quant group_size must be an even number >= 2, got {self.group_size}")
-        for name in ("num_calib", "calib_runs", "calib_steps", "batch_size"):
+        if self.reconstruction not in ("none", "adaround"):
+            raise ConfigError(f"quant reconstruction must be none or adaround, got {self.reconstruction!r}")
+        for name in ("num_calib", "calib_runs", "calib_steps", "batch_size", "recon_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"quant {name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.single_level <= 1.0:
@@ -206,7 +213,7 @@ def quantize_model(model: nn.Module, calib: CalibrationSet | None, cfg: QuantCon
     The copy carries ``quant_spec`` (a JSON-safe dict: config, quantised layer names with their splits, attention
     module names) for :func:`simdiff.quant.save_quantized`.
     """
-    needs_data = cfg.activations == "int8" or cfg.split_skips
+    needs_data = cfg.activations == "int8" or cfg.split_skips or cfg.reconstruction != "none"
     if calib is None and needs_data:
         raise ValueError("quantize_model needs calibration inputs for int8 activations or shortcut splitting")
     qmodel = copy.deepcopy(model).eval().requires_grad_(False)
@@ -226,6 +233,12 @@ def quantize_model(model: nn.Module, calib: CalibrationSet | None, cfg: QuantCon
     apply_spec(qmodel, spec)
     if cfg.activations == "int8":
         calibrate_model(qmodel, calib, cfg)
+    if cfg.reconstruction == "adaround":
+        if calib is None:
+            raise ValueError("adaround reconstruction needs calibration inputs")
+        from .reconstruct import adaround_model
+
+        adaround_model(qmodel, model, calib, iters=cfg.recon_iters, batch_size=cfg.batch_size, seed=cfg.seed)
     qmodel.quant_spec = spec
     return qmodel
 
