@@ -24,6 +24,7 @@ Run::
 
     nice -n 10 python benchmarks/quantize.py --num 500
     nice -n 10 python benchmarks/quantize.py --timing --num 100   # sampling time only (quant_timing.{json,md})
+    nice -n 10 python benchmarks/quantize.py --num 300 --steps 10 --adaround --name quant_adaround
 
 ``--timing`` times sampling (best of ``--repeats`` round-robin runs, which discounts other processes' load) for the
 float model, W8A8 with and without the int8 GEMM, W8A16 and W4A8, with trajectory calibration, and scores nothing.
@@ -69,6 +70,9 @@ def main() -> None:
     p.add_argument("--skip-fid", action="store_true", help="MNIST metrics only (Inception is slow on a CPU)")
     p.add_argument("--timing", action="store_true", help="only time sampling (see the module docstring)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--adaround", action="store_true",
+                   help="rows: float and W4A8 (trajectory) with AdaRound-learned rounding (--recon-iters steps/layer)")
+    p.add_argument("--recon-iters", type=int, default=300)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.timing:
@@ -101,6 +105,10 @@ def main() -> None:
     for wb in (8, 4):
         for cal in ("trajectory", "single", "data"):
             settings.append((f"W{wb}A8", cal, {"weight_bits": wb, "calibration": cal}))
+    if args.adaround:
+        settings = [settings[0], ("W4A8 + AdaRound", "trajectory", {"weight_bits": 4, "calibration": "trajectory",
+                                                                    "reconstruction": "adaround",
+                                                                    "recon_iters": args.recon_iters})]
     tmp = Path(tempfile.mkdtemp(prefix="quant_bench_"))
     for label, cal, changes in settings:
         row_t = time.perf_counter()
@@ -129,6 +137,8 @@ def main() -> None:
         if x_float is None:
             x_float = x
         if label == "W8A8" and cal == "trajectory":
+            x_grid = x
+        if x_grid is None and changes is not None:
             x_grid = x
         scores = evaluate_samples(x, ref, metrics=metrics, labels=labels, reference_key=key, progress=False,
                                   kid_subset_size=min(args.num, 1000))
