@@ -5,6 +5,7 @@
 * :mod:`~simdiff.quant.calibrate`: trajectory, single-level and noised-data calibration sets;
 * :mod:`~simdiff.quant.model`: :class:`QuantConfig`, :func:`quantize_model` (module swap, shortcut splitting,
   calibration);
+* :mod:`~simdiff.quant.reconstruct`: optional layer-wise AdaRound (learned weight rounding);
 * :mod:`~simdiff.quant.io`: :func:`quantize_loaded`, :func:`save_quantized`, :func:`load_quantized`;
 * :mod:`~simdiff.quant.cli`: the ``simdiff quantize`` sub-command.
 """

@@ -14,8 +14,9 @@ channel positions), are split at the branch boundaries (:class:`QuantLayer`). Th
 blocks are where this happens; the residual U-ViT (SiD2) has no concatenated skips, so nothing is split there.
 
 Calibration order: weights are quantised first, then every activation range is observed in one pass of the
-calibration set through the model with quantised weights and float activations (no sequential or block-wise
-reconstruction).
+calibration set through the model with quantised weights and float activations (no sequential calibration). With
+``reconstruction="adaround"`` each layer's weight rounding is then learned on the calibration inputs
+(:mod:`simdiff.quant.reconstruct`, layer-wise, not BRECQ's block-wise reconstruction).
 """
 
 from __future__ import annotations
