@@ -15,7 +15,6 @@ directory as it was (a new directory that received nothing is removed again).
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ from simdiff.runs import (
     sample_grid,
 )
 from simdiff.schedules import Schedule, schedule_from_dict
-from simdiff.train import BatchIterator, Checkpoint, Trainer, mix_seed, run_lock, rundir, validate_train_config
+from simdiff.train import BatchIterator, Checkpoint, Trainer, mix_seed, rundir, validate_train_config
 
 __all__ = [
     "ModelConfig",
@@ -172,17 +171,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = True) ->
 
     info = D.init_distributed(cfg.train.device)
     validate_train_config(cfg.train, info.world_size)
-    created = info.rank == 0 and not run_dir.exists()
-    try:  # the lock first: a second process stops before loading any data
-        with run_lock(run_dir) if info.rank == 0 else nullcontext():
-            return _train_locked(cfg, run_dir, info, resume=resume)
-    except BaseException:
-        if created:  # a new run that failed before writing anything leaves no empty directory behind
-            try:
-                run_dir.rmdir()
-            except OSError:
-                pass
-        raise
+    return rundir.owned_run(run_dir, lambda: _train_locked(cfg, run_dir, info, resume=resume), rank=info.rank)
 
 
 def _train_locked(cfg: ExperimentConfig, run_dir: Path, info, *, resume: bool) -> dict[str, Any]:

@@ -33,7 +33,6 @@ import copy
 import dataclasses
 import inspect
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ from simdiff.distill.progressive import ProgressiveDistillation, ProgressiveSche
 from simdiff.generate import SampleConfig, check_sample_config
 from simdiff.nets.students import GuidanceConditioned, wrap_student
 from simdiff.runs import conditioner_for, student_sample_config
-from simdiff.train import TrainConfig, Trainer, run_lock, rundir, validate_train_config
+from simdiff.train import TrainConfig, Trainer, rundir, validate_train_config
 
 __all__ = ["DistillConfig", "METHODS", "TEACHER_KINDS", "GuidanceConditioned", "load_distill_config", "distill",
            "build_loss", "wrap_student"]
@@ -259,17 +258,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path, *, resume: bool = True) -> 
     info = D.init_distributed(cfg.train.device)
     validate_train_config(cfg.train, info.world_size)
     run_dir = Path(run_dir)
-    created = info.rank == 0 and not run_dir.exists()
-    try:  # the lock first: a second process stops before loading the teacher or any data
-        with run_lock(run_dir) if info.rank == 0 else nullcontext():
-            return _distill_locked(cfg, run_dir, info, resume=resume)
-    except BaseException:
-        if created:  # a new run that failed before writing anything leaves no empty directory behind
-            try:
-                run_dir.rmdir()
-            except OSError:
-                pass
-        raise
+    return rundir.owned_run(run_dir, lambda: _distill_locked(cfg, run_dir, info, resume=resume), rank=info.rank)
 
 
 def _distill_locked(cfg: DistillConfig, run_dir: Path, info, *, resume: bool) -> dict[str, Any]:

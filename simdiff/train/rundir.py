@@ -20,13 +20,14 @@ import errno
 import os
 import shutil
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import TypeVar
 
 from simdiff.train.errors import RunDirError, RunLockedError
 
-__all__ = ["LOCK_NAME", "run_lock", "lock_holder", "temp_path", "atomic_write_bytes", "write_synced",
+__all__ = ["LOCK_NAME", "run_lock", "owned_run", "lock_holder", "temp_path", "atomic_write_bytes", "write_synced",
            "fsync_dir", "remove_stale_temps", "pid_alive", "write_error", "is_run_dir_error"]
 
 LOCK_NAME = ".lock"
@@ -34,6 +35,7 @@ TMP_PREFIX = ".tmp-"
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 _HELD: dict[str, list] = {}  # real path of a lock file this process holds -> [fd, depth]
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------------------------- temp files
@@ -256,3 +258,21 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
         except OSError:
             pass
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def owned_run(run_dir: str | Path, body: Callable[[], T], *, rank: int = 0) -> T:
+    """``body()`` with ``run_dir`` owned (:func:`run_lock`, taken by rank 0 only), so a second process stops before
+    any data or model is loaded. A directory this call created is removed again when ``body`` fails before writing
+    anything into it."""
+    run_dir = Path(run_dir)
+    created = rank == 0 and not run_dir.exists()
+    try:
+        with run_lock(run_dir) if rank == 0 else nullcontext():
+            return body()
+    except BaseException:
+        if created:
+            try:
+                run_dir.rmdir()  # only succeeds when nothing was written
+            except OSError:
+                pass
+        raise
