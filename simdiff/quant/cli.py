@@ -5,7 +5,8 @@
         [--group-size G] [--no-split] [--eval N]
 
 SOURCE is what ``simdiff sample`` takes (a run, checkpoint, export or ``pretrained``). Settings are applied in the
-order preset, YAML (:class:`~simdiff.quant.QuantConfig` fields), ``--set``, then the explicit flags.
+order preset, YAML (:class:`~simdiff.quant.QuantConfig` fields), ``--set``, then the explicit flags; e.g.
+``--preset w4a8 --set reconstruction=adaround`` learns the int4 rounding (layer-wise AdaRound).
 """
 
 from __future__ import annotations
