@@ -4,6 +4,7 @@
     simdiff sample SOURCE [--sampler S --steps N --grid G --guidance W --interval LO HI --labels 0,1 --num N ...]
     simdiff eval SOURCE [--num N --metrics mnist_fd,fid,kid,precision_recall,accuracy (default: from the data)]
     simdiff export SOURCE OUT.safetensors
+    simdiff quantize SOURCE OUT.safetensors [--preset w8a8|w4a8|w8a16] [--calibration trajectory|single|data] ...
     simdiff distill [CONFIG] --method NAME --teacher RUN [--student-steps K] [--run-dir DIR] [--set key=value ...]
     simdiff demo [--minutes M]
     simdiff serve [RUN_DIR_OR_FILE ...] [--host 127.0.0.1] [--port 8000] [--device auto]
@@ -317,6 +318,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from simdiff.quant.cli import add_quantize_parser
     from simdiff.serve import add_serve_parser
     from simdiff.video import add_rollout_flags
 
@@ -381,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-eval", type=int, default=1000, help="samples for MNIST Fréchet distance and accuracy")
     p.add_argument("--num-fid", type=int, default=300, help="samples for Inception FID (slow on CPU; 0 skips)")
     p.set_defaults(func=cmd_demo)
+    add_quantize_parser(sub)
     add_serve_parser(sub)
     return parser
 

@@ -250,6 +250,10 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", ema: boo
     if not path.exists():
         raise CheckpointError(f"{path}: no such run directory, checkpoint or file")
     if path.is_file():
+        from simdiff.quant.io import is_quantized_file, load_quantized
+
+        if is_quantized_file(path):  # a post-training quantised export (reads the safetensors header only)
+            return load_quantized(path, device=device)
         state, meta = load_inference(path)
         source = path
     else:

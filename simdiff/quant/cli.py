@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from simdiff.configuration import apply_overrides, from_dict, load_yaml
+from simdiff.configuration import ConfigError, apply_overrides, from_dict, load_yaml
 
 from .model import PRESETS, QuantConfig, layer_table
 
@@ -41,7 +41,7 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
                    help="one quantiser for concatenated skip inputs (no shortcut splitting)")
     p.add_argument("--eval", dest="eval_num", type=int, default=0,
                    help="also sample N images from the quantised model and score them (0: skip)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.set_defaults(func=cmd_quantize)
     return p
 
@@ -62,6 +62,8 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Load SOURCE, calibrate and quantise, save OUT, print a JSON summary (and scores with ``--eval``)."""
     from simdiff.cli import PRETRAINED
+    from simdiff.devices import resolve_device
+    from simdiff.images import check_output
     from simdiff.runs import evaluate_model, load_model
 
     from .io import quantize_loaded, save_quantized
@@ -69,8 +71,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     cfg = quant_config_from_args(args)
     if not str(args.out).endswith(".safetensors"):
         raise ValueError(f"quantize: the output must be a .safetensors file, got {args.out}")
+    check_output(args.out, what="OUT")  # before any model is loaded or calibrated
+    if args.eval_num < 0:
+        raise ConfigError(f"--eval must be >= 0, got {args.eval_num}")
+    device = resolve_device(args.device, what="--device")
     source = PRETRAINED if args.source == "pretrained" else Path(args.source)
-    loaded = load_model(source, device=args.device)
+    loaded = load_model(source, device=device)
     qloaded = quantize_loaded(loaded, cfg)
     out = save_quantized(qloaded, args.out)
     rows = layer_table(qloaded.model)
@@ -81,6 +87,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                "activations": cfg.activations, "calibration": cfg.calibration, "num_calib": cfg.num_calib,
                "split_layers": sum(1 for r in rows if r.get("split") and len(r["split"]) > 1), "layers": kernels}
     if args.eval_num > 0:
-        summary["scores"] = evaluate_model(qloaded, loaded.config.sample, num=args.eval_num, device=args.device)
+        summary["scores"] = evaluate_model(qloaded, loaded.config.sample, num=args.eval_num, device=device)
     print(json.dumps(summary, indent=1))
     return 0
