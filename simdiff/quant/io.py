@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from simdiff.configuration import ConfigError, to_dict
-from simdiff.train.checkpoint import CheckpointError, library_version
+from simdiff.train.checkpoint import CheckpointError, library_version, read_safetensors
 
 from .calibrate import CalibrationSet, noised_data_set, record_trajectories, select_single_level, select_uniform_steps
 from .model import QuantConfig, apply_spec, quantize_model
@@ -109,20 +109,6 @@ def save_quantized(loaded, path: str | Path) -> Path:
     return out
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
-    return state, meta
-
-
 def is_quantized_file(path: str | Path) -> bool:
     """Whether ``path`` is a readable safetensors file written by :func:`save_quantized` (reads the header only)."""
     from safetensors import SafetensorError, safe_open
@@ -143,7 +129,7 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu"):
     from simdiff.schedules import schedule_from_dict
 
     path = Path(path)
-    state, meta = _read(path)
+    state, meta = read_safetensors(path)
     if meta.get("format") != QUANT_FORMAT:
         raise CheckpointError(f"{path}: not a {QUANT_FORMAT} file (metadata format={meta.get('format')!r})")
     try:

@@ -374,8 +374,9 @@ def export_inference(src: str | Path, out_path: str | Path, *, dtype: torch.dtyp
     return out
 
 
-def load_inference(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read an :func:`export_inference` file -> ``(state_dict, config_dict)``; damage -> CheckpointError."""
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file (never unpickled); missing or damaged -> one-line
+    CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: missing file")
@@ -387,6 +388,13 @@ def load_inference(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, ValueError, RuntimeError, OSError) as e:
         raise CheckpointError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
+    return state, meta
+
+
+def load_inference(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read an :func:`export_inference` file -> ``(state_dict, config_dict)``; damage -> CheckpointError."""
+    path = Path(path)
+    state, meta = read_safetensors(path)
     if meta.get("format") != INFERENCE_FORMAT:
         raise CheckpointError(f"{path}: not a {INFERENCE_FORMAT} file (metadata format={meta.get('format')!r})")
     try:
