@@ -51,4 +51,4 @@ def test_site_builds_strict(tmp_path: Path) -> None:
     assert (site / "index.html").is_file()
     assert "DiffusionModel" in (site / "api" / "nets" / "index.html").read_text(encoding="utf-8")
     benchmarks = (site / "benchmarks" / "index.html").read_text(encoding="utf-8")
-    assert "Samplers on the exact Gaussian-mixture denoiser" in benchmarks  # BENCHMARKS.md is the page's source
+    assert "Samplers on exact Gaussian-mixture denoisers" in benchmarks  # BENCHMARKS.md is the page's source
