@@ -1,7 +1,8 @@
 """Every YAML config shipped in ``simdiff/configs`` is parsed by its loader and runs for one trainer step.
 
 Training configs keep their model, diffusion and optimiser sections and train one step on a few 8x8 digits
-resized to 28x28 (sequence and text configs: on a tiny version of their own data); distillation configs (``distill_*.yaml``) distil a tiny teacher trained here on the 8x8 digits.
+resized to 28x28 (sequence and text configs: on a tiny version of their own data); distillation configs
+(``distill_*.yaml``) distil a tiny teacher trained here on the 8x8 digits.
 """
 
 from __future__ import annotations
