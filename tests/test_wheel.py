@@ -9,6 +9,7 @@ installed copy, not to the source tree.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -30,8 +31,17 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory) -> Path:
+    """Build from a private copy of the source tree (the files git tracks or would track): setuptools writes its
+    staging folders into the tree it builds, so parallel test workers must not share one."""
+    src = tmp_path_factory.mktemp("src")
+    listed = _run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT)
+    assert listed.returncode == 0, listed.stderr
+    for rel in filter(None, listed.stdout.split("\0")):
+        if (ROOT / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, src / rel)
     out = tmp_path_factory.mktemp("dist")
-    proc = _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)])
+    proc = _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(src)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
