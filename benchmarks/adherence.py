@@ -159,10 +159,11 @@ ROWS = {
     "no_jacobian": ["diffusion.jacobian=false"],
     "eps_weight": ["diffusion.weighting=eps"],
     "label_std1": [],  # the label embedding initialised N(0, 1) instead of N(0, 0.02): see LABEL_INIT_STD
+    "label_std1+ema_short": ["train.ema_half_life_images=4000"],  # two factors: the recommended combination
 }
 #: Rows that change the label-embedding initialisation (no config option exists for it; set after the network is
 #: built, before training).
-LABEL_INIT_STD = {"label_std1": 1.0}
+LABEL_INIT_STD = {"label_std1": 1.0, "label_std1+ema_short": 1.0}
 
 
 def _patched_network(std: float):
