@@ -323,3 +323,16 @@ def test_module_conversions_work(arch):
     m = build_model(arch, "v", {}, image_channels=1, image_size=8, num_classes=0).to(torch.float64)
     out = m(torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
     assert out.x.dtype == torch.float64 and next(m.parameters()).dtype == torch.float64
+
+
+def test_class_embedding_is_not_drowned_by_the_logsnr_embedding():
+    """Class rows start at a scale comparable to the log-SNR embedding they are added to (rows at std 0.02 were ~7x
+    smaller and a short run learned to ignore the label); an unconditional model's null row stays small."""
+    from simdiff.nets.conditioning import ConditionEmbedding
+
+    torch.manual_seed(0)
+    emb = ConditionEmbedding(128, 10)
+    logsnr_norm = emb.logsnr(torch.linspace(-15, 15, 64)).norm(dim=-1).mean()
+    class_norm = emb.label.weight[:10].norm(dim=-1).mean()
+    assert class_norm >= 0.3 * logsnr_norm, (float(class_norm), float(logsnr_norm))
+    assert ConditionEmbedding(128, 0).label.weight.norm() < 0.5
