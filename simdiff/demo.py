@@ -27,13 +27,13 @@ from simdiff.runs import evaluate_model, load_model
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 PRETRAINED = Path(__file__).parent / "pretrained" / "mnist_uvit.safetensors"
-#: share of the budget the trainer spends outside optimizer steps (checkpoints, logging, progress grids)
-_OVERHEAD = 1.25
+#: time per training step over the bare optimizer step (data, EMA, logging, checkpoints), measured ~1.1-1.2 on CPU
+_OVERHEAD = 1.15
 
 
-def _seconds_per_step(cfg) -> float:
-    """Time a few optimizer steps of ``cfg``'s network and loss on random data of the config's shape (no run is
-    written): the median of 4 steps after 2 warm-up steps."""
+def _timings(cfg) -> tuple[float, float]:
+    """``(seconds per optimizer step, seconds per sampling network call on sample.num images)`` of ``cfg``'s
+    network on random data of the config's shape (no run is written): medians of the last 5 of 10 steps."""
     from simdiff.experiment import _resolved_loss_config, build_network, build_objective
 
     loss_cfg = _resolved_loss_config(cfg, 10)
@@ -43,16 +43,22 @@ def _seconds_per_step(cfg) -> float:
     g = torch.Generator().manual_seed(0)
     batch = {"x": torch.randn(cfg.train.batch_size, 1, 28, 28, generator=g),
              "labels": torch.randint(0, 10, (cfg.train.batch_size,), generator=g)}
-    times = []
-    for i in range(6):
+    steps = []
+    for _ in range(10):
         t0 = time.perf_counter()
         loss = loss_fn(model, batch, g).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        steps.append(time.perf_counter() - t0)
+    z = torch.randn(cfg.sample.num, 1, 28, 28, generator=g)
+    calls = []
+    with torch.inference_mode():
+        for _ in range(3):
+            t0 = time.perf_counter()
+            model(z, torch.zeros(cfg.sample.num), labels=torch.arange(cfg.sample.num) % 10)
+            calls.append(time.perf_counter() - t0)
+    return sorted(steps[5:])[2], sorted(calls)[1]
 
 
 def _shipped_model(run_dir: Path, num: int) -> list[dict]:
@@ -97,13 +103,14 @@ def run_demo(
     shipped = _shipped_model(run_dir, num_shipped)
 
     cfg = load_config(DEMO_CONFIG)
-    per_step = _seconds_per_step(cfg)
-    steps = max(20, int(minutes * 60 / (per_step * _OVERHEAD)))
+    if num_grid is not None:
+        cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, num=num_grid))
+    per_step, per_call = _timings(cfg)
+    grids = 5 * cfg.sample.steps * per_call * 2  # four progress grids and the final one (guidance: two halves)
+    steps = max(20, int((minutes * 60 - grids) / (per_step * _OVERHEAD)))
     every = max(1, steps // 4)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, steps=steps, sample_every=every, checkpoint_every=every, log_every=max(1, min(20, steps // 20))))
-    if num_grid is not None:
-        cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, num=num_grid))
     print(f"[demo] 2/3 training {cfg.model.arch} on {cfg.data.name}: {per_step:.2f} s a step measured, so "
           f"{steps} steps for a {minutes:g}-minute budget, into {run_dir}")
     t0 = time.perf_counter()
