@@ -140,14 +140,14 @@ def diffusion_integrand(model, x: Tensor, lam: Tensor, *, cond: dict | None = No
     for i in range(0, b * n, max_batch):
         sl = slice(i, min(i + max_batch, b * n))
         xi = rows_x[sl].double()
-        eps = torch.randn(xi.shape, generator=generator, dtype=torch.float64)
-        li = rows_lam[sl]
+        eps = torch.randn(xi.shape, generator=generator, dtype=torch.float64).to(x.device)
+        li = rows_lam[sl].to(x.device)
         a, s = alpha_sigma(expand(li, xi))
         z = a * xi + s * eps
         ci = {k: v[sl] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in rows_cond.items()}
         with torch.no_grad():
             eps_hat = model(z.to(mdt), li.to(mdt), **ci).eps.double()
-        out[sl] = 0.5 * (eps - eps_hat).reshape(eps.shape[0], -1).pow(2).sum(1)
+        out[sl] = 0.5 * (eps - eps_hat).reshape(eps.shape[0], -1).pow(2).sum(1).cpu()
     return out.reshape(b, n)
 
 
@@ -208,8 +208,9 @@ def _reconstruction(x: Tensor, logsnr_max: float, decoder: str, bins: int,
         return torch.full((x.shape[0],), 0.5 * d * (math.log(2 * math.pi) - logsnr_max + 1), dtype=torch.float64)
     lam = torch.tensor(float(logsnr_max), dtype=torch.float64)
     a, s = alpha_sigma(lam)
-    z = a * x.double() + s * torch.randn(x.shape, generator=generator, dtype=torch.float64)
-    return discrete_decoder_nll(x, z, logsnr=logsnr_max, bins=bins)
+    xc = x.detach().cpu().double()
+    z = a * xc + s * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    return discrete_decoder_nll(xc, z, logsnr=logsnr_max, bins=bins)
 
 
 def elbo(model, x: Tensor, *, num_times: int = 32, sampling: str = "stratified",
@@ -267,7 +268,7 @@ def elbo(model, x: Tensor, *, num_times: int = 32, sampling: str = "stratified",
     lam, log_q = proposal.sample(u)
     f = diffusion_integrand(model, x, lam, cond=cond, generator=generator, max_batch=max_batch)
     diffusion, var = _mean_and_var(f * torch.exp(-log_q), sampling)
-    prior = prior_kl(x, lo)
+    prior = prior_kl(x.detach().cpu(), lo)
     recon = _reconstruction(x, hi, decoder, bins, generator)
     info = {"num_times": num_times, "sampling": sampling, "proposal": repr(proposal), "decoder": decoder,
             "logsnr_min": lo, "logsnr_max": hi, "network_calls": b * num_times}

@@ -73,16 +73,16 @@ def _field(model, cond: dict, probes: Tensor | None, dtype: torch.dtype, mdt: to
         a = torch.sigmoid(lam_t).sqrt()
         with torch.enable_grad():
             zi = z.detach().to(mdt).requires_grad_(True)
-            x_hat = model(zi, torch.full((b,), lam, dtype=mdt), **cond).x
+            x_hat = model(zi, torch.full((b,), lam, dtype=mdt, device=z.device), **cond).x
             if probes is None:
-                tr = torch.zeros(b, dtype=dtype)
+                tr = torch.zeros(b, dtype=dtype, device=z.device)
                 flat = x_hat.reshape(b, d)
                 for j in range(d):
                     (g,) = torch.autograd.grad(flat[:, j].sum(), zi, retain_graph=j < d - 1)
                     tr += g.reshape(b, d)[:, j].to(dtype)
                 tr = tr[:, None]
             else:
-                tr = torch.empty(b, probes.shape[0], dtype=dtype)
+                tr = torch.empty(b, probes.shape[0], dtype=dtype, device=z.device)
                 for p in range(probes.shape[0]):
                     (g,) = torch.autograd.grad(x_hat, zi, probes[p].to(mdt), retain_graph=p < probes.shape[0] - 1)
                     tr[:, p] = (g.to(dtype) * probes[p]).reshape(b, d).sum(1)
@@ -117,17 +117,18 @@ def _adaptive(field, z: Tensor, lo: float, hi: float, rtol: float, atol: float, 
     calls = [0]
 
     def rhs(lam: float, y: np.ndarray) -> np.ndarray:
-        zt = torch.from_numpy(y[:n].copy()).view(shape).to(z.dtype)
+        zt = torch.from_numpy(y[:n].copy()).view(shape).to(device=z.device, dtype=z.dtype)
         f, div = field(zt, float(lam))
         calls[0] += 1
-        return np.concatenate([f.double().reshape(-1).numpy(), div.double().reshape(-1).numpy()])
+        return np.concatenate([f.double().reshape(-1).cpu().numpy(), div.double().reshape(-1).cpu().numpy()])
 
-    y0 = np.concatenate([z.double().reshape(-1).numpy(), np.zeros(shape[0] * n_probe)])
+    y0 = np.concatenate([z.double().reshape(-1).cpu().numpy(), np.zeros(shape[0] * n_probe)])
     sol = solve_ivp(rhs, (hi, lo), y0, method="RK45", rtol=rtol, atol=atol)
     if not sol.success:
         raise RuntimeError(f"ode_likelihood: RK45 failed: {sol.message}")
     y = torch.from_numpy(sol.y[:, -1].copy())
-    return y[:n].view(shape).to(z.dtype), y[n:].view(shape[0], n_probe).to(z.dtype), calls[0]
+    return (y[:n].view(shape).to(device=z.device, dtype=z.dtype), y[n:].view(shape[0], n_probe).to(z.dtype),
+            calls[0])
 
 
 def ode_likelihood(model, x: Tensor, *, probes: int = 4, trace: str = "hutchinson", solver: str = "rk4",
@@ -173,20 +174,21 @@ def ode_likelihood(model, x: Tensor, *, probes: int = 4, trace: str = "hutchinso
     if dequantization == "uniform":
         data_bins(x, bins)
         width = bin_width(bins)
-        xd = xd + (torch.rand(x.shape, generator=generator, dtype=torch.float64) - 0.5).to(dtype) * width
+        u = torch.rand(x.shape, generator=generator, dtype=torch.float64) - 0.5
+        xd = xd + u.to(device=x.device, dtype=dtype) * width
         deq = torch.full((b,), -d * math.log(width), dtype=torch.float64)
     elif dequantization == "gaussian":
         data_bins(x, bins)
         lam = torch.tensor(hi, dtype=torch.float64)
         a, s = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
         eps = torch.randn(x.shape, generator=generator, dtype=torch.float64)
-        z = a * x.double() + s * eps
+        z = a * x.detach().cpu().double() + s * eps
         log_q = -0.5 * eps.reshape(b, -1).pow(2).sum(1) - 0.5 * d * (math.log(2 * math.pi) + 2 * math.log(float(s)))
-        deq = discrete_decoder_nll(x, z, logsnr=hi, bins=bins) + log_q
-        xd = z.to(dtype)
+        deq = discrete_decoder_nll(x.detach().cpu(), z, logsnr=hi, bins=bins) + log_q
+        xd = z.to(device=x.device, dtype=dtype)
     n_probe = probes if trace == "hutchinson" else 1
     all_probes = (torch.randint(0, 2, (n_probe, b) + tuple(x.shape[1:]), generator=generator, dtype=torch.float64)
-                  * 2 - 1).to(dtype)
+                  * 2 - 1).to(device=x.device, dtype=dtype)
     prior = torch.empty(b, dtype=torch.float64)
     div = torch.empty(b, n_probe, dtype=torch.float64)
     calls = 0
@@ -199,8 +201,8 @@ def ode_likelihood(model, x: Tensor, *, probes: int = 4, trace: str = "hutchinso
             z_end, delta, n = _adaptive(field, xd[sl], lo, hi, rtol, atol, n_probe)
         else:
             z_end, delta, n = _fixed_step(field, xd[sl], lams, solver)
-        prior[sl] = -standard_normal_log_prob(z_end)
-        div[sl] = -delta.double()
+        prior[sl] = -standard_normal_log_prob(z_end).cpu()
+        div[sl] = -delta.double().cpu()
         calls += n * (sl.stop - sl.start)
     divergence = div.mean(1)
     mc_se = div.std(1, unbiased=True) / math.sqrt(n_probe) if n_probe > 1 else torch.zeros(b, dtype=torch.float64)
