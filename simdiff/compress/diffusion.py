@@ -156,14 +156,15 @@ def decode(model: BaseConditionedDenoiser, base: Tensor, *, steps: int = 8, eta:
     return x.clamp(-1, 1)
 
 
-def save_decoder(model: BaseConditionedDenoiser, path) -> None:
-    """Write the decoder's weights and config to a ``.safetensors`` file."""
+def save_decoder(model: BaseConditionedDenoiser, path, *, half: bool = False) -> None:
+    """Write the decoder's weights and config to a ``.safetensors`` file (``half``: float16, loaded as float32)."""
     import json
 
     from safetensors.torch import save_file
 
     meta = {"kind": "diffusion_decoder", "config": json.dumps(model.config_dict())}
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    dtype = torch.float16 if half else torch.float32
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
 
 
 def load_decoder(path) -> BaseConditionedDenoiser:
@@ -177,7 +178,7 @@ def load_decoder(path) -> BaseConditionedDenoiser:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k).float() for k in f.keys()}
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise ConfigError(f"{path}: cannot read decoder ({str(e).splitlines()[0] if str(e) else e})") from None
     if meta.get("kind") != "diffusion_decoder":

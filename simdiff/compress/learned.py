@@ -122,12 +122,15 @@ class HyperpriorCodec(nn.Module):
             h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
         return h.digest()[:4]
 
-    def save(self, path) -> None:
-        """Write weights + config to a ``.safetensors`` file."""
+    def save(self, path, *, half: bool = False) -> None:
+        """Write weights + config to a ``.safetensors`` file (``half``: as float16, loaded back as float32; the
+        model hash is that of the loaded weights)."""
         from safetensors.torch import save_file
 
         meta = {"config": json.dumps(asdict(self.cfg)), "model_id": self.model_id, "kind": "hyperprior"}
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
+        dtype = torch.float16 if half else torch.float32
+        save_file({k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}, str(path),
+                  metadata=meta)
 
     @classmethod
     def load(cls, path) -> HyperpriorCodec:
@@ -137,7 +140,7 @@ class HyperpriorCodec(nn.Module):
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k).float() for k in f.keys()}
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             raise ConfigError(f"{path}: cannot read model ({str(e).splitlines()[0] if str(e) else e})") from None
         if meta.get("kind") != "hyperprior":

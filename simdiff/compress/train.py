@@ -14,7 +14,7 @@ import torch
 
 from .learned import HyperpriorCodec, HyperpriorConfig, rd_loss
 
-__all__ = ["train_codec", "evaluate_codec"]
+__all__ = ["train_codec", "evaluate_codec", "codec_bases", "jpeg_bases", "train_decoder"]
 
 
 def _batches(patches: np.ndarray, batch: int, crop: int, generator: torch.Generator):
@@ -41,13 +41,13 @@ def train_codec(
     model_id: str = "hp",
     log: Callable[[str], None] | None = None,
     log_every: int = 200,
+    device: str = "cpu",
 ) -> HyperpriorCodec:
-    """Train a :class:`HyperpriorCodec` for ``cfg.lmbda`` on uint8 patches ``[N, H, W, C]``; returns it in eval mode.
-
-    The learning rate drops to a tenth for the last 10% of the steps.
+    """Train a :class:`HyperpriorCodec` for ``cfg.lmbda`` on uint8 patches ``[N, H, W, C]``; returns it on the CPU in
+    eval mode. The learning rate drops to a tenth for the last 10% of the steps.
     """
     torch.manual_seed(seed)
-    model = HyperpriorCodec(cfg, model_id=model_id)
+    model = HyperpriorCodec(cfg, model_id=model_id).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(0.9 * steps)], 0.1)
     gen = torch.Generator().manual_seed(seed)
@@ -55,7 +55,7 @@ def train_codec(
     start = time.time()
     model.train()
     for step in range(1, steps + 1):
-        x = next(batches)
+        x = next(batches).to(device)
         loss, bpp, mse = rd_loss(model(x, generator=gen), x, cfg.lmbda)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -66,7 +66,7 @@ def train_codec(
             psnr = 10 * np.log10(1.0 / max(mse.item(), 1e-12))
             log(f"step {step}/{steps} loss {loss.item():.4f} bpp {bpp.item():.4f} psnr {psnr:.2f} dB "
                 f"({time.time() - start:.0f} s)")
-    return model.eval()
+    return model.cpu().eval()
 
 
 def evaluate_codec(model: HyperpriorCodec, images: list[np.ndarray]) -> dict:
@@ -82,3 +82,90 @@ def evaluate_codec(model: HyperpriorCodec, images: list[np.ndarray]) -> dict:
         err = np.mean((out.astype(np.float64) - im.astype(np.float64)) ** 2)
         psnr.append(10 * np.log10(255.0**2 / max(err, 1e-12)))
     return {"bpp": float(np.mean(bpp)), "file_bits_over_estimate": float(np.mean(ratio)), "psnr": float(np.mean(psnr))}
+
+
+@torch.no_grad()
+def codec_bases(model: HyperpriorCodec, patches: np.ndarray, *, device: str = "cpu", chunk: int = 64) -> np.ndarray:
+    """The learned codec's reconstructions (rounded latents, as decoding gives) of uint8 patches ``[N, H, W, C]``
+    with sides multiple of 16, as uint8 like the patches."""
+    model = model.to(device).eval()
+    out = []
+    for i in range(0, len(patches), chunk):
+        x = torch.from_numpy(patches[i : i + chunk]).permute(0, 3, 1, 2).float().to(device) / 255.0
+        x_hat = model.g_s(torch.round(model.g_a(x))).clamp(0, 1)
+        out.append((x_hat * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    model.cpu()
+    return np.concatenate(out)
+
+
+def jpeg_bases(patches: np.ndarray, qualities: tuple[int, ...]) -> np.ndarray:
+    """JPEG reconstructions ``[len(qualities), N, H, W, C]`` uint8 of each patch at each quality (Pillow)."""
+    from .standard import decode_native, encode_native
+
+    return np.stack([np.stack([decode_native(encode_native(p, "jpeg", q)) for p in patches]) for q in qualities])
+
+
+def train_decoder(
+    patches: np.ndarray,
+    bases: np.ndarray,
+    cfg,
+    *,
+    max_seconds: float = 60.0,
+    max_steps: int | None = None,
+    batch: int = 32,
+    lr: float = 5e-4,
+    seed: int = 0,
+    device: str = "cpu",
+    log: Callable[[str], None] | None = None,
+    log_every: int = 200,
+):
+    """Train a :class:`~simdiff.compress.diffusion.BaseConditionedDenoiser` on ``(patch, base)`` pairs.
+
+    Args:
+        patches: uint8 ``[N, H, W, C]`` originals.
+        bases: uint8 ``[K, N, H, W, C]`` base-layer reconstructions of them at ``K`` rates; the rate index is the
+            label when ``cfg.num_rates > 0``.
+        cfg: :class:`~simdiff.compress.diffusion.DecoderConfig` (``cfg.patch`` is the crop side).
+        max_seconds / max_steps: stop at whichever comes first; the learning rate drops to a tenth for the last 10%.
+
+    Returns ``(model on the CPU in eval mode, steps run)``.
+    """
+    from .diffusion import BaseConditionedDenoiser, decoder_loss
+
+    torch.manual_seed(seed)
+    model = BaseConditionedDenoiser(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    x_all = torch.from_numpy(patches).permute(0, 3, 1, 2)
+    b_all = torch.from_numpy(bases).permute(0, 1, 4, 2, 3)
+    k_n, n, _, h, w = b_all.shape
+    crop = cfg.patch
+    start, step = time.time(), 0
+    model.train()
+    while True:
+        elapsed = time.time() - start
+        if elapsed > max_seconds or (max_steps is not None and step >= max_steps):
+            break
+        late = elapsed > 0.9 * max_seconds or (max_steps is not None and step >= 0.9 * max_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr * (0.1 if late else 1.0)
+        idx = torch.randint(n, (batch,), generator=gen)
+        k = torch.randint(k_n, (batch,), generator=gen)
+        r = int(torch.randint(h - crop + 1, (1,), generator=gen))
+        c = int(torch.randint(w - crop + 1, (1,), generator=gen))
+        x = x_all[idx, :, r : r + crop, c : c + crop]
+        base = b_all[k, idx, :, r : r + crop, c : c + crop]
+        flip = (torch.rand(batch, generator=gen) < 0.5).view(-1, 1, 1, 1)
+        x, base = torch.where(flip, x.flip(-1), x), torch.where(flip, base.flip(-1), base)
+        x = x.to(device).float() / 127.5 - 1
+        base = base.to(device).float() / 127.5 - 1
+        labels = k.to(device) if cfg.num_rates else None
+        loss = decoder_loss(model, x, base, labels=labels, generator=gen).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if log is not None and step % log_every == 0:
+            log(f"decoder step {step} loss {loss.item():.4f} ({time.time() - start:.0f} s)")
+    return model.cpu().eval(), step
