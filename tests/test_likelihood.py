@@ -163,6 +163,7 @@ def test_proposals_are_densities() -> None:
         lam, log_q = prop.sample(u)
         assert float(lam.min()) >= -5 - 1e-9 and float(lam.max()) <= 7 + 1e-9
         assert bool((torch.diff(lam) >= 0).all())
+        assert torch.allclose(prop.log_density(lam[5:-5]), log_q[5:-5], atol=1e-6)
         # midpoint rule in u: E_q[1 / q] = length of the range; E_q[lam / q] = int lam dlam
         assert float(torch.exp(-log_q).mean()) == pytest.approx(12.0, rel=1e-3)
         assert float((lam * torch.exp(-log_q)).mean()) == pytest.approx((49 - 25) / 2, rel=1e-2)

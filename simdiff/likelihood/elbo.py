@@ -114,6 +114,18 @@ class LogSNRProposal:
         frac = ((u - cdf[k]) / self.probs[k]).clamp(0, 1)
         return self.edges[k] + frac * width, torch.log(self.probs[k] / width)
 
+    def log_density(self, lam: Tensor) -> Tensor:
+        """``log q(lam)`` for levels inside the range (float64, shaped like ``lam``)."""
+        lam = lam.double()
+        if self.schedule is not None:
+            lo, hi = torch.tensor([self.logsnr_min, self.logsnr_max], dtype=torch.float64)
+            width = self.schedule.t_from_logsnr(lo) - self.schedule.t_from_logsnr(hi)
+            t = self.schedule.t_from_logsnr(lam)
+            return -torch.log(width * self.schedule.dlogsnr_dt(t).abs())
+        k = (torch.searchsorted(self.edges, lam.reshape(-1).contiguous(), right=True) - 1)
+        k = k.clamp(0, self.probs.numel() - 1).reshape(lam.shape)
+        return torch.log(self.probs[k] / (self.edges[k + 1] - self.edges[k]))
+
     def __repr__(self) -> str:
         return f"LogSNRProposal({self.name}, [{self.logsnr_min:g}, {self.logsnr_max:g}], {self.probs.numel()} bins)"
 
