@@ -53,3 +53,22 @@ def test_cli_bad_flags_are_one_line(argv: list[str], match: str) -> None:
     args = _parse(["likelihood", "pretrained", *argv])
     with pytest.raises(ConfigError, match=match):
         args.func(args)
+
+
+def test_conditional_and_fitted_proposal_paths() -> None:
+    import torch
+
+    from simdiff.cli import PRETRAINED
+    from simdiff.eval.likelihood import heldout_images, likelihood_of_loaded
+    from simdiff.runs import load_model
+
+    loaded = load_model(PRETRAINED)
+    x, labels = heldout_images(loaded.config, 2)
+    assert x.shape == (2, 1, 28, 28) and labels.shape == (2,)
+    kw = dict(method="elbo", num_times=2, seed=3)
+    uncond = likelihood_of_loaded(loaded, x, labels, **kw)  # the fitted proposal (default) on 2 pilot images
+    cond = likelihood_of_loaded(loaded, x, labels, conditional=True, **kw)
+    assert "fitted" in uncond.info["proposal"]
+    assert bool(torch.isfinite(uncond.nll).all()) and not torch.equal(uncond.nll, cond.nll)
+    with pytest.raises(ConfigError, match="method"):
+        likelihood_of_loaded(loaded, x, labels, method="vlb")
