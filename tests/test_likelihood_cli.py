@@ -68,7 +68,7 @@ def test_conditional_and_fitted_proposal_paths() -> None:
     kw = dict(method="elbo", num_times=2, seed=3)
     uncond = likelihood_of_loaded(loaded, x, labels, **kw)  # the fitted proposal (default) on 2 pilot images
     cond = likelihood_of_loaded(loaded, x, labels, conditional=True, **kw)
-    assert "fitted" in uncond.info["proposal"]
+    assert "fitted" in uncond.info["proposal"] and uncond.info["pilot_network_calls"] == 2 * 48
     assert bool(torch.isfinite(uncond.nll).all()) and not torch.equal(uncond.nll, cond.nll)
     with pytest.raises(ConfigError, match="method"):
         likelihood_of_loaded(loaded, x, labels, method="vlb")

@@ -69,11 +69,16 @@ def likelihood_of_loaded(loaded: Any, x: torch.Tensor, labels: torch.Tensor | No
         return ode_likelihood(loaded.model, x, schedule=sched, cond=cond, generator=g, **options)
     options = dict(options)
     proposal = options.pop("proposal", "fitted")
+    pilot_calls = 0
     if proposal == "fitted":
         pilot = slice(0, min(16, x.shape[0]))
+        bins, points = 24, 2
         proposal = fit_proposal(loaded.model, x[pilot], logsnr_min=sched.logsnr_min, logsnr_max=sched.logsnr_max,
-                                cond={k: v[pilot] for k, v in cond.items()}, generator=g)
-    return elbo(loaded.model, x, schedule=sched, proposal=proposal, cond=cond, generator=g, **options)
+                                bins=bins, points=points, cond={k: v[pilot] for k, v in cond.items()}, generator=g)
+        pilot_calls = (pilot.stop - pilot.start) * bins * points
+    result = elbo(loaded.model, x, schedule=sched, proposal=proposal, cond=cond, generator=g, **options)
+    result.info["pilot_network_calls"] = pilot_calls
+    return result
 
 
 def bpd_metric(loaded: Any, *, num: int = 256, method: str = "elbo", conditional: bool = False, seed: int = 0,
