@@ -2,7 +2,7 @@
 
     simdiff edit IMAGE [IMAGE ...] --source-label 3 --target-label 8[,5,...] [--model SOURCE]
         [--method ddim|edict|nulltext|negprompt|ddpm|ode] [--steps N] [--strength S | --skip K] [--guidance W]
-        [--order 1|2|3] [--mixing P] [--seed N] [--device D] --out grid.png
+        [--order 1|2|3] [--lookahead] [--mixing P] [--seed N] [--device D] --out grid.png
 
 SOURCE is what ``simdiff sample`` takes (a run, checkpoint, export or ``pretrained``, the shipped class-conditional
 MNIST model, the default). The grid has one column per image: the inputs in the first row, then one row per target
@@ -41,6 +41,8 @@ def add_edit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--skip", type=int, help="noisiest steps skipped (overrides --strength)")
     p.add_argument("--guidance", type=float, default=2.0, help="guidance weight w of the re-generation (default 2)")
     p.add_argument("--order", type=int, choices=(1, 2, 3), default=1, help="ddim: inversion order")
+    p.add_argument("--lookahead", action="store_true",
+                   help="ddim, negprompt: network at the level stepped to (better at few steps)")
     p.add_argument("--mixing", type=float, default=DEFAULT_MIXING, help="edict: mixing p in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="ddpm: seed of the noise draws")
     p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N")
@@ -112,7 +114,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     x = torch.stack([load_image(p, size=h, channels=c) for p in args.images]).to(device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     inv = invert(loaded, x, cond=args.source_label, method=args.method, steps=args.steps, strength=args.strength,
-                 skip=args.skip, guidance=args.guidance, order=args.order, mixing=args.mixing, generator=gen)
+                 skip=args.skip, guidance=args.guidance, order=args.order, mixing=args.mixing, generator=gen,
+                 lookahead=args.lookahead)
     rows, nfe = [x], 0.0
     for t in targets:
         out, nfe = regenerate(loaded, inv, cond=t)

@@ -16,6 +16,11 @@ the x-prediction at ``lam_M``. Inversion undoes both parts:
   starts from (the explicit method in the inverse direction), so inversion followed by sampling reconstructs the
   input up to the discretisation error of both runs: ``O(h^order)`` on a smooth denoiser.
 
+``lookahead=True`` (first order) evaluates the network for the step ``s -> t`` at the state ``z_s`` but at the target
+level ``t`` and steps in eps form, ``z_t = (alpha_t / alpha_s) z_s + (sigma_t - alpha_t sigma_s / alpha_s)
+eps_hat(z_s, t)``: the sampler's step ``t -> s`` uses ``eps_hat(z_t, t)``, so only the state is approximated, not
+the level (the convention of diffusers' ``DDIMInverseScheduler``, which evaluates the model at the next timestep).
+
 Network calls: ``land_iters + M`` for inversion, ``M + 1`` for :func:`reconstruct`.
 A grid whose last level is finite starts from a latent ``x`` already at that level (no landing): a partial
 inversion, e.g. for editing at a given strength.
@@ -133,6 +138,7 @@ def invert_trajectory(
     guidance: float | None = None,
     null_cond: dict[str, Any] | None = None,
     land_iters: int = 1,
+    lookahead: bool = False,
 ) -> list[Tensor]:
     """DDIM inversion keeping every state: ``[z at grid[0], z at grid[1], ..., z at the last finite level]``.
 
@@ -142,14 +148,36 @@ def invert_trajectory(
     lam, final_inf = split_grid(grid)
     den = guided(denoise, guidance, null_cond=null_cond, process=process)
     sampler = _sampler(order)
+    if lookahead and order != 1:
+        raise ValueError(f"lookahead inversion is first order; got order={order}")
     z = land_invert(den, x, lam[-1], iters=land_iters, cond=cond, process=process) if final_inf else x
     states = [z]
-    if lam.shape[0] > 1:
+    if lookahead:
+        states += _lookahead_steps(den, z, lam, cond, process)
+    elif lam.shape[0] > 1:
         def keep(info: dict) -> None:
             states.append(info["z"])
 
         sampler(den, z, lam.flip(0), cond=cond, process=process, callback=keep)
     return states[::-1]
+
+
+def _lookahead_steps(denoise: Callable, z: Tensor, lam: Tensor, cond: dict | None, process) -> list[Tensor]:
+    """First-order inversion steps ``s -> t`` (``t`` noisier) in eps form with the network at the target level:
+    ``z_t = (alpha_t / alpha_s) z_s + (sigma_t - alpha_t sigma_s / alpha_s) eps_hat(z_s, t)``, the exact inverse
+    of the DDIM step ``t -> s`` with ``eps_hat(z_t, t)`` replaced by ``eps_hat(z_s, t)``. Returns the states from
+    ``lam[-2]`` down to ``lam[0]``."""
+    proc = resolve_process(process)
+    la, ls = proc.log_alpha_sigma(lam)
+    lam_dev = lam.to(device=z.device, dtype=torch.promote_types(z.dtype, torch.float32))
+    u, out = proc.encode(z), []
+    for i in range(lam.shape[0] - 2, -1, -1):  # from level i + 1 (less noisy) to level i
+        a = proc.fit(torch.exp(la[i] - la[i + 1]), lam=lam[0], like=z).to(z)
+        b = proc.fit(ls[i].exp() - torch.exp(la[i] - la[i + 1] + ls[i + 1]), lam=lam[0], like=z).to(z)
+        eps = denoise(proc.decode(u), lam_dev[i].expand(z.shape[0]), **dict(cond or {})).eps.to(z.dtype)
+        u = a * u + b * proc.encode(eps)
+        out.append(proc.decode(u))
+    return out
 
 
 def ddim_invert(
@@ -163,6 +191,7 @@ def ddim_invert(
     guidance: float | None = None,
     null_cond: dict[str, Any] | None = None,
     land_iters: int = 1,
+    lookahead: bool = False,
 ) -> Tensor:
     """Invert ``x`` (data at the grid's +inf end) to the latent at ``grid[0]`` by running the grid backwards.
 
@@ -178,12 +207,14 @@ def ddim_invert(
         null_cond: the unconditional conditioning for guidance (default: the null class row).
         land_iters: fixed-point iterations of the landing inversion (module docstring); 1 is standard DDIM
             inversion, more solve ``x_hat(z_M) = x`` more exactly at one network call each.
+        lookahead: first order only: evaluate the network at the level being stepped to (eps form), as diffusers'
+            ``DDIMInverseScheduler`` does, instead of at the state's own level (module docstring).
 
     Returns:
         ``[B, ...]`` latent at ``grid[0]``, dtype of ``x``. ``land_iters + M`` network calls (``M`` finite steps).
     """
     states = invert_trajectory(denoise, x, grid, cond=cond, process=process, order=order, guidance=guidance,
-                               null_cond=null_cond, land_iters=land_iters)
+                               null_cond=null_cond, land_iters=land_iters, lookahead=lookahead)
     return states[0]
 
 

@@ -13,7 +13,8 @@ nulltext   null-text inversion for ``guidance``                         guided D
 negprompt  DDIM inversion, source condition, unguided                   guided DDIM, null condition = source
 ddpm       edit-friendly DDPM noise maps, ``source_guidance``           DDPM with the maps, target, ``guidance``
            (default ``guidance``: reconstruction is then exact)
-ode        exact PF-ODE inversion (DOP853, float64), unguided           PF-ODE (DOP853), target, ``guidance``
+ode        exact PF-ODE inversion (DOP853, float64, ``ode_tol``),       PF-ODE (DOP853), target, ``guidance``
+           unguided; landing: up to ``max(land_iters, 20)`` iterations
 ========== ============================================================ ========================================
 
 Strength: ``strength`` in (0, 1] keeps the last ``round(strength * steps)`` steps of the grid, so inversion stops at
@@ -22,13 +23,13 @@ an intermediate level and re-generation starts there (less change, more faithful
 directly and overrides ``strength``. Guidance weights use simdiff's convention (``w = 0`` is the conditional
 model; diffusers' scale is ``1 + w``).
 
-Everything but null-text optimisation runs under ``torch.inference_mode``; null-text needs gradients with respect to
-the null values, so do not call it inside an inference-mode block.
+Everything but null-text optimisation and the PF-ODE solves runs under ``torch.inference_mode`` (those two run under
+``torch.no_grad`` and turn gradients on where they need them: null-text with respect to the null values), so do not
+call them inside an inference-mode block.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,6 +176,8 @@ def invert(
     inner_steps: int = 10,
     lr: float = 1e-2,
     land_iters: int = 1,
+    lookahead: bool = False,
+    ode_tol: float = 1e-6,
     schedule: Any = None,
     process: Any = None,
 ) -> Inversion:
@@ -187,8 +190,9 @@ def invert(
         guidance: the weight re-generation will use (EDICT inverts with it; null-text optimises for it).
         source_guidance: inversion guidance of "ddim" (default 0) and "ddpm" (default ``guidance``).
         order: 1-3, for "ddim". mixing: EDICT's p. null_cond: unconditional keywords (default: the null class).
-        generator: noise of "ddpm". inner_steps, lr: null-text optimiser. land_iters: see
-            :func:`simdiff.invert.ddim.ddim_invert`.
+        generator: noise of "ddpm". inner_steps, lr: null-text optimiser. land_iters, lookahead: see
+            :func:`simdiff.invert.ddim.ddim_invert` ("ddim" with ``order = 1`` and "negprompt").
+        ode_tol: "ode": DOP853's rtol and atol (inversion and re-generation).
     """
     if method not in METHODS:
         raise ValueError(f"unknown inversion method {method!r}; valid: {', '.join(METHODS)}")
@@ -201,13 +205,13 @@ def invert(
         source_guidance = guidance if method == "ddpm" else 0.0
     sg = float(source_guidance)
     common = dict(cond=src, process=process)
-    options: dict[str, Any] = {"null_cond": null, "order": order, "mixing": mixing}
-    ctx = contextlib.nullcontext() if method == "nulltext" else torch.inference_mode()
+    options: dict[str, Any] = {"null_cond": null, "order": order, "mixing": mixing, "ode_tol": ode_tol}
+    ctx = torch.no_grad() if method in ("nulltext", "ode") else torch.inference_mode()
     with ctx:
         if method in ("ddim", "negprompt"):
             g = sg if method == "ddim" else 0.0
             state = ddim_invert(counter, x, grid, order=order if method == "ddim" else 1, guidance=g,
-                                null_cond=null, land_iters=land_iters, **common)
+                                null_cond=null, land_iters=land_iters, lookahead=lookahead, **common)
         elif method == "edict":
             state = edict_invert(counter, x, grid, mixing=mixing, guidance=guidance, null_cond=null, **common)
         elif method == "nulltext":
@@ -217,7 +221,10 @@ def invert(
             state = ddpm_invert(counter, x, grid, guidance=sg, null_cond=null, generator=generator, **common)
             options["source_guidance"] = sg
         else:
-            state = ode_invert(Float64(counter), x.to(torch.float64), grid, **common).to(x.dtype)
+            net = Float64(counter)
+            tol = 1e-10 if net.dtype == torch.float64 else 1e-5
+            state = ode_invert(net, x.to(torch.float64), grid, rtol=ode_tol, atol=ode_tol, land_tol=tol,
+                               land_max_iters=max(land_iters, 20), land_strict=False, **common).to(x.dtype)
     return Inversion(method, grid, state, src, float(guidance), options, counter.nfe)
 
 
@@ -240,7 +247,7 @@ def regenerate(model: Any, inversion: Inversion, *, cond: Any = None, guidance: 
         raise ValueError(f"{inv.method}: inverted for guidance {inv.guidance}, cannot re-generate with {w}")
     null = inv.options.get("null_cond")
     counter = CountCalls(denoise, b)
-    with torch.inference_mode():
+    with torch.no_grad() if inv.method == "ode" else torch.inference_mode():
         if inv.method == "ddim":
             out = reconstruct(counter, latent, grid, cond=target, process=process, order=inv.options["order"],
                               guidance=w, null_cond=null)
@@ -258,7 +265,9 @@ def regenerate(model: Any, inversion: Inversion, *, cond: Any = None, guidance: 
         else:
             den = Float64(counter)
             den = den if w == 0.0 else _guided_ode(den, w, null, process)
-            out = ode_reconstruct(den, latent.to(torch.float64), grid, cond=target, process=process).to(latent.dtype)
+            tol = inv.options["ode_tol"]
+            out = ode_reconstruct(den, latent.to(torch.float64), grid, cond=target, process=process, rtol=tol,
+                                  atol=tol).to(latent.dtype)
     return out, counter.nfe
 
 
