@@ -1,18 +1,19 @@
 """Hallucination scores by trajectory variance (Aithal et al. 2024) on the mode-interpolation toys and on MNIST.
 
-Toys (``simdiff.detect.toys``): a 1-D mixture of three Gaussians at -1, 0, 1 (std 0.05) and a 2-D 5x5 grid of
-Gaussians on [-1, 1]^2 (std 0.03). A residual MLP (``MLPDenoiser``, v-output) is trained with the v-weighted
-denoising loss on fresh mixture samples, then ``--num`` samples are drawn with each sampler of ``--samplers``
-(``--steps`` steps, cosine schedule, "uniform_t" grid). A sample is out of support when it is more than 4 standard
-deviations (Mahalanobis) from every mode. The score of a sample is the variance of its x-prediction over the last K
-sampler steps (``simdiff.detect.TrajectoryVariance``); the tables give the out-of-support rate, the AUROC of the
-score for "out of support", and what dropping the samples above a score quantile removes and keeps. The exact
-mixture denoiser is the reference row (its out-of-support samples come from the sampler's discretisation only).
+Toys (``simdiff.detect.toys``): a 1-D mixture of three Gaussians at -1, 0, 1 (std 0.05) and 2-D 3x3 and 5x5 grids of
+Gaussians on [-1, 1]^2 (std 0.05; modes 20 and 10 standard deviations apart). A residual MLP (``MLPDenoiser``,
+v-output) is trained with the v-weighted denoising loss on fresh mixture samples, then ``--num`` samples are drawn
+with each sampler of ``--samplers`` (``--steps`` steps, cosine schedule, "uniform_t" grid). A sample is out of
+support when it is more than 4 standard deviations (Mahalanobis) from every mode. The score of a sample is the
+variance of its x-prediction over the last K sampler steps (``simdiff.detect.TrajectoryVariance``); the tables give
+the out-of-support rate, the AUROC of the score for "out of support", and what dropping the samples above a score
+quantile removes and keeps. The exact mixture denoiser is the reference row (its out-of-support samples come from
+the sampler's discretisation only).
 
 MNIST: ``--mnist-num`` samples of the shipped model (its own sampler and steps, classes cycling 0..9, seed 0) with
-scores; the grid PNG shows the most suspicious (top rows) and least suspicious (bottom rows). Without ground truth
-for "hallucinated digit", the MNIST classifier's confidence (max softmax) stands in: its mean over the most and
-least suspicious 10%, and the AUROC of the score for "confidence < 0.9".
+scores for each K of ``--mnist-lasts``; the grid PNG shows the most suspicious (top rows) and least suspicious
+(bottom rows). Without ground truth for "hallucinated digit", the MNIST classifier's confidence (max softmax) stands
+in: its mean over the most and least suspicious 10%, and the AUROC of the score for "confidence < 0.9".
 
 Run (one thread)::
 
@@ -34,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, command_line, machine_info, table_markdown, table_text, write_json, write_text  # noqa: E402
 
-from simdiff.detect import auroc, filter_table, generate_scored  # noqa: E402
+from simdiff.detect import auroc, filter_table  # noqa: E402
 from simdiff.detect.toys import grid_mixture, line_mixture, out_of_support, train_toy_denoiser  # noqa: E402
 from simdiff.samplers import get_sampler, make_grid  # noqa: E402
 from simdiff.schedules import get_schedule  # noqa: E402
@@ -43,10 +44,11 @@ GALLERY = Path(__file__).resolve().parent.parent / "docs" / "gallery"
 QUANTILES = (0.8, 0.9, 0.95)
 
 
-def run_sampler(name: str, denoise, z: torch.Tensor, grid: torch.Tensor, lasts: tuple[int, ...], seed: int):
+def run_sampler(name: str, denoise, z: torch.Tensor, grid: torch.Tensor, lasts: tuple[int, ...], seed: int, **opts):
     """Samples and, per K of ``lasts``, the trajectory variance (all x-predictions kept once, K sliced after)."""
     xs: list[torch.Tensor] = []
-    opts = {"generator": torch.Generator().manual_seed(seed)} if name in ("ddpm", "sde") else {}
+    if name in ("ddpm", "sde"):
+        opts["generator"] = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         x = get_sampler(name)(denoise, z, grid, callback=lambda d: xs.append(d["x"].double()), **opts)
     traj = torch.stack(xs)
@@ -112,23 +114,43 @@ def mnist_part(args) -> dict:
     from simdiff.cli import PRETRAINED
     from simdiff.eval.mnist import MNISTFeatures
     from simdiff.images import save_grid
-    from simdiff.runs import class_null_cond, load_model
+    from simdiff.runs import load_model
 
     loaded = load_model(PRETRAINED)
     cfg = loaded.config.sample
+    lasts = sorted(set(args.mnist_lasts) | {args.mnist_last})
     labels = torch.arange(args.mnist_num) % loaded.num_classes
+    grid = make_grid(loaded.schedule, cfg.steps, kind=cfg.grid)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    xs, scores = [], {k: [] for k in lasts}
     t0 = time.time()
-    x, s = generate_scored(loaded.model, loaded.schedule, loaded.image_shape, cfg, num=args.mnist_num, labels=labels,
-                           num_classes=loaded.num_classes, null_cond=class_null_cond(loaded.num_classes),
-                           process=loaded.process, last=args.mnist_last)
+    for start in range(0, args.mnist_num, 250):
+        n = min(250, args.mnist_num - start)
+        z = torch.randn((n, *loaded.image_shape), generator=gen)
+        with torch.inference_mode():
+            x, sc = run_sampler(cfg.sampler, loaded.model, z, grid, tuple(lasts), start,
+                                cond={"labels": labels[start: start + n]})
+        xs.append(x.clamp(-1, 1))
+        for k in lasts:
+            scores[k].append(sc[k])
     wall = time.time() - t0
+    x = torch.cat(xs)
+    scores = {k: torch.cat(v) for k, v in scores.items()}
+    s = scores[args.mnist_last]
     conf = torch.softmax(MNISTFeatures("cpu").logits(x), 1).max(1).values
     order = torch.argsort(s, descending=True)
     tenth = max(1, args.mnist_num // 10)
     low = conf < 0.9
     save_grid(torch.cat([x[order[:20]], x[order.flip(0)[:20]]]), GALLERY / "hallucination_mnist.png", nrow=10,
               scale=2)
-    return {"sampler": cfg.sampler, "steps": cfg.steps, "K": args.mnist_last, "num": args.mnist_num,
+    per_k = []
+    for k in lasts:
+        o = torch.argsort(scores[k], descending=True)
+        per_k.append({"K": k, "conf_most_suspicious_10pct": float(conf[o[:tenth]].mean()),
+                      "conf_least_suspicious_10pct": float(conf[o[-tenth:]].mean()),
+                      "auroc_conf_below_0.9": auroc(scores[k], low) if 0 < int(low.sum()) < low.numel()
+                      else float("nan")})
+    return {"sampler": cfg.sampler, "steps": cfg.steps, "K": args.mnist_last, "num": args.mnist_num, "per_K": per_k,
             "wall_s": wall, "conf_most_suspicious_10pct": float(conf[order[:tenth]].mean()),
             "conf_least_suspicious_10pct": float(conf[order[-tenth:]].mean()), "conf_all": float(conf.mean()),
             "frac_conf_below_0.9": float(low.double().mean()),
@@ -145,7 +167,8 @@ def main() -> None:
     p.add_argument("--lasts", type=int, nargs="+", default=[3, 10, 30])
     p.add_argument("--train-steps", type=int, default=3000)
     p.add_argument("--mnist-num", type=int, default=500)
-    p.add_argument("--mnist-last", type=int, default=5)
+    p.add_argument("--mnist-last", type=int, default=5, help="K of the MNIST picture")
+    p.add_argument("--mnist-lasts", type=int, nargs="+", default=[3, 5, 10])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="hallucination")
@@ -154,7 +177,8 @@ def main() -> None:
     lasts = tuple(sorted(set(args.lasts) | {args.last}))
     t_start = time.time()
     toys = [("1-D, 3 modes", line_mixture(3, std=0.05), {"hidden": 64, "depth": 2}),
-            ("2-D, 5x5 grid", grid_mixture(5, std=0.03), {"hidden": 128, "depth": 3})]
+            ("2-D, 3x3 grid", grid_mixture(3, std=0.05), {"hidden": 128, "depth": 3}),
+            ("2-D, 5x5 grid", grid_mixture(5, std=0.05), {"hidden": 128, "depth": 3})]
     rows, filt, panels, train_s = [], [], [], {}
     for name, gm, net_kw in toys:
         t0 = time.time()
@@ -175,8 +199,9 @@ def main() -> None:
            f["out_rate_after"]] for f in filt]
     h3 = ["samples", "sampler/steps", "K", "conf. most susp. 10%", "conf. least susp. 10%", "conf. all",
           "AUROC (score -> conf < 0.9)"]
-    r3 = [[mnist["num"], f"{mnist['sampler']}/{mnist['steps']}", mnist["K"], mnist["conf_most_suspicious_10pct"],
-           mnist["conf_least_suspicious_10pct"], mnist["conf_all"], mnist["auroc_conf_below_0.9"]]] if mnist else []
+    r3 = [[mnist["num"], f"{mnist['sampler']}/{mnist['steps']}", r["K"], r["conf_most_suspicious_10pct"],
+           r["conf_least_suspicious_10pct"], mnist["conf_all"], r["auroc_conf_below_0.9"]]
+          for r in mnist.get("per_K", [])]
     text = "\n\n".join([table_text(h1, rows), table_text(h2, r2)] + ([table_text(h3, r3)] if r3 else []))
     print(text)
     wall = time.time() - t_start
