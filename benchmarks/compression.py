@@ -31,9 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from simdiff.compress.learned import LAMBDAS, HyperpriorCodec, HyperpriorConfig  # noqa: E402
+from simdiff.compress.train import JPEG_QUALITIES  # noqa: E402
 from simdiff.data.photos import photo_patches  # noqa: E402
 
-JPEG_QUALITIES = (5, 10, 20, 35, 50, 75)
 CODEC_WIDTHS = {"N": 48, "M": 64}
 DECODER = {"channels": (32, 64, 128), "num_res_blocks": 2, "patch": 64}
 
@@ -60,23 +60,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     codecs = []
     probe_cfg = HyperpriorConfig(**CODEC_WIDTHS)
     steps = _steps_for(args.codec_seconds, args.device, lambda n: train_codec(
-        patches, probe_cfg, steps=n, batch=16, crop=128, device=args.device))
+        patches, probe_cfg, steps=n, batch=args.codec_batch, crop=128, device=args.device))
     for r in rates:
         cfg = HyperpriorConfig(**CODEC_WIDTHS, lmbda=LAMBDAS[r], rate=r)
         start = time.time()
-        model = train_codec(patches, cfg, steps=steps, batch=16, crop=128, lr=1e-3, seed=r, model_id=f"hp-q{r}",
-                            device=args.device, log=_log, log_every=max(1, steps // 4))
+        model = train_codec(patches, cfg, steps=steps, batch=args.codec_batch, crop=128, lr=1e-3, seed=r,
+                            model_id=f"hp-q{r}", device=args.device, log=_log, log_every=max(1, steps // 4))
         model.save(work / f"hp_q{r}.safetensors", half=True)
         codecs.append(HyperpriorCodec.load(work / f"hp_q{r}.safetensors"))
         _log(f"codec rate {r} lambda {LAMBDAS[r]}: {steps} steps in {time.time() - start:.0f} s")
     with tarfile.open(out / "hp_models.tar", "w") as tar:
         for r in rates:
             tar.add(work / f"hp_q{r}.safetensors", arcname=f"hp_q{r}.safetensors")
-    decoders = {
-        "learned": (np.stack([codec_bases(m, patches, device=args.device) for m in codecs]), len(rates)),
-        "jpeg": (jpeg_bases(patches, JPEG_QUALITIES), len(JPEG_QUALITIES)),
-    }
-    for name, (bases, k) in decoders.items():
+    decoders = {"learned": lambda: np.stack([codec_bases(m, patches, device=args.device) for m in codecs]),
+                "jpeg": lambda: jpeg_bases(patches, JPEG_QUALITIES)}
+    for name in args.decoders.split(","):
+        bases = decoders[name]()
+        k = bases.shape[0]
         _log(f"bases {name}: {bases.shape} ({time.time() - t0:.0f} s)")
         cfg = DecoderConfig(**DECODER, num_rates=k)
         model, steps = train_decoder(patches, bases, cfg, max_seconds=args.decoder_seconds, batch=args.batch,
@@ -118,14 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--rates", type=int, default=len(LAMBDAS))
     t.add_argument("--codec-seconds", type=float, default=30.0)
     t.add_argument("--decoder-seconds", type=float, default=90.0)
-    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--batch", type=int, default=32, help="decoder batch")
+    t.add_argument("--codec-batch", type=int, default=16)
+    t.add_argument("--decoders", default="learned,jpeg", help="which decoders to train (comma-separated)")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="rate-distortion-perception table and plots")
     e.add_argument("--models", required=True, help="folder with hp_q*.safetensors (or hp_models.tar)")
     e.add_argument("--decoder-learned")
     e.add_argument("--decoder-jpeg")
-    e.add_argument("--steps", type=int, default=8)
+    e.add_argument("--steps", type=int, default=8, help="diffusion decoder steps")
     e.add_argument("--quick", action="store_true", help="fewer points (a smoke run)")
+    e.add_argument("--no-features", action="store_true", help="skip KID/FID (Inception features)")
+    e.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
     e.set_defaults(func=lambda a: _eval(a))
     args = parser.parse_args(argv)
     return args.func(args)

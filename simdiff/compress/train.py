@@ -14,7 +14,10 @@ import torch
 
 from .learned import HyperpriorCodec, HyperpriorConfig, rd_loss
 
-__all__ = ["train_codec", "evaluate_codec", "codec_bases", "jpeg_bases", "train_decoder"]
+#: the JPEG qualities the JPEG diffusion decoder is trained on; its label is the index in this tuple
+JPEG_QUALITIES = (5, 10, 20, 35, 50, 75)
+
+__all__ = ["JPEG_QUALITIES", "train_codec", "evaluate_codec", "codec_bases", "jpeg_bases", "train_decoder"]
 
 
 def _batches(patches: np.ndarray, batch: int, crop: int, generator: torch.Generator):
