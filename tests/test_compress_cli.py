@@ -32,7 +32,7 @@ def _run(argv):
 @pytest.fixture()
 def photo(tmp_path):
     path = tmp_path / "in.png"
-    Image.fromarray(load_photo("chelsea")[:70, :90]).save(path)
+    Image.fromarray(load_photo("china")[:70, :90]).save(path)
     return path
 
 
@@ -111,7 +111,7 @@ def test_decoder_learns_to_use_the_base():
     """Sixty steps on 8x8 photo crops: the conditional loss drops below the null-base loss."""
     torch.manual_seed(0)
     model = BaseConditionedDenoiser(DecoderConfig(channels=(16, 32), patch=8, base_drop_prob=0.2))
-    img = torch.from_numpy(load_photo("astronaut")).permute(2, 0, 1).float() / 127.5 - 1
+    img = torch.from_numpy(load_photo("flower")).permute(2, 0, 1).float() / 127.5 - 1
     crops = img.unfold(1, 8, 8).unfold(2, 8, 8).permute(1, 2, 0, 3, 4).reshape(-1, 3, 8, 8)
     blur = torch.nn.functional.avg_pool2d(crops, 2).repeat_interleave(2, -1).repeat_interleave(2, -2)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -131,3 +131,20 @@ def test_decoder_learns_to_use_the_base():
         g = torch.Generator().manual_seed(7)
         null = decoder_loss(model, x, torch.zeros_like(x), generator=g).mean()
     assert cond < 0.9 * null  # seen: 0.294 vs 0.399
+
+
+def test_shipped_codec_round_trip(photo, tmp_path):
+    pytest.importorskip("constriction")
+    from simdiff.compress.cli import MODELS_DIR
+
+    if not (MODELS_DIR / "hp_q2.safetensors").is_file():
+        pytest.skip("no shipped codec models")
+    out, png = tmp_path / "s.sdc", tmp_path / "s.png"
+    assert _run(["compress", str(photo), "-o", str(out), "--rate", "2"]) == 0
+    assert _run(["decompress", str(out), "-o", str(png)]) == 0
+    decoded, original = read_image(png).astype(float), read_image(photo).astype(float)
+    assert decoded.shape == original.shape
+    assert 10 * np.log10(255**2 / np.mean((decoded - original) ** 2)) > 20  # seen: ~25 dB on the test photos
+    assert len(out.read_bytes()) * 8 / (70 * 90) < 2.0
+    with pytest.raises(ConfigError, match="no shipped codec model for rate 9"):
+        _run(["compress", str(photo), "-o", str(out), "--rate", "9"])

@@ -1,11 +1,16 @@
 """The .sdc container (round trip, refusals with one line, atomic writes) and the photo-patch data set."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 
 from simdiff.compress.format import FORMAT_VERSION, Header, pack, read_container, unpack, write_atomic
 from simdiff.configuration import ConfigError
 from simdiff.data.photos import PHOTO_SPLITS, load_photos, photo_patches
+
+needs_skimage = pytest.mark.skipif(importlib.util.find_spec("skimage") is None,
+                                   reason="scikit-image (most test photos) is not installed")
 
 
 def _file():
@@ -72,6 +77,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
         read_container(tmp_path / "missing.sdc")
 
 
+@needs_skimage
 def test_photo_split_is_by_photo_and_deterministic():
     assert not set(PHOTO_SPLITS["train"]) & set(PHOTO_SPLITS["test"])
     test, src = photo_patches("test")
@@ -85,6 +91,7 @@ def test_photo_split_is_by_photo_and_deterministic():
     assert np.array_equal(again, test)
 
 
+@needs_skimage
 def test_photos_loader_options():
     from types import SimpleNamespace
 

@@ -11,7 +11,7 @@ from simdiff.data.photos import load_photo
 
 
 def _photo_pair(seed: int = 0, noise: float = 20.0):
-    img = torch.from_numpy(load_photo("chelsea")).permute(2, 0, 1)[None].double()  # [1, 3, 300, 451]
+    img = torch.from_numpy(load_photo("china")).permute(2, 0, 1)[None].double()  # [1, 3, 427, 640]
     g = torch.Generator().manual_seed(seed)
     return img, (img + noise * torch.randn(img.shape, generator=g, dtype=torch.float64)).clamp(0, 255)
 
