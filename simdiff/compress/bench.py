@@ -99,14 +99,10 @@ def _refiner(decoder_path: str, steps: int) -> Callable[[np.ndarray, int], np.nd
 
 
 def _std_row(codec: str, target: float, images: list[np.ndarray]) -> Row:
-    chosen: dict[int, bytes] = {}
-
-    def enc(im: np.ndarray, i: int) -> bytes:
-        chosen[i] = search_quality(im, codec, target)[1]
-        return chosen[i]
-
-    row = measure(codec, f"<= {target} bpp", images, enc, lambda d, i: decode_native(d))
-    return row
+    """The highest quality within ``target`` bpp per image (searched untimed), then timed encode/decode at it."""
+    qualities = [search_quality(im, codec, target)[0] for im in images]
+    return measure(codec, f"<= {target} bpp", images, lambda im, i: encode_native(im, codec, qualities[i]),
+                   lambda d, i: decode_native(d))
 
 
 def run_eval(args) -> int:
