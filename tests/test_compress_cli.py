@@ -76,7 +76,7 @@ def test_standard_codec_and_plain_jpeg_through_cli(photo, tmp_path):
     dec = tmp_path / "dec.safetensors"
     save_decoder(_tiny_decoder(), dec)
     args = ["decompress", str(tmp_path / "plain.jpg"), "-o", str(tmp_path / "p.png"), "--diffusion", str(dec),
-            "--steps", "2"]
+            "--steps", "2", "--tile", "48"]
     assert _run(args) == 0
     first = read_image(tmp_path / "p.png")
     assert _run(args) == 0 and np.array_equal(first, read_image(tmp_path / "p.png"))  # fixed seed: same output
@@ -148,3 +148,33 @@ def test_shipped_codec_round_trip(photo, tmp_path):
     assert len(out.read_bytes()) * 8 / (70 * 90) < 2.0
     with pytest.raises(ConfigError, match="no shipped codec model for rate 9"):
         _run(["compress", str(photo), "-o", str(out), "--rate", "9"])
+
+
+class _Pointwise(torch.nn.Module):
+    """A backbone without spatial context: tiled and whole-image predictions must then agree exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(6, 3, 1)
+
+    def forward(self, zb, logsnr, labels=None):
+        return self.conv(zb) * torch.as_tensor(logsnr).view(-1, 1, 1, 1).sigmoid()
+
+
+def test_tiled_prediction_blends_to_the_whole_image():
+    model = _tiny_decoder()
+    model.backbone = _Pointwise()
+    z = torch.randn(1, 3, 50, 70, generator=torch.Generator().manual_seed(0))
+    base = torch.rand(1, 3, 50, 70, generator=torch.Generator().manual_seed(1))
+    lam = torch.tensor([0.3])
+    with torch.no_grad():
+        whole = model(z, lam, base=base).v
+        for tile, overlap in [(32, 8), (24, 0), (40, 16)]:
+            assert torch.allclose(model(z, lam, base=base, tile=tile, overlap=overlap).v, whole, atol=1e-6)
+    unet = _tiny_decoder()
+    with torch.no_grad():
+        a = decode(unet, base * 2 - 1, steps=2, tile=32, overlap=8)
+        assert a.shape == (1, 3, 50, 70) and torch.isfinite(a).all()
+        assert torch.equal(decode(unet, base * 2 - 1, steps=2, tile=80), decode(unet, base * 2 - 1, steps=2))
+    with pytest.raises(ValueError, match="overlap must be in"):
+        unet(z, lam, base=base, tile=16, overlap=16)

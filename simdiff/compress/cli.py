@@ -3,7 +3,7 @@
     simdiff compress IMAGE -o OUT.sdc [--rate N] [--codec learned|jpeg|webp|avif|jxl] [--quality Q | --bpp B]
         [--model CODEC.safetensors]
     simdiff decompress IN -o OUT.png [--model CODEC.safetensors] [--diffusion DECODER.safetensors
-        [--steps S] [--eta E] [--seed K] [--guidance W]]
+        [--steps S] [--eta E] [--seed K] [--guidance W] [--tile T]]
 
 IMAGE is any file Pillow reads (PNG, JPEG, ...). ``--codec learned`` (default) uses the shipped hyperprior model
 for ``--rate`` (0 = fewest bits, :func:`shipped_model_path`) or ``--model``; a standard codec takes ``--quality``
@@ -90,6 +90,8 @@ def add_compress_parsers(subparsers) -> tuple[argparse.ArgumentParser, argparse.
     d.add_argument("--eta", type=float, default=0.0, help="0 deterministic DDIM, 1 stochastic")
     d.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same output)")
     d.add_argument("--guidance", type=float, default=0.0, help="guidance weight on the base layer")
+    d.add_argument("--tile", type=int, help="diffusion decoder: predict on overlapping tiles of this side "
+                                            "(blended every step, no seams; bounds memory on large images)")
     d.set_defaults(func=cmd_decompress)
     return c, d
 
@@ -163,5 +165,6 @@ def _refine(image: np.ndarray, args: argparse.Namespace, rate: int | None) -> np
     labels = None
     if model.cfg.num_rates and rate is not None:
         labels = torch.tensor([min(rate, model.cfg.num_rates - 1)])
-    x = decode(model, base, steps=args.steps, eta=args.eta, seed=args.seed, guidance=args.guidance, labels=labels)
+    x = decode(model, base, steps=args.steps, eta=args.eta, seed=args.seed, guidance=args.guidance, labels=labels,
+               tile=args.tile)
     return ((x[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy().copy()

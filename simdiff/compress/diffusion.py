@@ -14,7 +14,8 @@ decoding can use guidance on the base layer: ``v = v_cond + w (v_cond - v_null)`
 
 The backbone is a :class:`~simdiff.nets.UNet` built for ``2C`` input channels whose output convolution is
 replaced by a zero-initialised ``C``-channel one; it is fully convolutional, so without attention levels it
-decodes an image of any size in one pass, seamlessly.
+decodes an image of any size in one pass, seamlessly; for large images ``tile`` predicts on overlapping windows
+blended at every step (no seams, bounded memory).
 """
 
 from __future__ import annotations
@@ -102,11 +103,54 @@ class BaseConditionedDenoiser(nn.Module):
         return self.backbone(torch.cat([z, base.to(z.dtype)], 1), logsnr, labels=labels).to(z.dtype)
 
     def forward(self, z: Tensor, logsnr: Tensor, base: Tensor | None = None, labels: Tensor | None = None,
-                guidance: float = 0.0) -> DenoiserOutput:
-        v = self._v(z, logsnr, base, labels)
+                guidance: float = 0.0, tile: int | None = None, overlap: int = 32) -> DenoiserOutput:
+        """``tile``: predict on overlapping ``tile x tile`` windows (stride ``tile - overlap``) and blend them with
+        weights that ramp linearly to ~0 over the overlap, every call, so a sampler sees one seamless prediction
+        (the per-step averaging of MultiDiffusion, Bar-Tal et al. 2023); None: the whole image at once."""
+        v = self._tiled(z, logsnr, base, labels, tile, overlap)
         if guidance and base is not None:
-            v = v + guidance * (v - self._v(z, logsnr, None, labels))
+            v = v + guidance * (v - self._tiled(z, logsnr, None, labels, tile, overlap))
         return to_output("v", v, z=z, logsnr=torch.as_tensor(logsnr, device=z.device))
+
+    def _tiled(self, z: Tensor, logsnr: Tensor, base: Tensor | None, labels: Tensor | None, tile: int | None,
+               overlap: int) -> Tensor:
+        h, w = z.shape[-2:]
+        if tile is None or (h <= tile and w <= tile):
+            return self._v(z, logsnr, base, labels)
+        if not 0 <= overlap < tile:
+            raise ValueError(f"overlap must be in [0, tile), got overlap={overlap} tile={tile}")
+        base = torch.zeros_like(z) if base is None else base
+        out = torch.zeros_like(z)
+        total = torch.zeros((1, 1, h, w), dtype=z.dtype, device=z.device)
+        for r in _starts(h, tile, overlap):
+            for c in _starts(w, tile, overlap):
+                th, tw = min(tile, h), min(tile, w)
+                sl = (..., slice(r, r + th), slice(c, c + tw))
+                weight = _ramp(th, overlap, r > 0, r + th < h, z)[:, None] * _ramp(tw, overlap, c > 0, c + tw < w, z)
+                out[sl] += weight * self._v(z[sl], logsnr, base[sl], labels)
+                total[sl] += weight
+        return out / total
+
+
+def _starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Window starts covering ``0..n`` with windows of ``tile`` overlapping by at least ``overlap``."""
+    if n <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, n - tile, stride))
+    return starts + [n - tile]
+
+
+def _ramp(n: int, overlap: int, fade_in: bool, fade_out: bool, like: Tensor) -> Tensor:
+    """Blending weights ``[n]``: 1 inside, rising linearly over ``overlap`` where a neighbour overlaps."""
+    w = torch.ones(n, dtype=like.dtype, device=like.device)
+    if overlap:
+        ramp = torch.arange(1, overlap + 1, dtype=like.dtype, device=like.device) / (overlap + 1)
+        if fade_in:
+            w[:overlap] = torch.minimum(w[:overlap], ramp)
+        if fade_out:
+            w[-overlap:] = torch.minimum(w[-overlap:], ramp.flip(0))
+    return w
 
 
 def match_base(base: Tensor, size: tuple[int, int]) -> Tensor:
@@ -133,7 +177,8 @@ def decoder_loss(model: BaseConditionedDenoiser, x: Tensor, base: Tensor, *, lab
 
 
 def decode(model: BaseConditionedDenoiser, base: Tensor, *, steps: int = 8, eta: float = 0.0, seed: int = 0,
-           guidance: float = 0.0, labels: Tensor | None = None, size: tuple[int, int] | None = None) -> Tensor:
+           guidance: float = 0.0, labels: Tensor | None = None, size: tuple[int, int] | None = None,
+           tile: int | None = None, overlap: int = 32) -> Tensor:
     """Sample the refined image ``[B, C, H, W]`` in [-1, 1] given the base reconstruction ``[B, C, h, w]``.
 
     Args:
@@ -142,13 +187,14 @@ def decode(model: BaseConditionedDenoiser, base: Tensor, *, steps: int = 8, eta:
         seed: the starting noise (and step noise) seed; the same seed gives the same image.
         guidance: weight ``w`` of guidance on the base layer (0: none).
         size: output size (default the base's size).
+        tile, overlap: patch-wise prediction for large images (see :meth:`BaseConditionedDenoiser.forward`).
     """
     size = tuple(size or base.shape[-2:])
     base = match_base(base, size)
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(base.shape, generator=gen).to(base)
     grid = make_grid(model.cfg.build_schedule(), steps)
-    cond: dict[str, Any] = {"base": base, "guidance": guidance}
+    cond: dict[str, Any] = {"base": base, "guidance": guidance, "tile": tile, "overlap": overlap}
     if labels is not None:
         cond["labels"] = labels
     with torch.no_grad():
