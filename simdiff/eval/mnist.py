@@ -19,10 +19,9 @@ Speed: thousands of images/s on CPU.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
-from simdiff.eval.features import batched_apply, check_images, package_file, resolve_device
+from simdiff.eval.classifier import ClassifierFeatures
+from simdiff.eval.features import package_file
 
 __all__ = ["MNISTFeatures"]
 
@@ -48,66 +47,11 @@ def _load_mnist_net(device: torch.device) -> torch.nn.Module:
     return _MNIST_CACHE[key]
 
 
-class MNISTFeatures:
-    """128-d penultimate features, logits and predicted labels of the ccexam MNIST CNN.
-
-    The network is loaded lazily on first use and shared by all instances on the same device.
-
-    Args:
-        device: where to run the network (default: cuda if available, else cpu).
-        batch_size: images per forward pass.
-        progress: show a tqdm bar when more than one batch is processed.
-    """
+class MNISTFeatures(ClassifierFeatures):
+    """128-d penultimate features, logits and predicted labels of the ccexam MNIST CNN (shared per device)."""
 
     name = "ccexam_mnistnet_fc128"
-    dim = 128
+    mean, std = MNIST_MEAN, MNIST_STD
 
-    def __init__(self, device: str | torch.device | None = None, *, batch_size: int = 1000,
-                 progress: bool = False) -> None:
-        self.device = resolve_device(device)
-        self.batch_size = batch_size
-        self.progress = progress
-
-    @property
-    def network(self) -> torch.nn.Module:
-        """The shared ``MNISTNet`` on ``self.device`` (loaded on first access)."""
+    def _network(self) -> torch.nn.Module:
         return _load_mnist_net(self.device)
-
-    def preprocess(self, images: Tensor) -> Tensor:
-        """``[B, C, H, W]`` in ``[-1, 1]`` -> ``[B, 1, 28, 28]`` normalised with the MNIST mean/std."""
-        x = images.float().clamp(-1.0, 1.0)
-        if x.shape[1] == 3:
-            x = x.mean(dim=1, keepdim=True)
-        if x.shape[-2:] != (28, 28):
-            x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False, antialias=True)
-        return ((x + 1.0) * 0.5 - MNIST_MEAN) / MNIST_STD
-
-    def _features(self, x: Tensor) -> Tensor:
-        net = self.network
-        h = net.features(self.preprocess(x)).flatten(start_dim=1)
-        return net.classifier[1](net.classifier[0](h))
-
-    def _run(self, fn, images: Tensor, progress: bool | None, desc: str) -> Tensor:
-        check_images(images)
-        show = self.progress if progress is None else progress
-        return batched_apply(fn, images, batch_size=self.batch_size, device=self.device, progress=show, desc=desc)
-
-    def __call__(self, images: Tensor, *, progress: bool | None = None) -> Tensor:
-        """Features ``[B, 128]`` float64 (CPU) of ``images`` ``[B, C, H, W]`` in ``[-1, 1]``."""
-        return self._run(self._features, images, progress, "mnist features")
-
-    def logits(self, images: Tensor, *, progress: bool | None = None) -> Tensor:
-        """Class logits ``[B, 10]`` float64 (CPU)."""
-        head = self.network.classifier[2]
-        return self._run(lambda x: head(self._features(x)), images, progress, "mnist logits")
-
-    def predict(self, images: Tensor, *, progress: bool | None = None) -> Tensor:
-        """Predicted digit labels ``[B]`` (int64, CPU)."""
-        return self.logits(images, progress=progress).argmax(dim=1)
-
-    def accuracy(self, images: Tensor, labels: Tensor) -> float:
-        """Fraction of ``images`` classified as ``labels`` ``[B]`` (e.g. the requested class of samples)."""
-        labels = torch.as_tensor(labels).reshape(-1).long().cpu()
-        if labels.shape[0] != images.shape[0]:
-            raise ValueError(f"labels shape {tuple(labels.shape)} does not match images shape {tuple(images.shape)}")
-        return float((self.predict(images) == labels).double().mean())
