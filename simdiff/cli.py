@@ -2,7 +2,8 @@
 
     simdiff train CONFIG [--run-dir DIR] [--set key.path=value ...] [--no-resume]
     simdiff sample SOURCE [--sampler S --steps N --grid G --guidance W --interval LO HI --labels 0,1 --num N ...]
-    simdiff eval SOURCE [--num N --metrics mnist_fd,fid,kid,precision_recall,accuracy (default: from the data)]
+    simdiff eval SOURCE [--num N --metrics mnist_fd,fid,kid,precision_recall,accuracy,bpd (default: from the data)]
+    simdiff likelihood SOURCE [--num N] [--method elbo|ode]
     simdiff export SOURCE OUT.safetensors
     simdiff quantize SOURCE OUT.safetensors [--preset w8a8|w4a8|w8a16] [--calibration trajectory|single|data] ...
     simdiff distill [CONFIG] --method NAME --teacher RUN [--student-steps K] [--run-dir DIR] [--set key=value ...]
@@ -318,6 +319,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from simdiff.likelihood.cli import add_likelihood_parser
     from simdiff.quant.cli import add_quantize_parser
     from simdiff.serve import add_serve_parser
     from simdiff.video import add_rollout_flags
@@ -365,8 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     add_rollout_flags(p)
     p.add_argument("--metrics", default="auto",
-                   help="comma-separated: mnist_fd, fid, kid, precision_recall, accuracy; default 'auto': MNIST-"
-                        "classifier metrics for 28x28 grey digits, FID/KID/precision-recall otherwise")
+                   help="comma-separated: mnist_fd, fid, kid, precision_recall, accuracy, bpd (bits/dim of test "
+                        "images, no samples); default 'auto': MNIST-classifier metrics for 28x28 grey digits, "
+                        "FID/KID/precision-recall otherwise")
     p.add_argument("--json", help="also write the scores to this JSON file")
     p.set_defaults(func=cmd_eval)
 
@@ -384,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fid", type=int, default=0, help="samples for Inception FID (slow on CPU; 0 skips)")
     p.set_defaults(func=cmd_demo)
     add_quantize_parser(sub)
+    add_likelihood_parser(sub)
     add_serve_parser(sub)
     return parser
 

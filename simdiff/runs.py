@@ -405,9 +405,17 @@ def evaluate_model(
         metrics = tuple(m for m in metrics if m != "accuracy")
     check_metrics(tuple(metrics), loaded.image_shape, data_name, num=num)  # before any sampling
     check_sample_config(sample_cfg)
+    scores: dict[str, float] = {}
+    if "bpd" in metrics:  # a likelihood of real test images: no samples needed
+        from simdiff.eval.likelihood import bpd_metric
+
+        scores = bpd_metric(loaded, num=min(num, 256), device=device)
+        metrics = tuple(m for m in metrics if m != "bpd")
+        if not metrics:
+            return scores
     x = generate(loaded.model, loaded.schedule, loaded.image_shape, sample_cfg, num=num, labels=labels,
                  num_classes=loaded.num_classes, null_cond=class_null_cond(loaded.num_classes), device=device,
                  progress=progress, process=loaded.process)
     ref, key = reference_images(loaded.config, max(num, 1000))
-    return evaluate_samples(x, ref, metrics=metrics, labels=labels, reference_key=key, progress=progress,
-                            device=device)
+    return {**evaluate_samples(x, ref, metrics=metrics, labels=labels, reference_key=key, progress=progress,
+                               device=device), **scores}

@@ -72,3 +72,15 @@ def test_conditional_and_fitted_proposal_paths() -> None:
     assert bool(torch.isfinite(uncond.nll).all()) and not torch.equal(uncond.nll, cond.nll)
     with pytest.raises(ConfigError, match="method"):
         likelihood_of_loaded(loaded, x, labels, method="vlb")
+
+
+def test_eval_metrics_bpd_runs_through_the_main_cli(tmp_path, capsys) -> None:
+    """``simdiff eval --metrics bpd`` scores test images (no sampling) and writes the same JSON it prints."""
+    from simdiff.cli import main
+
+    out = tmp_path / "scores.json"
+    assert main(["eval", "pretrained", "--metrics", "bpd", "--num", "2", "--device", "cpu", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc) >= {"bpd", "bpd_se"} and 0.5 < doc["bpd"] < 12
+    assert main(["eval", "pretrained", "--metrics", "bpd,nope", "--num", "2"]) == 2
+    assert "unknown metric" in capsys.readouterr().err

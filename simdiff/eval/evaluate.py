@@ -20,9 +20,12 @@ from simdiff.eval.prdc import precision_recall
 from simdiff.eval.refstats import ReferenceStats, RefStats
 
 __all__ = ["evaluate_samples", "default_metrics", "check_metrics", "min_samples", "METRICS", "MNIST_METRICS",
+           "MODEL_METRICS",
            "FEATURE_SPACES", "MNIST_DATA"]
 
-METRICS = ("mnist_fd", "fid", "kid", "precision_recall", "accuracy")
+METRICS = ("mnist_fd", "fid", "kid", "precision_recall", "accuracy", "bpd")
+#: metrics that score the model on real test images instead of scoring samples (``simdiff.eval.likelihood``).
+MODEL_METRICS = ("bpd",)
 FEATURE_SPACES = ("inception", "mnist")
 #: metrics computed with the MNIST digit classifier (they mean something only on MNIST digits).
 MNIST_METRICS = ("mnist_fd", "accuracy")
@@ -30,7 +33,7 @@ MNIST_METRICS = ("mnist_fd", "accuracy")
 MNIST_DATA = frozenset({"mnist"})
 #: the fewest samples each metric is defined for: a covariance needs 2 (FID, MNIST-FD, KID's unbiased MMD^2), the
 #: k-NN radii of precision/recall need k + 1 (k = 3 by default).
-_MIN_SAMPLES = {"mnist_fd": 2, "fid": 2, "kid": 2, "accuracy": 1}
+_MIN_SAMPLES = {"mnist_fd": 2, "fid": 2, "kid": 2, "accuracy": 1, "bpd": 2}
 
 
 def min_samples(metrics: tuple[str, ...] | list[str], *, pr_k: int = 3) -> int:
@@ -143,9 +146,10 @@ def evaluate_samples(
         ``dict`` with the keys produced by the requested metrics, all ``float``.
     """
     metrics = tuple(metrics)
-    unknown = [m for m in metrics if m not in METRICS]
+    unknown = [m for m in metrics if m not in METRICS or m in MODEL_METRICS]
     if unknown or not metrics:
-        raise ValueError(f"unknown metric(s) {unknown or metrics}; valid: {', '.join(METRICS)}")
+        sample_metrics = [m for m in METRICS if m not in MODEL_METRICS]
+        raise ValueError(f"unknown sample metric(s) {unknown or metrics}; valid: {', '.join(sample_metrics)}")
     if feature_space not in FEATURE_SPACES:
         raise ValueError(f"unknown feature_space {feature_space!r}; valid: {', '.join(FEATURE_SPACES)}")
     check_images(samples, name="samples")
