@@ -5,6 +5,7 @@
     simdiff eval SOURCE [--num N --metrics mnist_fd,fid,kid,precision_recall,accuracy,bpd (default: from the data)]
     simdiff likelihood SOURCE [--num N] [--method elbo|ode]
     simdiff export SOURCE OUT.safetensors
+    simdiff tune-grid RUN [--sampler unipc] [--steps 5 6 8 10] [--guidance W]   (then: sample RUN --grid tuned)
     simdiff quantize SOURCE OUT.safetensors [--preset w8a8|w4a8|w8a16] [--calibration trajectory|single|data] ...
     simdiff distill [CONFIG] --method NAME --teacher RUN [--student-steps K] [--run-dir DIR] [--set key=value ...]
     simdiff demo [--minutes M]
@@ -70,6 +71,15 @@ def _check_flags(args: argparse.Namespace) -> torch.device:
     return resolve_device(args.device, what="--device")
 
 
+def _tuned(args: argparse.Namespace, scfg):
+    """The grid ``simdiff tune-grid`` stored in the run directory ``args.source`` when ``scfg.grid`` is "tuned"."""
+    if scfg.grid != "tuned":
+        return None
+    from simdiff.samplers.tune_cli import tuned_grid_for
+
+    return tuned_grid_for(_source(args.source), scfg.sampler, scfg.steps, scfg.guidance)
+
+
 def _check_model_flags(loaded, scfg) -> None:
     """Refuse flags the loaded model cannot honour (before sampling): guidance on an unconditional model."""
     if scfg.guidance != 0.0 and loaded.num_classes == 0 and not getattr(loaded.model, "guidance_input", False):
@@ -82,7 +92,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampler (default: the run's sample.sampler)")
     p.add_argument("--steps", type=int, help="number of steps")
-    p.add_argument("--grid", choices=sorted(GRID_KINDS), help="step grid")
+    p.add_argument("--grid", choices=sorted(GRID_KINDS) + ["tuned"],
+                   help="step grid (tuned: the grid `simdiff tune-grid RUN` fitted for this sampler, steps and "
+                        "guidance, read from the run directory)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight w (0 = conditional)")
     p.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"), help="guidance only for LO<=logSNR<=HI")
     p.add_argument("--rescale", type=float, help="guidance rescale phi in [0, 1]")
@@ -168,7 +180,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     x = generate(loaded.model, loaded.schedule, loaded.image_shape, scfg, labels=labels,
                  num_classes=loaded.num_classes, null_cond=class_null_cond(loaded.num_classes), device=device,
-                 progress=True, process=loaded.process)
+                 progress=True, process=loaded.process, logsnrs=_tuned(args, scfg))
     secs = time.perf_counter() - start
     if args.out_dir:
         save_images(x, args.out_dir)
@@ -215,7 +227,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     scfg = check_sample_config(_sample_overrides(args, loaded.config.sample), names=_SAMPLE_FLAGS)
     check_student_sampling(loaded.meta, scfg)
     _check_model_flags(loaded, scfg)
-    result = evaluate_model(loaded, scfg, num=num, metrics=metrics, device=device)
+    result = evaluate_model(loaded, scfg, num=num, metrics=metrics, device=device, logsnrs=_tuned(args, scfg))
     result = {"sampler": scfg.sampler, "steps": scfg.steps, "grid": scfg.grid, "num": num, **result}
     print(json.dumps(result, indent=1))
     if args.json:
@@ -321,6 +333,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from simdiff.likelihood.cli import add_likelihood_parser
     from simdiff.quant.cli import add_quantize_parser
+    from simdiff.samplers.tune_cli import add_tune_grid_parser
     from simdiff.serve import add_serve_parser
     from simdiff.video import add_rollout_flags
 
@@ -388,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     add_quantize_parser(sub)
     add_likelihood_parser(sub)
+    add_tune_grid_parser(sub)
     add_serve_parser(sub)
     return parser
 

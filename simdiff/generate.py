@@ -65,8 +65,8 @@ def sample_field_problem(field: str, value: Any) -> str | None:
         if value not in SAMPLERS:
             return f"unknown sampler {value!r}; valid: {', '.join(sorted(SAMPLERS))}"
     elif field == "grid":
-        if value not in GRID_KINDS:
-            return f"unknown grid {value!r}; valid: {', '.join(sorted(GRID_KINDS))}"
+        if value not in GRID_KINDS and value != "tuned":
+            return f"unknown grid {value!r}; valid: {', '.join(sorted(GRID_KINDS))}, tuned"
     elif field in ("steps", "num", "batch_size"):
         if not _is_int(value) or value < 1:
             return f"must be an integer >= 1, got {value!r}"
@@ -132,6 +132,22 @@ def _per_example(cond: dict[str, Tensor] | None, labels: Tensor | None, num: int
     return out
 
 
+def _grid(schedule: Schedule, cfg: SampleConfig, logsnrs: Tensor | None) -> Tensor:
+    """The step grid: ``logsnrs`` when given (it must have ``cfg.steps + 1`` increasing levels ending at +inf),
+    else ``make_grid(schedule, cfg.steps, kind=cfg.grid)``; ``grid: tuned`` needs ``logsnrs``."""
+    if logsnrs is None:
+        if cfg.grid == "tuned":
+            raise ConfigError("grid 'tuned' needs the fitted grid: sample from the run directory `simdiff tune-grid` "
+                              "wrote it to (--grid tuned), or pass logsnrs=")
+        return make_grid(schedule, cfg.steps, kind=cfg.grid)
+    grid = torch.as_tensor(logsnrs, dtype=torch.float64).cpu()
+    if (grid.dim() != 1 or grid.shape[0] != cfg.steps + 1 or grid[-1] != math.inf
+            or not bool((torch.diff(grid[:-1]) > 0).all()) or bool(grid[:-1].isnan().any())):
+        raise ConfigError(f"logsnrs must be {cfg.steps + 1} increasing log-SNR levels ending at +inf (steps="
+                          f"{cfg.steps}), got {grid.tolist()}")
+    return grid
+
+
 def generate(
     denoise,
     schedule: Schedule,
@@ -148,6 +164,7 @@ def generate(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    logsnrs: Tensor | None = None,
 ) -> Tensor:
     """Draw ``num`` samples of per-example ``shape`` (e.g. ``(1, 28, 28)``); returns ``[num, *shape]`` on CPU.
 
@@ -167,6 +184,9 @@ def generate(
         process: the noising process, passed to the sampler (and to guidance rescale) when not ``None``. A
             discrete process (:class:`simdiff.processes.DiscreteProcess`) is sampled by its own ``prior`` and
             ``step`` on a uniform time grid of ``cfg.steps`` steps (``denoise`` is then its network).
+        logsnrs: an explicit step grid (``cfg.steps + 1`` increasing log-SNR levels ending at +inf), e.g. one
+            fitted by ``simdiff tune-grid`` (:func:`simdiff.samplers.tune_cli.tuned_grid_for`); it replaces
+            ``cfg.grid``, and ``cfg.grid == "tuned"`` requires it.
 
     Raises:
         ConfigError: a setting of ``cfg`` that cannot be sampled (see :func:`check_sample_config`), or ``num < 1``.
@@ -197,7 +217,7 @@ def generate(
         )
     # Built once, on the CPU where it is made: the samplers read the float64 grid on the host (validation,
     # coefficients, host levels) and move what the loop needs to the device themselves.
-    logsnrs = make_grid(schedule, cfg.steps, kind=cfg.grid)
+    logsnrs = _grid(schedule, cfg, logsnrs)
     extra: dict[str, Any] = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
     if process is not None:
         extra["process"] = process

@@ -387,8 +387,10 @@ def evaluate_model(
     metrics: tuple[str, ...] | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    logsnrs: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Sample ``num`` images from ``loaded`` and score them against the data set's test split.
+    """Sample ``num`` images from ``loaded`` and score them against the data set's test split (``logsnrs``: an
+    explicit step grid for :func:`~simdiff.generate.generate`, e.g. a tuned one).
 
     ``metrics=None`` picks them from the data (``simdiff.eval.default_metrics``: MNIST-classifier metrics for 28x28
     grey digits, FID / KID / precision-recall otherwise); explicit ones that do not fit the data are refused.
@@ -415,7 +417,7 @@ def evaluate_model(
             return scores
     x = generate(loaded.model, loaded.schedule, loaded.image_shape, sample_cfg, num=num, labels=labels,
                  num_classes=loaded.num_classes, null_cond=class_null_cond(loaded.num_classes), device=device,
-                 progress=progress, process=loaded.process)
+                 progress=progress, process=loaded.process, logsnrs=logsnrs)
     ref, key = reference_images(loaded.config, max(num, 1000))
     return {**evaluate_samples(x, ref, metrics=metrics, labels=labels, reference_key=key, progress=progress,
                                device=device), **scores}

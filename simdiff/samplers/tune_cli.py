@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from simdiff.configuration import ConfigError
 from simdiff.samplers.tuned import fit_grids
 
-__all__ = ["add_tune_grid_parser", "cmd_tune_grid", "grid_key", "load_tuned_grid", "save_tuned_grid"]
+__all__ = ["add_tune_grid_parser", "cmd_tune_grid", "grid_key", "load_tuned_grid", "save_tuned_grid",
+           "tuned_grid_for"]
 
 FILE = "tuned_grids.json"
 
@@ -45,12 +47,39 @@ def _read(path: Path) -> dict:
 
 
 def save_tuned_grid(run_dir: str | Path, key: str, grid: Tensor, **info: object) -> Path:
-    """Store ``grid`` (``[steps + 1]``, last +inf) under ``key`` in ``run_dir/tuned_grids.json``."""
+    """Store ``grid`` (``[steps + 1]``, last +inf) under ``key`` in ``run_dir/tuned_grids.json`` (atomically)."""
+    from simdiff.train.rundir import atomic_write_bytes
+
     path = Path(run_dir) / FILE
     data = _read(path)
     data[key] = {"logsnrs": ["inf" if math.isinf(v) else v for v in grid.tolist()], **info}
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
     return path
+
+
+def tuned_grid_for(source: str | Path, sampler: str, steps: int, guidance: float) -> Tensor:
+    """The grid ``simdiff tune-grid`` stored for ``(sampler, steps, guidance)`` in run directory ``source``.
+
+    Raises:
+        ConfigError: ``source`` is not a run directory with that grid (the message lists the grids it has and the
+            command that fits the missing one), or the stored entry is malformed.
+    """
+    from simdiff.configuration import ConfigError
+
+    run = Path(source)
+    if not run.is_dir():
+        raise ConfigError(f"--grid tuned reads the grids `simdiff tune-grid` stored in a run directory; {run} is not "
+                          "one")
+    key = grid_key(sampler, steps, guidance)
+    try:
+        grid = load_tuned_grid(run, key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if grid is None:
+        have = sorted(_read(run / FILE))
+        raise ConfigError(f"{run}: no tuned grid for {key} (has: {', '.join(have) or 'none'}); fit it with: simdiff "
+                          f"tune-grid {run} --sampler {sampler} --steps {steps} --guidance {guidance:g}")
+    return grid
 
 
 def load_tuned_grid(run_dir: str | Path, key: str) -> Tensor | None:
@@ -82,25 +111,51 @@ def add_tune_grid_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n-val", type=int, default=32, help="validation noise batch (default 32)")
     p.add_argument("--ref-steps", type=int, default=200, help="steps of the reference solution (default 200)")
     p.add_argument("--iters", type=int, default=40, help="Adam iterations per fit (default 40)")
+    p.add_argument("--guidance", type=float, default=0.0,
+                   help="classifier-free guidance weight the grids are fitted for (class-conditional models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_tune_grid)
     return p
 
 
+def _denoiser(loaded, guidance: float):
+    """The denoiser the grids are fitted through: a class-conditional model gets the labels 0, 1, ... in turn
+    (guided with weight ``guidance`` against the null class), an unconditional one is used as it is."""
+    from simdiff.guidance import classifier_free_guidance
+    from simdiff.runs import class_null_cond
+
+    if loaded.num_classes == 0:
+        if guidance != 0.0:
+            raise ConfigError(f"tune-grid: --guidance {guidance:g} needs a class-conditional model")
+        return loaded.model
+    guided = loaded.model if guidance == 0.0 else classifier_free_guidance(
+        loaded.model, weight=guidance, null_cond=class_null_cond(loaded.num_classes))
+
+    def denoise(z: Tensor, lam: Tensor, **cond):
+        labels = torch.arange(z.shape[0], device=z.device) % loaded.num_classes
+        return guided(z, lam, labels=labels, **cond)
+
+    return denoise
+
+
 def cmd_tune_grid(args: argparse.Namespace) -> int:
-    """Fit and store the grids; prints one line per step count. Unconditional (guidance 0) models only here."""
+    """Fit and store the grids; prints one line per step count."""
     from simdiff.runs import load_model
-    from simdiff.samplers import get_sampler, make_grid
+    from simdiff.samplers import SAMPLERS, get_sampler, make_grid
 
     if min(args.steps) < 2 or args.n_cal < 2 or args.n_val < 1 or args.ref_steps < 2 * max(args.steps):
-        raise ValueError("tune-grid: need --steps >= 2, --n-cal >= 2, --n-val >= 1 and --ref-steps >= 2 x steps")
-    if args.n_cal == args.n_val:
-        raise ValueError("tune-grid: --n-cal and --n-val must differ")
+        raise ConfigError("tune-grid: need --steps >= 2, --n-cal >= 2, --n-val >= 1 and --ref-steps >= 2 x steps")
+    if args.sampler not in SAMPLERS:
+        raise ConfigError(f"tune-grid: unknown sampler {args.sampler!r}; valid: {', '.join(sorted(SAMPLERS))}")
+    if not math.isfinite(args.guidance):
+        raise ConfigError(f"tune-grid: --guidance must be a finite number, got {args.guidance}")
+    if not Path(args.run).is_dir():
+        raise ConfigError(f"tune-grid: {args.run} is not a run directory (the grids are stored in it)")
     loaded = load_model(args.run, device=args.device)
     if loaded.process is not None and not loaded.process.isotropic:
-        raise ValueError("tune-grid: the run's process is not isotropic; tuned grids are log-SNR grids")
-    model, schedule = loaded.model, loaded.schedule
+        raise ConfigError("tune-grid: the run's process is not isotropic; tuned grids are log-SNR grids")
+    model, schedule = _denoiser(loaded, args.guidance), loaded.schedule
     sampler = get_sampler(args.sampler)
     gen = torch.Generator().manual_seed(args.seed)
     z = torch.randn((args.n_cal, *loaded.image_shape), generator=gen).to(args.device)
@@ -111,7 +166,7 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
     fits = fit_grids(model, args.sampler, schedule, args.steps, z=z, reference=ref, val_z=zv, val_reference=ref_v,
                      iters=args.iters)
     for steps, (grid, val) in fits.items():
-        path = save_tuned_grid(args.run, grid_key(args.sampler, steps, 0.0), grid, val_rmse=val,
+        path = save_tuned_grid(args.run, grid_key(args.sampler, steps, args.guidance), grid, val_rmse=val,
                                ref_steps=args.ref_steps, n_cal=args.n_cal, n_val=args.n_val, iters=args.iters)
         print(f"{args.sampler}, {steps} steps: validation RMSE {val:.4g} -> {path}")
     return 0
