@@ -40,7 +40,7 @@ def quantize(x: Tensor, *, noise: bool, generator: torch.Generator | None = None
     """Additive uniform noise ``U(-1/2, 1/2)`` (the training proxy for rounding) or rounding."""
     if not noise:
         return torch.round(x)
-    u = torch.rand(x.shape, generator=generator, device="cpu" if generator is None else generator.device)
+    u = torch.rand(x.shape, generator=generator, device=x.device if generator is None else generator.device)
     return x + (u.to(x) - 0.5)
 
 

@@ -20,15 +20,15 @@ JPEG_QUALITIES = (5, 10, 20, 35, 50, 75)
 __all__ = ["JPEG_QUALITIES", "train_codec", "evaluate_codec", "codec_bases", "jpeg_bases", "train_decoder"]
 
 
-def _batches(patches: np.ndarray, batch: int, crop: int, generator: torch.Generator):
-    data = torch.from_numpy(patches).permute(0, 3, 1, 2)  # uint8 [N, C, H, W]
+def _batches(patches: np.ndarray, batch: int, crop: int, generator: torch.Generator, device: str = "cpu"):
+    data = torch.from_numpy(patches).permute(0, 3, 1, 2).to(device)  # uint8 [N, C, H, W], kept on the device
     n, _, h, w = data.shape
     while True:
         idx = torch.randint(n, (batch,), generator=generator)
         r = int(torch.randint(h - crop + 1, (1,), generator=generator))
         c = int(torch.randint(w - crop + 1, (1,), generator=generator))
-        x = data[idx, :, r : r + crop, c : c + crop].float() / 255.0
-        flip = torch.rand(batch, generator=generator) < 0.5
+        x = data[idx.to(device), :, r : r + crop, c : c + crop].float() / 255.0
+        flip = (torch.rand(batch, generator=generator) < 0.5).to(device)
         yield torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
@@ -54,12 +54,13 @@ def train_codec(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(0.9 * steps)], 0.1)
     gen = torch.Generator().manual_seed(seed)
-    batches = _batches(patches, batch, crop, gen)
+    noise_gen = torch.Generator(device).manual_seed(seed)  # the quantisation noise is drawn on the device
+    batches = _batches(patches, batch, crop, gen, device)
     start = time.time()
     model.train()
     for step in range(1, steps + 1):
-        x = next(batches).to(device)
-        loss, bpp, mse = rd_loss(model(x, generator=gen), x, cfg.lmbda)
+        x = next(batches)
+        loss, bpp, mse = rd_loss(model(x, generator=noise_gen), x, cfg.lmbda)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
