@@ -1,0 +1,115 @@
+"""Cascades: output size, seeds, the one-file artefact, the CLI and one-line errors for bad cascade files.
+
+The stages are tiny networks trained for one step on 8x8 digits (a 4x4 class-conditional base model, a 4 -> 8
+super-resolution model): these tests are about the plumbing, not about sample quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from simdiff.cascade import load_cascade, load_sr_config, sample_cascade, save_cascade, train_sr
+from simdiff.cascade.cascade import is_cascade_source
+from simdiff.cascade.cli import add_cascade_parser, main
+from simdiff.configuration import ConfigError
+from simdiff.experiment import load_config, train
+
+ONE = ["train.steps=1", "train.batch_size=4", "train.checkpoint_every=0", "train.progress=false",
+       "train.log_every=1", "train.sample_every=0", "sample.steps=2", "sample.num=2"]
+TINY = ["model.arch=unet", "model.options={channels: [8, 16], num_res_blocks: 1, attention_levels: [], "
+        "mid_attention: false}"]
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cascade")
+    base = load_config("simdiff/configs/mnist_14.yaml", [*ONE, *TINY, "data.name=digits", "data.split=train",
+                                                         "data.limit=16", "data.image_size=4",
+                                                         "diffusion.schedule={name: cosine}"])
+    train(base, root / "base")
+    cfg, sr = load_sr_config("simdiff/configs/mnist_sr.yaml", [
+        *ONE, *TINY, "data.name=digits", "data.split=train", "data.limit=16", "sr.low_res_size=4"])
+    train_sr(cfg, sr, root / "sr")
+    (root / "cascade.yaml").write_text(yaml.safe_dump({"name": "tiny", "num": 5, "seed": 3, "stages": [
+        {"source": "base", "sampler": "ddim", "steps": 3},
+        {"source": "sr", "sampler": "dpmpp_2m", "steps": 2, "aug_logsnr": 2.0}]}))
+    return root
+
+
+def test_cascade_output_size_stages_and_seeds(stages):
+    cascade = load_cascade(stages / "cascade.yaml")
+    assert [s.kind for s in cascade.stages] == ["base", "sr"] and cascade.image_shape == (1, 8, 8)
+    assert cascade.stages[0].sample.sampler == "ddim" and cascade.stages[1].aug_logsnr == 2.0
+    outs = sample_cascade(cascade, return_stages=True)
+    assert [tuple(o.shape) for o in outs] == [(5, 1, 4, 4), (5, 1, 8, 8)]
+    assert torch.equal(outs[-1], sample_cascade(cascade, seed=3))  # the cascade's seed is the default
+    other = sample_cascade(cascade, seed=4)
+    assert other.shape == (5, 1, 8, 8) and not torch.equal(other, outs[-1])
+    assert tuple(sample_cascade(cascade, num=2, seed=3).shape) == (2, 1, 8, 8)
+    no_aug = sample_cascade(cascade, aug_logsnr=None)
+    assert not torch.equal(no_aug, outs[-1])  # the level reaches the super-resolution stage
+
+
+def test_one_file_cascade_round_trip(stages, tmp_path):
+    cascade = load_cascade(stages / "cascade.yaml")
+    path = save_cascade(cascade, tmp_path / "c.safetensors")
+    assert is_cascade_source(path) and is_cascade_source(stages / "cascade.yaml")
+    again = load_cascade(path)
+    assert [s.sample for s in again.stages] == [s.sample for s in cascade.stages]
+    assert again.stages[1].aug_logsnr == 2.0 and (again.num, again.seed, again.name) == (5, 3, "tiny")
+    assert torch.equal(sample_cascade(again), sample_cascade(cascade))
+
+
+def test_cli_sample_and_pack(stages, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_cascade_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["cascade", "sample", str(stages / "cascade.yaml"), "--out", str(tmp_path / "s.png"),
+                              "--strip", "--device", "cpu", "--aug-logsnr", "none", "--num", "3"])
+    assert args.aug_logsnr is None and args.func(args) == 0 and (tmp_path / "s.png").stat().st_size > 0
+    assert main(["pack", str(stages / "cascade.yaml"), str(tmp_path / "c.safetensors")]) == 0
+    assert main(["sample", str(tmp_path / "c.safetensors"), "--info", "--device", "cpu"]) == 0
+    assert '"kind": "sr"' in capsys.readouterr().out
+
+
+def _bad_files(stages: Path, tmp: Path) -> dict[str, tuple[str, str]]:
+    """name -> (file text, what the error must mention)."""
+    base, sr = str(stages / "base"), str(stages / "sr")
+    return {
+        "list": ("- 1\n- 2\n", "mapping"),
+        "one_stage": (yaml.safe_dump({"stages": [{"source": base}]}), "at least one super-resolution"),
+        "unknown_key": (yaml.safe_dump({"stages": [{"source": base}, {"source": sr}], "num_images": 3}), "num_images"),
+        "stage_key": (yaml.safe_dump({"stages": [{"source": base}, {"source": sr, "aug": 1}]}), "stages[1].aug"),
+        "missing": (yaml.safe_dump({"stages": [{"source": base}, {"source": str(tmp / "nope")}]}), "nope"),
+        "sr_first": (yaml.safe_dump({"stages": [{"source": sr}, {"source": sr}]}), "stage 0"),
+        "base_second": (yaml.safe_dump({"stages": [{"source": base}, {"source": base}]}), "stage 1"),
+        "chain": (yaml.safe_dump({"stages": [{"source": base}, {"source": sr}, {"source": sr}]}), "super-resolves"),
+        "aug_on_base": (yaml.safe_dump({"stages": [{"source": base, "aug_logsnr": 1.0}, {"source": sr}]}),
+                        "aug_logsnr"),
+        "sampler": (yaml.safe_dump({"stages": [{"source": base}, {"source": sr, "sampler": "nope"}]}), "sampler"),
+        "steps": (yaml.safe_dump({"stages": [{"source": base}, {"source": sr, "steps": 0}]}), "steps"),
+    }
+
+
+def test_bad_cascade_files_give_one_line(stages, tmp_path, capsys):
+    for name, (text, needle) in _bad_files(stages, tmp_path).items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+            load_cascade(path)
+        assert main(["sample", str(path), "--device", "cpu", "--out", str(tmp_path / "x.png")]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("simdiff: error:") and "\n" not in err, (name, err)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    packed = save_cascade(load_cascade(stages / "cascade.yaml"), tmp_path / "ok.safetensors")
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(packed.read_bytes()[:1000])
+    for path in (junk, truncated, stages / "base" / "missing.safetensors"):
+        assert main(["sample", str(path), "--device", "cpu", "--out", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("simdiff: error:") and "\n" not in err, err
