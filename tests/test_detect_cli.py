@@ -86,3 +86,15 @@ def test_sample_with_scores_writes_csv_and_keeps_images(tmp_path, capsys):
     args.hallucination_score = 1
     with pytest.raises(ConfigError, match=">= 2"):
         sample_with_scores(args, loaded, cfg, labels, "cpu")
+
+
+def test_generate_scored_with_guidance_matches_generate():
+    from simdiff.detect import generate_scored
+
+    loaded = load_model(PRETRAINED)
+    cfg = SampleConfig(sampler="dpmpp_2m", steps=3, num=2, guidance=2.0)
+    labels = torch.tensor([3, 7])
+    kw = dict(labels=labels, num_classes=10, null_cond=class_null_cond(10))
+    x, s = generate_scored(loaded.model, loaded.schedule, loaded.image_shape, cfg, last=2, **kw)
+    assert torch.equal(x, generate(loaded.model, loaded.schedule, loaded.image_shape, cfg, **kw))
+    assert s.shape == (2,) and bool((s > 0).all())
