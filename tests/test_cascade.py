@@ -21,6 +21,7 @@ from simdiff.experiment import load_config, train
 
 ONE = ["train.steps=1", "train.batch_size=4", "train.checkpoint_every=0", "train.progress=false",
        "train.log_every=1", "train.sample_every=0", "sample.steps=2", "sample.num=2"]
+CONFIGS = Path(__file__).resolve().parents[1] / "simdiff" / "configs"
 TINY = ["model.arch=unet", "model.options={channels: [8, 16], num_res_blocks: 1, attention_levels: [], "
         "mid_attention: false}"]
 
@@ -28,11 +29,11 @@ TINY = ["model.arch=unet", "model.options={channels: [8, 16], num_res_blocks: 1,
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cascade")
-    base = load_config("simdiff/configs/mnist_14.yaml", [*ONE, *TINY, "data.name=digits", "data.split=train",
+    base = load_config(CONFIGS / "mnist_14.yaml", [*ONE, *TINY, "data.name=digits", "data.split=train",
                                                          "data.limit=16", "data.image_size=4",
                                                          "diffusion.schedule={name: cosine}"])
     train(base, root / "base")
-    cfg, sr = load_sr_config("simdiff/configs/mnist_sr.yaml", [
+    cfg, sr = load_sr_config(CONFIGS / "mnist_sr.yaml", [
         *ONE, *TINY, "data.name=digits", "data.split=train", "data.limit=16", "sr.low_res_size=4"])
     train_sr(cfg, sr, root / "sr")
     (root / "cascade.yaml").write_text(yaml.safe_dump({"name": "tiny", "num": 5, "seed": 3, "stages": [

@@ -8,6 +8,7 @@ sampling path (corrupt once at the level, give the level to the model) and not a
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +36,7 @@ from simdiff.nets import build_model
 from simdiff.process import DenoiserOutput, to_output
 from simdiff.schedules import CosineSchedule
 
+CONFIGS = Path(__file__).resolve().parents[1] / "simdiff" / "configs"
 TINY = {"channels": [8, 16], "num_res_blocks": 1, "attention_levels": [], "mid_attention": False}
 
 
@@ -188,9 +190,9 @@ def test_denoiser_output_views_are_the_first_channels():
 def test_shipped_sr_config_parses_and_trains_through_the_trainer(tmp_path):
     from simdiff.train.checkpoint import export_inference
 
-    cfg, sr = load_sr_config("simdiff/configs/mnist_sr.yaml")
+    cfg, sr = load_sr_config(CONFIGS / "mnist_sr.yaml")
     assert sr.low_res_size == 14 and cfg.model.parameterisation == "v" and cfg.data.name == "mnist"
-    cfg, sr = load_sr_config("simdiff/configs/mnist_sr.yaml", [
+    cfg, sr = load_sr_config(CONFIGS / "mnist_sr.yaml", [
         "data.name=digits", "data.split=train", "data.limit=16", "sr.low_res_size=4", "train.steps=2",
         "train.batch_size=4", "train.checkpoint_every=0", "train.progress=false", "train.log_every=1",
         "sample.steps=2", "model.options.channels=[8,16]"])
@@ -206,7 +208,7 @@ def test_shipped_sr_config_parses_and_trains_through_the_trainer(tmp_path):
     assert a.shape == (3, 1, 8, 8)
     assert torch.equal(a, sample_sr(again.model, again.schedule, low, scfg, aug_logsnr=2.0))
     with pytest.raises(ConfigError, match="sr.aug_min"):
-        load_sr_config("simdiff/configs/mnist_sr.yaml", ["sr.aug_min=9"])
+        load_sr_config(CONFIGS / "mnist_sr.yaml", ["sr.aug_min=9"])
     with pytest.raises(ConfigError, match="sr:"):
         load_sr_config({"name": "x"})
     with pytest.raises(ConfigError, match="low_res_size"):
