@@ -55,7 +55,7 @@ from simdiff.data.sources import DIGIT_CLASSES, FASHION_CLASSES, RawData, load_f
 from simdiff.data.transforms import float_to_uint8, uint8_to_float
 
 __all__ = ["measure", "tercile_thresholds", "attribute_words", "caption_object", "join_objects", "load_captions",
-           "captioned", "ATTRIBUTES", "WORDS", "TEMPLATES", "NUMBER_WORDS", "position_word"]
+           "captioned", "caption_thresholds", "ATTRIBUTES", "WORDS", "TEMPLATES", "NUMBER_WORDS", "position_word"]
 
 #: attribute -> (word for the lowest tercile, word for the highest tercile)
 WORDS = {"size": ("small", "large"), "brightness": ("faint", "bright"), "thickness": ("thin", "thick"),
@@ -74,16 +74,17 @@ _THRESHOLD_SAMPLE = 10000
 def measure(ink: Tensor) -> dict[str, Tensor]:
     """Attributes of one object per image. ``ink`` ``[N, H, W]`` (or ``[N, 1, H, W]``) in [0, 1], white on black.
 
-    Returns float64 ``[N]`` tensors: ``thickness`` (stroke width / bbox height), ``slant`` (shear, positive =
-    top leans right), ``size`` (bbox height, pixels), ``width`` (bbox width), ``brightness`` (mean ink on the mask),
-    ``cx``, ``cy`` (ink centroid, pixels, column / row), ``mass`` (total ink). An empty image gives zeros.
+    Ink is rounded to 8-bit levels (``k / 255``) first. Returns float64 ``[N]`` tensors: ``thickness`` (stroke
+    width / bbox height), ``slant`` (shear, positive = top leans right), ``size`` (bbox height, pixels), ``width``
+    (bbox width), ``brightness`` (mean ink on the mask), ``cx``, ``cy`` (ink centroid, pixels, column / row),
+    ``mass`` (total ink). An empty image gives zeros.
     """
     x = ink.detach().to(torch.float64)
     if x.dim() == 4 and x.shape[1] == 1:
         x = x[:, 0]
     if x.dim() != 3:
         raise ValueError(f"measure expects ink [N, H, W] or [N, 1, H, W], got {tuple(ink.shape)}")
-    x = x.clamp(0.0, 1.0)
+    x = torch.round(x.clamp(0.0, 1.0) * 255.0) / 255.0  # 8-bit levels: a canvas and its float layers agree
     n, h, w = x.shape
     peak = x.flatten(1).amax(1).reshape(n, 1, 1)
     m = (x >= 0.5 * peak) & (peak > 0)
@@ -294,6 +295,15 @@ def _thresholds(name: str, options_json: str) -> dict[str, tuple[float, float]]:
     images, obj_labels, values, _, n = _compose(DataConfig(name=name, options=o), o, "train", _THRESHOLD_SAMPLE)
     present = torch.from_numpy(obj_labels >= 0)
     return tercile_thresholds({k: v[present] for k, v in values.items()})
+
+
+def caption_thresholds(cfg: Any) -> dict[str, tuple[float, float]]:
+    """The tercile thresholds (training split) that caption a :class:`~simdiff.data.datasets.DataConfig`."""
+    import json
+
+    if cfg.name not in _SOURCES:
+        raise ConfigError(f"unknown captioned data set {cfg.name!r}; valid: {', '.join(_SOURCES)}")
+    return _thresholds(cfg.name, json.dumps(_options(cfg), sort_keys=True))
 
 
 def captioned(cfg: Any) -> dict[str, Any]:
