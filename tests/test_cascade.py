@@ -77,6 +77,17 @@ def test_cli_sample_and_pack(stages, tmp_path, capsys):
     assert '"kind": "sr"' in capsys.readouterr().out
 
 
+def test_simdiff_sample_hook_refuses_per_stage_flags_and_detects_sources(stages, tmp_path):
+    from simdiff.cascade.cli import cmd_sample_cascade, is_sr_config
+
+    args = argparse.Namespace(source=str(stages / "cascade.yaml"), sampler="ddim", steps=None, out=None,
+                              out_dir=None, device="cpu")
+    with pytest.raises(ConfigError, match="--sampler"):
+        cmd_sample_cascade(args)
+    assert is_sr_config(CONFIGS / "mnist_sr.yaml") and not is_sr_config(CONFIGS / "mnist_14.yaml")
+    assert is_cascade_source(CONFIGS / "mnist_cascade.yaml") and not is_cascade_source(CONFIGS / "mnist_sr.yaml")
+
+
 def _bad_files(stages: Path, tmp: Path) -> dict[str, tuple[str, str]]:
     """name -> (file text, what the error must mention)."""
     base, sr = str(stages / "base"), str(stages / "sr")

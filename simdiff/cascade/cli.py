@@ -21,7 +21,27 @@ import torch
 
 from simdiff.configuration import ConfigError
 
-__all__ = ["add_cascade_parser", "add_cascade_flags", "cmd_sample_cascade", "cmd_train_sr", "cmd_pack", "main"]
+__all__ = ["add_cascade_parser", "add_cascade_flags", "is_sr_config", "cmd_sample_cascade", "cmd_train_sr", "cmd_pack",
+           "main"]
+
+
+#: ``simdiff sample`` flags that a cascade takes per stage from its file (given on the command line: refused).
+_STAGE_FLAGS = ("sampler", "steps", "grid", "guidance", "interval", "rescale", "eta", "batch_size")
+
+
+def is_sr_config(path: str | Path) -> bool:
+    """True for a YAML training config with an ``sr:`` section (``simdiff train`` hands it to
+    :func:`cmd_train_sr`)."""
+    from simdiff.configuration import load_yaml
+
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        return False
+    try:
+        data = load_yaml(path)
+    except ConfigError:
+        return False
+    return isinstance(data, dict) and "sr" in data
 
 
 def _aug(text: str) -> float | None:
@@ -53,6 +73,10 @@ def cmd_sample_cascade(args: argparse.Namespace) -> int:
 
     from .cascade import load_cascade, sample_cascade
 
+    given = [f"--{k.replace('_', '-')}" for k in _STAGE_FLAGS if getattr(args, k, None) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: a cascade samples each stage with the sampler, steps and guidance "
+                          "of its stage in the cascade file; set them there")
     device = resolve_device(getattr(args, "device", "cpu") or "cpu", what="--device")
     out_dir = getattr(args, "out_dir", None)
     out = getattr(args, "out", None)
