@@ -1,16 +1,17 @@
 """DIRE: detecting generated images by their diffusion reconstruction error (Wang et al. 2023, ICCV).
 
 An image ``x`` is inverted to noise with deterministic DDIM inversion ``I`` and regenerated with the same
-deterministic sampler ``R``; the DIRE map is ``|x - R(I(x))|`` (the paper's eq. 5, element-wise absolute error).
-Images the diffusion model can generate (its own samples) are reconstructed closely; real images are not. The
-paper trains a binary classifier (a ResNet-50) on DIRE maps; here a small CNN (:class:`DIREClassifier`) fits
-28x28 maps, and the training-free score is the map's mean (:func:`dire_score`, higher = more real-looking, so a
-"generated" score is its negative).
+deterministic sampler ``R``; the DIRE map is the element-wise absolute error ``|x - R(I(x))|``. The paper's premise:
+images the diffusion model can generate (its own samples) are reconstructed closely, real images are not. (On MNIST
+the shipped model shows the opposite order: real test digits reconstruct better than its samples; see
+``benchmarks/detect.py``.) The paper trains a binary classifier (a ResNet-50) on DIRE maps; here a small CNN
+(:class:`DIREClassifier`) fits 28x28 maps, and the training-free score is the map's mean (:func:`dire_score`, higher
+= more real-looking, so a "generated" score is its negative).
 
 Inversion and reconstruction are :func:`simdiff.invert.ddim_invert` and :func:`simdiff.invert.reconstruct` (DDIM,
-first order by default) on the grid given; on a class-conditional model the null class is used (the image's class
-is unknown). The paper's exact step count (its reconstruction used DDIM with a small number of steps on ADM) and
-its input normalisation are not verified here.
+first order by default) on the grid given; on a class-conditional model the null class is used (the image's class is
+unknown). The paper's exact step count (its reconstruction used DDIM with a small number of steps on ADM) and its
+input normalisation are not verified here.
 """
 
 from __future__ import annotations
