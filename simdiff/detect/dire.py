@@ -9,9 +9,9 @@ the shipped model shows the opposite order: real test digits reconstruct better 
 = more real-looking, so a "generated" score is its negative).
 
 Inversion and reconstruction are :func:`simdiff.invert.ddim_invert` and :func:`simdiff.invert.reconstruct` (DDIM,
-first order by default) on the grid given; on a class-conditional model the null class is used (the image's class is
-unknown). The paper's exact step count (its reconstruction used DDIM with a small number of steps on ADM) and its
-input normalisation are not verified here.
+first order by default) on the grid given, with the conditioning passed in; ``simdiff detect`` and the benchmark
+pass the null class of a class-conditional model (the image's class is unknown). The paper's exact step count (its
+reconstruction used DDIM with a small number of steps on ADM) and its input normalisation are not verified here.
 """
 
 from __future__ import annotations
