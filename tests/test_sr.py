@@ -123,6 +123,11 @@ def test_null_condition_is_zeros_and_flag_zero_and_matches_no_low_res():
     b = model(z, lam).x
     c = model(z, lam, **cond).x
     assert torch.equal(a, b) and not torch.allclose(a, c)
+    # guidance on the low-res input: w = 0 is the conditional model, w = 1 moves away from the unconditional one
+    low, sched = cond["low_res"], CosineSchedule()
+    plain = sample_sr(model, sched, low, SampleConfig(sampler="ddim", steps=3, num=3), aug_logsnr=2.0)
+    guided = sample_sr(model, sched, low, SampleConfig(sampler="ddim", steps=3, num=3, guidance=1.0), aug_logsnr=2.0)
+    assert guided.shape == plain.shape and not torch.allclose(guided, plain)
 
 
 class ExactGaussianSR:
