@@ -4,6 +4,7 @@
     simdiff sample SOURCE [--sampler S --steps N --grid G --guidance W --interval LO HI --labels 0,1 --num N ...]
     simdiff eval SOURCE [--num N --metrics mnist_fd,fid,kid,precision_recall,accuracy,bpd (default: from the data)]
     simdiff likelihood SOURCE [--num N] [--method elbo|ode]
+    simdiff edit IMAGE... --source-label 3 --target-label 8 [--model SOURCE] [--method ddim|edict|nulltext|ddpm ...]
     simdiff export SOURCE OUT.safetensors
     simdiff tune-grid RUN [--sampler unipc] [--steps 5 6 8 10] [--guidance W]   (then: sample RUN --grid tuned)
     simdiff quantize SOURCE OUT.safetensors [--preset w8a8|w4a8|w8a16] [--calibration trajectory|single|data] ...
@@ -331,6 +332,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from simdiff.invert.cli import add_edit_parser
     from simdiff.likelihood.cli import add_likelihood_parser
     from simdiff.quant.cli import add_quantize_parser
     from simdiff.samplers.tune_cli import add_tune_grid_parser
@@ -401,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     add_quantize_parser(sub)
     add_likelihood_parser(sub)
+    add_edit_parser(sub)
     add_tune_grid_parser(sub)
     add_serve_parser(sub)
     return parser
