@@ -41,7 +41,7 @@ from simdiff.configuration import ConfigError
 from simdiff.nets.text_uvit import register as _register_backbone
 
 __all__ = ["MiniLMText", "CaptionBatches", "load_text_encoder", "text_training", "INSTALL_HINT", "is_text_model",
-           "MODEL_NAME"]
+           "MODEL_NAME", "default_cache_dir"]
 
 _register_backbone()
 
@@ -115,7 +115,8 @@ class MiniLMText(FrozenEncoder):
             full = self.tokenizer(part, padding=False, truncation=False)["input_ids"]
             long = [c for c, ids in zip(part, full) if len(ids) > self.max_length]
             if long:
-                raise ValueError(f"caption {long[0]!r} has {len(self.tokenizer(long[0])['input_ids'])} tokens, more "
+                shown = long[0] if len(long[0]) <= 60 else long[0][:57] + "..."
+                raise ValueError(f"caption {shown!r} has {len(self.tokenizer(long[0])['input_ids'])} tokens, more "
                                  f"than the text encoder's max_length {self.max_length}")
             enc = self.tokenizer(part, padding="max_length", max_length=self.max_length, return_tensors="pt")
             with torch.inference_mode(False), torch.no_grad():
@@ -270,12 +271,21 @@ def is_text_model(cfg) -> bool:
     return cfg.model.arch == "text_uvit"
 
 
+def default_cache_dir() -> Path:
+    """``$SIMDIFF_CACHE/text`` if set, else ``~/.cache/simdiff/text``: where training keeps caption encodings."""
+    import os
+
+    root = os.environ.get("SIMDIFF_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "simdiff") / "text"
+
+
 def text_training(cfg, dataset, *, device: str | torch.device = "cpu", cache_dir: str | Path | None = None):
     """``(CaptionBatches, MiniLMText)`` for a text experiment ``cfg`` on ``dataset``, or ``None`` for any other model.
 
     Checks (one-line ConfigError): a captioned data set, ``model.class_conditional: false`` and
     ``diffusion.cond_drop_prob: 0`` (unconditional training comes from ``data.options.uncond_prob``). The
-    encoder runs on ``device``; every caption is encoded here, before the first step.
+    encoder runs on ``device``; every caption is encoded here, before the first step, or read from the caption
+    cache in ``cache_dir`` (default :func:`default_cache_dir`).
     """
     if not is_text_model(cfg):
         return None
@@ -286,7 +296,7 @@ def text_training(cfg, dataset, *, device: str | torch.device = "cpu", cache_dir
                           "diffusion.cond_drop_prob: 0 and data.options.uncond_prob instead")
     options = (dataset.info or {}).get("caption_options") or {}
     encoder = load_text_encoder(int(options.get("max_length", 32)), str(torch.device(device)),
-                                None if cache_dir is None else str(cache_dir))
+                                str(default_cache_dir() if cache_dir is None else cache_dir))
     data = CaptionBatches(dataset, encoder, uncond_prob=float(options.get("uncond_prob", 0.1)),
                           seed=int(cfg.train.seed))
     data.warm()
