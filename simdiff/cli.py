@@ -4,6 +4,7 @@
     simdiff sample SOURCE [--sampler S --steps N --grid G --guidance W --interval LO HI --labels 0,1 --num N ...]
     simdiff eval SOURCE [--num N --metrics mnist_fd,fid,kid,precision_recall,accuracy,bpd (default: from the data)]
     simdiff likelihood SOURCE [--num N] [--method elbo|ode]
+    simdiff detect IMAGES --model SOURCE [--method dire-free|dire]   (sample ... --hallucination-score K)
     simdiff edit IMAGE... --source-label 3 --target-label 8 [--model SOURCE] [--method ddim|edict|nulltext|ddpm ...]
     simdiff export SOURCE OUT.safetensors
     simdiff tune-grid RUN [--sampler unipc] [--steps 5 6 8 10] [--guidance W]   (then: sample RUN --grid tuned)
@@ -160,11 +161,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from simdiff.runs import check_student_sampling, class_null_cond, describe, load_model
 
     device = _check_flags(args)
+    k = getattr(args, "hallucination_score", None)
+    if k is not None and k < 2:
+        raise ConfigError(f"--hallucination-score must be >= 2 (steps whose predictions are compared), got {k}")
     if not args.info:  # the outputs are checked before any model is loaded or image sampled
         if args.out_dir:
             check_output(args.out_dir, what="--out-dir", directory=True)
         if args.out or not args.out_dir:
             check_output(args.out or "samples.png", what="--out", image=True)
+        if k is not None and getattr(args, "scores", None):
+            check_output(args.scores, what="--scores")
     loaded = load_model(_source(args.source), device=device)
     if args.info:
         print(describe(loaded))
@@ -179,9 +185,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _check_model_flags(loaded, scfg)
     labels = _parse_labels(args.labels, scfg.num, loaded.num_classes)
     start = time.perf_counter()
-    x = generate(loaded.model, loaded.schedule, loaded.image_shape, scfg, labels=labels,
-                 num_classes=loaded.num_classes, null_cond=class_null_cond(loaded.num_classes), device=device,
-                 progress=True, process=loaded.process, logsnrs=_tuned(args, scfg))
+    if k is not None:  # trajectory-variance hallucination scores beside the samples
+        from simdiff.detect.cli import sample_with_scores
+
+        x = sample_with_scores(args, loaded, scfg, labels, device)
+    else:
+        x = generate(loaded.model, loaded.schedule, loaded.image_shape, scfg, labels=labels,
+                     num_classes=loaded.num_classes, null_cond=class_null_cond(loaded.num_classes), device=device,
+                     progress=True, process=loaded.process, logsnrs=_tuned(args, scfg))
     secs = time.perf_counter() - start
     if args.out_dir:
         save_images(x, args.out_dir)
@@ -332,6 +343,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from simdiff.detect.cli import add_detect_parser, add_hallucination_flags
     from simdiff.invert.cli import add_edit_parser
     from simdiff.likelihood.cli import add_likelihood_parser
     from simdiff.quant.cli import add_quantize_parser
@@ -375,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="grid PNG path (default samples.png)")
     p.add_argument("--out-dir", help="also write individual PNGs here")
     p.add_argument("--info", action="store_true", help="print what the model is and exit")
+    add_hallucination_flags(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="sample and score against the data set's test split")
@@ -404,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_parser(sub)
     add_likelihood_parser(sub)
     add_edit_parser(sub)
+    add_detect_parser(sub)
     add_tune_grid_parser(sub)
     add_serve_parser(sub)
     return parser

@@ -142,7 +142,10 @@ def sample_with_scores(args: argparse.Namespace, loaded: Any, scfg: Any, labels:
         Path(getattr(args, "out", None) or "samples.png").with_name(
             Path(getattr(args, "out", None) or "samples.png").stem + "_scores.csv")
     lab = labels.tolist() if labels is not None else [""] * len(s)
-    out.write_text("index,label,score\n" + "".join(f"{i},{lab[i]},{v:.6g}\n" for i, v in enumerate(s.tolist())))
+    from simdiff.train.rundir import atomic_write_bytes
+
+    atomic_write_bytes(out, ("index,label,score\n" + "".join(f"{i},{lab[i]},{v:.6g}\n"
+                                                              for i, v in enumerate(s.tolist()))).encode())
     top = torch.argsort(s, descending=True)[:5].tolist()
     print(f"wrote trajectory-variance scores (last {k} steps) to {out}; most suspicious: {top}")
     return x
