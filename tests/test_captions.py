@@ -135,3 +135,14 @@ def test_bad_options_are_one_line_errors(options, needle):
 def test_flips_are_refused():
     with pytest.raises(ConfigError, match="hflip"):
         captioned(DataConfig(name="mnist_captions", hflip=True))
+
+
+def test_fashion_captions_use_garment_names_and_no_stroke_words():
+    from simdiff.data.sources import FASHION_DIR
+
+    if not FASHION_DIR.is_dir():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    d = captioned(DataConfig(name="fashion_captions", split="test", limit=40))
+    words = {w for per in d["captions"] for c in per for w in c.replace(",", " ").replace(";", " ").split()}
+    assert words & {"dress", "coat", "sneaker", "trouser", "pullover", "bag"}
+    assert not words & {"thick", "thin", "upright", "slanted"} and words & {"small", "large", "faint", "bright"}

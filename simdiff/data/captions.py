@@ -327,7 +327,7 @@ def captioned(cfg: Any) -> dict[str, Any]:
         attrs = tuple(a for a in attrs if a in STROKE_ATTRIBUTES)
     words = attribute_words({k: v.reshape(-1) for k, v in values.items()}, thresholds, attrs)
     names = [str(i) for i in range(10)] if cfg.name == "mnist_captions" else [
-        c.lower() for c in ("T-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+        c.lower() for c in ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                             "ankle boot")]
     spelled = list(NUMBER_WORDS) if cfg.name == "mnist_captions" else names
     canvas = o["canvas"]

@@ -17,7 +17,8 @@ same word back (``<attribute>_accuracy`` with the count ``<attribute>_n``); ``cl
 with a class. On the data set's own images and captions every attribute scores 1 (the captions were made this way,
 see ``tests/test_prompts_eval.py``), so the scores measure the sampler/model, not the judge. The criterion is the
 captions' own (lowest / highest tercile), so "thick" is judged right only when the stroke is in the training set's
-thickest third.
+thickest third. Classes are parsed and judged for digits only (numerals and number words); on ``fashion_captions``
+prompts the attributes and positions are judged and ``class_n`` is 0.
 """
 
 from __future__ import annotations
