@@ -46,12 +46,18 @@ __all__ = ["MiniLMText", "CaptionBatches", "load_text_encoder", "text_training",
 _register_backbone()
 
 
+def _load_captions(cfg):
+    from simdiff.data.captions import load_captions
+
+    return load_captions(cfg)
+
+
 def _register_datasets() -> None:
     """Add ``mnist_captions`` / ``fashion_captions`` to :data:`simdiff.data.datasets.DATASETS` (idempotent)."""
     from simdiff.data.datasets import DATASETS
 
     for name in ("mnist_captions", "fashion_captions"):
-        DATASETS.setdefault(name, lambda cfg: __import__("simdiff.data.captions").data.captions.load_captions(cfg))
+        DATASETS.setdefault(name, _load_captions)
 
 
 _register_datasets()
