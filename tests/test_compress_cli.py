@@ -105,6 +105,8 @@ def test_decoder_conditioning_path():
     assert a.shape == (2, 3, 16, 16) and torch.equal(a, decode(model, base[:, :, ::2, ::2], steps=3, seed=4,
                                                                   size=(16, 16)))
     assert not torch.equal(a, decode(model, base[:, :, ::2, ::2], steps=3, seed=5, size=(16, 16)))
+    s1, s2 = (decode(model, base, steps=3, eta=1.0, seed=9) for _ in range(2))  # stochastic steps, fixed seed
+    assert torch.equal(s1, s2) and not torch.equal(s1, decode(model, base, steps=3, eta=0.0, seed=9))
 
 
 def test_decoder_learns_to_use_the_base():
