@@ -122,3 +122,20 @@ def test_standard_codecs_hit_target_bpp(name, image):
     assert out.shape == image.shape and np.array_equal(out, codec.decompress(data))
     with pytest.raises(ConfigError):
         codec.decompress(sdc[:-10])
+
+
+def test_grey_codec_on_digit_sized_images():
+    """The small cases (MNIST-sized, one channel): 28x28 is padded to 64 and cropped back; latents still exact."""
+    torch.manual_seed(0)
+    model = HyperpriorCodec(HyperpriorConfig(N=8, M=12, channels=1), model_id="grey").eval()
+    rng = np.random.default_rng(0)
+    digit = (rng.random((28, 28, 1)) * 255).astype(np.uint8)
+    data = model.compress(digit)
+    out = model.decompress(data)
+    assert out.shape == (28, 28, 1) and np.array_equal(out, model.decompress(data))
+    a = model.analyse(digit)
+    _, payload = unpack(data)
+    y, z = decode_latents(payload, z_shape=tuple(a["z_hat"].shape), density=model.density, scale_fn=model.scales)
+    assert torch.equal(y, a["y_hat"]) and torch.equal(z, a["z_hat"])
+    with pytest.raises(ValueError, match=r"uint8 \[H, W, 1\]"):
+        model.compress(np.repeat(digit, 3, axis=2))
