@@ -200,6 +200,8 @@ class HyperpriorCodec(nn.Module):
         if header.channels != self.cfg.channels:
             raise ConfigError(f"{where}: {header.channels} channels, the model codes {self.cfg.channels}")
         m = self.MULTIPLE
+        if header.height * header.width > 1 << 28:
+            raise ConfigError(f"{where}: image of {header.height}x{header.width} pixels is too large to decode")
         hp, wp = -(-header.height // m) * m, -(-header.width // m) * m
         z_shape = (1, self.cfg.N, hp // m, wp // m)
         try:
