@@ -49,3 +49,14 @@ def test_mnist_crops_centre_and_fit_the_digit():
     assert crop.shape == (28, 28) and on[:, 0].max() - on[:, 0].min() + 1 == 20  # fitted to 20 rows
     assert abs(on[:, 0].float().mean() - 13.5) <= 1 and abs(on[:, 1].float().mean() - 13.5) <= 1  # centred
     assert on[:, 1].max() - on[:, 1].min() + 1 == 10
+
+
+def test_a_missing_object_fails_its_checks(test_split):
+    x, d = test_split
+    two = [i for i in range(len(x)) if d["labels"][i, 1] >= 0][:10]
+    prompts = [d["captions"][i][0] for i in two]
+    assert prompt_adherence(x[two], prompts, d["thresholds"])["position_accuracy"] == 1.0
+    blank = x[two].clone()
+    blank[..., :, 24:] = -1.0  # erase the right-hand object
+    scores = prompt_adherence(blank, prompts, d["thresholds"])
+    assert scores["position_accuracy"] == 0.5 and scores["class_accuracy"] <= 0.5

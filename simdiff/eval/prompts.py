@@ -14,8 +14,10 @@ two -- and each object is
 
 :func:`prompt_adherence` reports, per attribute, the fraction of the objects whose prompt names it that get the
 same word back (``<attribute>_accuracy`` with the count ``<attribute>_n``); ``class_accuracy`` covers every object
-with a class. On the data set's own images and captions every attribute scores 1 (the captions were made this way,
-see ``tests/test_prompts_eval.py``), so the scores measure the sampler/model, not the judge. The criterion is the
+with a class. An object must be present (:data:`MIN_PEAK`, :data:`MIN_AREA`) to pass any check, so an empty half
+of a two-object canvas fails its object's position, class and attributes. On the data set's own images and
+captions every attribute scores 1 (the captions were made this way, see ``tests/test_prompts_eval.py``), so the
+scores measure the model, not the judge. The criterion is the
 captions' own (lowest / highest tercile), so "thick" is judged right only when the stroke is in the training set's
 thickest third. Classes are parsed and judged for digits only (numerals and number words); on ``fashion_captions``
 prompts the attributes and positions are judged and ``class_n`` is 0.
@@ -35,6 +37,9 @@ from simdiff.data.captions import ATTRIBUTES, NUMBER_WORDS, WORDS, attribute_wor
 __all__ = ["ObjectSpec", "parse_prompt", "split_objects", "mnist_crops", "prompt_adherence"]
 
 _WORD_ATTR = {w: a for a, pair in WORDS.items() for w in pair}
+#: an object is present when its brightest pixel has at least this ink and its mask (>= half the peak) at least
+#: ``MIN_AREA`` pixels; an absent object fails every check its prompt names (class, attributes, position).
+MIN_PEAK, MIN_AREA = 0.25, 4
 _SPLIT = re.compile(r";|,\s+(?=an?\s)|\s+and\s+(?=an?\s)")
 
 
@@ -132,10 +137,12 @@ def prompt_adherence(images: Tensor, prompts: list[str], thresholds: dict[str, t
         ink = split_objects(images[rows], count)
         values = measure(ink)
         words = attribute_words(values, thresholds)
+        peak = ink.flatten(1).amax(1)
+        present = (peak >= MIN_PEAK) & ((ink >= 0.5 * peak[:, None, None]).flatten(1).sum(1) >= MIN_AREA)
         for j, i in enumerate(rows):
             for k, spec in enumerate(specs[i]):
                 n = j * count + k
-                got = {_WORD_ATTR[w]: w for w in words[n]}
+                got = {_WORD_ATTR[w]: w for w in words[n]} if present[n] else {}
                 for attr, want in spec.words.items():
                     hits[attr].append(got.get(attr) == want)
                 if spec.position is not None:
@@ -143,10 +150,10 @@ def prompt_adherence(images: Tensor, prompts: list[str], thresholds: dict[str, t
                     lo, hi = (0, width) if count == 1 else ((0, width // 2) if k == 0 else (width // 2, width))
                     where = position_word(float(values["cx"][n]), lo=0, hi=width) if count == 1 else (
                         "on the left" if values["cx"][n] < width / 2 else "on the right")
-                    hits["position"].append(where == spec.position and lo <= values["cx"][n] < hi)
+                    hits["position"].append(bool(present[n]) and where == spec.position and lo <= values["cx"][n] < hi)
                 if spec.label is not None:
                     crops.append(ink[n])
-                    labels.append(spec.label)
+                    labels.append(spec.label if present[n] else -1)  # a missing object is a miss
     if crops:
         if classifier is None:
             from simdiff.eval.mnist import MNISTFeatures
