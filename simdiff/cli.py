@@ -5,6 +5,7 @@
     simdiff eval SOURCE [--num N --metrics mnist_fd,fid,kid,precision_recall,accuracy,bpd (default: from the data)]
     simdiff likelihood SOURCE [--num N] [--method elbo|ode]
     simdiff detect IMAGES --model SOURCE [--method dire-free|dire]   (sample ... --hallucination-score K)
+    simdiff compress IMAGE -o OUT.sdc [--rate N | --codec jpeg ...]; simdiff decompress OUT.sdc -o OUT.png
     simdiff edit IMAGE... --source-label 3 --target-label 8 [--model SOURCE] [--method ddim|edict|nulltext|ddpm ...]
     simdiff export SOURCE OUT.safetensors
     simdiff tune-grid RUN [--sampler unipc] [--steps 5 6 8 10] [--guidance W]   (then: sample RUN --grid tuned)
@@ -343,6 +344,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from simdiff.compress.cli import add_compress_parsers
     from simdiff.detect.cli import add_detect_parser, add_hallucination_flags
     from simdiff.invert.cli import add_edit_parser
     from simdiff.likelihood.cli import add_likelihood_parser
@@ -418,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_likelihood_parser(sub)
     add_edit_parser(sub)
     add_detect_parser(sub)
+    add_compress_parsers(sub)
     add_tune_grid_parser(sub)
     add_serve_parser(sub)
     return parser

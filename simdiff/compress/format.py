@@ -24,8 +24,6 @@ the whole file. Decoding checks, in order: length, magic, version, codec, payloa
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,20 +153,11 @@ def unpack(data: bytes, *, where: str = "input") -> tuple[Header, bytes]:
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``: readers see either
-    the old file or the complete new one, never a partial write."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` through a temporary sibling and ``os.replace``: readers see either the old file or
+    the complete new one, never a partial write (:func:`simdiff.train.rundir.atomic_write_bytes`)."""
+    from simdiff.train.rundir import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
 
 
 def read_container(path: str | Path) -> tuple[Header, bytes]:
