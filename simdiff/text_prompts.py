@@ -23,7 +23,8 @@ from simdiff.configuration import ConfigError
 from simdiff.text import MODEL_NAME, MiniLMText, load_text_encoder
 
 __all__ = ["DEFAULT_PROMPTS", "conditioner_from_meta", "prompt_conditioning", "sample_prompts", "save_prompt_grid",
-           "text_sample_grid", "sample_command", "add_prompt_flags", "evaluate_text_model", "is_text_run"]
+           "text_sample_grid", "grid_sampler", "sample_command", "add_prompt_flags", "evaluate_text_model",
+           "is_text_run"]
 
 #: prompts of the training-time sample grids (one row each).
 DEFAULT_PROMPTS = ("a 0", "a thick 1 on the left", "a thin slanted 2", "a large 3 on the right", "a faint 4",
@@ -97,6 +98,17 @@ def text_sample_grid(model, schedule, sample_cfg, *, image_shape, out: str | Pat
     x = generate(model, schedule, tuple(image_shape), cfg, cond=cond, conditioner=encoder, device=device,
                  process=process)
     return save_prompt_grid(x, out, per_prompt=per)
+
+
+def grid_sampler(encoder: MiniLMText, prompts: Sequence[str] = DEFAULT_PROMPTS):
+    """A drop-in for :func:`simdiff.runs.sample_grid` (same signature) that draws prompt rows with ``encoder``."""
+
+    def grid(model, schedule, sample_cfg, *, image_shape, num_classes=0, out, num=None, device="cpu", process=None):
+        cfg = sample_cfg if num is None else dataclasses.replace(sample_cfg, num=num)
+        return text_sample_grid(model, schedule, cfg, image_shape=image_shape, out=out, encoder=encoder,
+                                device=device, process=process, prompts=prompts)
+
+    return grid
 
 
 def add_prompt_flags(p) -> None:

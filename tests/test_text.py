@@ -186,6 +186,15 @@ def test_guidance_uses_the_empty_prompt_and_prompts_fill_rows(encoder):
         text_prompts.prompt_conditioning(encoder, ["two\nlines"])
 
 
+def test_training_sample_grid_has_one_row_per_default_prompt(encoder, tmp_path):
+    model = build_model("text_uvit", "v", TINY, image_channels=1, image_size=16, num_classes=0).eval()
+    grid = text_prompts.grid_sampler(encoder)  # what the training hooks call instead of runs.sample_grid
+    path = grid(model, schedule_from_dict({"name": "cosine"}), SampleConfig(sampler="ddim", steps=2, num=16),
+                image_shape=(1, 16, 16), num_classes=0, out=tmp_path / "grid.png")
+    with Image.open(path) as im:  # 8 prompts x 2 samples: tiles of 18 px scaled x4 plus the outer border
+        assert im.size == (2 * 72 + 8, len(text_prompts.DEFAULT_PROMPTS) * 72 + 8)
+
+
 def test_text_configs_are_checked(encoder):
     base = {"model": {"arch": "text_uvit", "options": TINY}}
     with pytest.raises(ConfigError, match="class_conditional"):
