@@ -71,7 +71,8 @@ def test_training_config_parses_and_trains_one_step(name, tmp_path):
     assert (loaded.process.name if loaded.process is not None else "isotropic") == named
     if name == "mnist.yaml":  # the shipped model's architecture: the README's "3.0M-parameter residual U-ViT"
         assert round(count_parameters(loaded.model, trainable_only=False) / 1e6, 1) == 3.0
-    head = [p for n, p in loaded.model.named_parameters() if n.startswith(("backbone.head.", "head."))]
+    head = [p for n, p in loaded.model.named_parameters()
+            if n.startswith(("backbone.head.", "head.", "backbone.conv_out.", "conv_out."))]
     assert head and all(p.abs().max() > 0 for p in head)  # the zero-initialised output head took its first step
 
 
