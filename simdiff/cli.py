@@ -6,6 +6,7 @@
     simdiff likelihood SOURCE [--num N] [--method elbo|ode]
     simdiff detect IMAGES --model SOURCE [--method dire-free|dire]   (sample ... --hallucination-score K)
     simdiff compress IMAGE -o OUT.sdc [--rate N | --codec jpeg ...]; simdiff decompress OUT.sdc -o OUT.png
+    simdiff sample CASCADE.yaml|CASCADE.safetensors [--aug-logsnr L] [--strip]; simdiff cascade pack|train-sr|sample
     simdiff edit IMAGE... --source-label 3 --target-label 8 [--model SOURCE] [--method ddim|edict|nulltext|ddpm ...]
     simdiff export SOURCE OUT.safetensors
     simdiff tune-grid RUN [--sampler unipc] [--steps 5 6 8 10] [--guidance W]   (then: sample RUN --grid tuned)
@@ -110,7 +111,11 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from simdiff.cascade.cli import cmd_train_sr, is_sr_config
     from simdiff.experiment import load_config, train
+
+    if is_sr_config(args.config):  # a super-resolution stage (a config with an ``sr:`` section)
+        return cmd_train_sr(args)
 
     cfg = load_config(args.config, args.set or [])
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
@@ -157,10 +162,15 @@ def _parse_labels(text: str | None, num: int, num_classes: int) -> torch.Tensor 
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from simdiff.cascade.cascade import is_cascade_source
     from simdiff.generate import check_sample_config, generate
     from simdiff.images import check_output, save_grid, save_images
     from simdiff.runs import check_student_sampling, class_null_cond, describe, load_model
 
+    if is_cascade_source(args.source):  # a cascade YAML or packed cascade: every stage in turn
+        from simdiff.cascade.cli import cmd_sample_cascade
+
+        return cmd_sample_cascade(args)
     device = _check_flags(args)
     k = getattr(args, "hallucination_score", None)
     if k is not None and k < 2:
@@ -344,6 +354,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from simdiff.cascade.cli import add_cascade_flags, add_cascade_parser
     from simdiff.compress.cli import add_compress_parsers
     from simdiff.detect.cli import add_detect_parser, add_hallucination_flags
     from simdiff.invert.cli import add_edit_parser
@@ -390,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", help="also write individual PNGs here")
     p.add_argument("--info", action="store_true", help="print what the model is and exit")
     add_hallucination_flags(p)
+    add_cascade_flags(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="sample and score against the data set's test split")
@@ -421,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_edit_parser(sub)
     add_detect_parser(sub)
     add_compress_parsers(sub)
+    add_cascade_parser(sub)
     add_tune_grid_parser(sub)
     add_serve_parser(sub)
     return parser

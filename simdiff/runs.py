@@ -274,6 +274,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", ema: boo
         raise CheckpointError(f"{path}: stored config is invalid ({e})") from None
     image_shape = tuple(int(v) for v in meta["image_shape"])
     num_classes = int(meta.get("num_classes", 0))
+    if meta.get("kind") == "super_resolution":
+        raise CheckpointError(f"{source}: a super-resolution stage samples from a low-resolution input; put it in a "
+                              "cascade (simdiff sample CASCADE.yaml, see simdiff/configs/mnist_cascade.yaml)")
     model = build_network(cfg, image_shape=image_shape, num_classes=num_classes)
     if meta.get("kind", "diffusion") != "diffusion":  # a distilled student: rewrap the network as recorded
         try:

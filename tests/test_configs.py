@@ -25,7 +25,11 @@ from tiny_configs import tiny_uvit  # noqa: E402
 
 CONFIGS = Path(__file__).parents[1] / "simdiff" / "configs"
 DISTILL = sorted(p.name for p in CONFIGS.glob("distill_*.yaml"))
-TRAINING = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("distill_"))
+#: not experiment configs: a super-resolution stage (``sr:`` section, ``simdiff cascade train-sr``) and a cascade of
+#: stages; tests/test_sr.py and tests/test_cascade.py train and sample them.
+NOT_EXPERIMENTS = {"mnist_sr.yaml", "mnist_cascade.yaml"}
+TRAINING = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("distill_")
+                  and p.name not in NOT_EXPERIMENTS)
 
 ONE_STEP = ["train.steps=1", "train.batch_size=4", "train.checkpoint_every=0", "train.sample_every=0",
             "train.progress=false", "train.log_every=1", "sample.num=2"]
