@@ -86,7 +86,9 @@ def _tuned(args: argparse.Namespace, scfg):
 
 def _check_model_flags(loaded, scfg) -> None:
     """Refuse flags the loaded model cannot honour (before sampling): guidance on an unconditional model."""
-    if scfg.guidance != 0.0 and loaded.num_classes == 0 and not getattr(loaded.model, "guidance_input", False):
+    text = loaded.config.model.arch == "text_uvit"  # guided on the empty prompt
+    if scfg.guidance != 0.0 and loaded.num_classes == 0 and not text and not getattr(loaded.model, "guidance_input",
+                                                                                      False):
         raise ConfigError(f"--guidance {scfg.guidance} needs a class-conditional model; this model is unconditional "
                           "(use --guidance 0)")
 
@@ -194,6 +196,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     scfg = check_sample_config(_sample_overrides(args, loaded.config.sample), names=_SAMPLE_FLAGS)
     check_student_sampling(loaded.meta, scfg)
     _check_model_flags(loaded, scfg)
+    if args.prompt or loaded.config.model.arch == "text_uvit":  # text-to-image: one grid row per prompt
+        from simdiff.text_prompts import sample_command
+
+        return sample_command(args, loaded, scfg, device=device, logsnrs=_tuned(args, scfg))
     labels = _parse_labels(args.labels, scfg.num, loaded.num_classes)
     start = time.perf_counter()
     if k is not None:  # trajectory-variance hallucination scores beside the samples
@@ -250,7 +256,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     scfg = check_sample_config(_sample_overrides(args, loaded.config.sample), names=_SAMPLE_FLAGS)
     check_student_sampling(loaded.meta, scfg)
     _check_model_flags(loaded, scfg)
-    result = evaluate_model(loaded, scfg, num=num, metrics=metrics, device=device, logsnrs=_tuned(args, scfg))
+    if loaded.config.model.arch == "text_uvit":  # captions of test images as prompts: FID/KID + prompt adherence
+        from simdiff.text_prompts import evaluate_text_model
+
+        result = evaluate_text_model(loaded, scfg, num=num, metrics=metrics or ("fid", "kid"), device=device,
+                                     progress=True)
+    else:
+        result = evaluate_model(loaded, scfg, num=num, metrics=metrics, device=device, logsnrs=_tuned(args, scfg))
     result = {"sampler": scfg.sampler, "steps": scfg.steps, "grid": scfg.grid, "num": num, **result}
     print(json.dumps(result, indent=1))
     if args.json:
@@ -362,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     from simdiff.quant.cli import add_quantize_parser
     from simdiff.samplers.tune_cli import add_tune_grid_parser
     from simdiff.serve import add_serve_parser
+    from simdiff.text_prompts import add_prompt_flags
     from simdiff.video import add_rollout_flags
 
     parser = _Parser(prog="simdiff", description=__doc__.split("\n\n")[0])
@@ -397,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_rollout_flags(p)
     _add_discrete_flags(p)
     p.add_argument("--labels", help="comma-separated class labels (cycled); default: all classes in turn")
+    add_prompt_flags(p)
     p.add_argument("--out", help="grid PNG path (default samples.png)")
     p.add_argument("--out-dir", help="also write individual PNGs here")
     p.add_argument("--info", action="store_true", help="print what the model is and exit")

