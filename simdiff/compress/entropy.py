@@ -28,6 +28,8 @@ from torch import Tensor, nn
 
 from simdiff.configuration import ConfigError
 
+from .format import varint as _varint
+
 __all__ = ["FactorizedDensity", "gaussian_likelihood", "quantize", "SCALE_TABLE", "SCALE_MIN", "snap_scales",
            "encode_latents", "decode_latents", "LIKELIHOOD_FLOOR"]
 
@@ -115,15 +117,6 @@ def _constriction():
         raise ConfigError("the learned codec needs the range coder package; install it with: pip install "
                           "constriction") from None
     return constriction
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:

@@ -77,7 +77,8 @@ class Header:
             raise ConfigError(f"model id must be ASCII of at most 255 characters, got {self.model_id!r}")
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """``n >= 0`` as an unsigned LEB128 varint (7 bits a byte, high bit = more bytes follow)."""
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -114,8 +115,8 @@ def pack(header: Header, payload: bytes) -> bytes:
     mid = header.model_id.encode("ascii")
     body = b"".join([
         MAGIC, bytes([FORMAT_VERSION, CODECS.index(header.codec), header.channels - 1]),
-        _varint(header.height), _varint(header.width), bytes([len(mid)]), mid, header.model_hash,
-        bytes([header.rate]), _varint(len(payload)), payload,
+        varint(header.height), varint(header.width), bytes([len(mid)]), mid, header.model_hash,
+        bytes([header.rate]), varint(len(payload)), payload,
     ])  # fmt: skip
     return body + zlib.crc32(body).to_bytes(4, "little")
 
