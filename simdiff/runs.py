@@ -422,5 +422,8 @@ def evaluate_model(
                  num_classes=loaded.num_classes, null_cond=class_null_cond(loaded.num_classes), device=device,
                  progress=progress, process=loaded.process, logsnrs=logsnrs)
     ref, key = reference_images(loaded.config, max(num, 1000))
+    from simdiff.eval.evaluate import classifier_for
+
+    domain = classifier_for(loaded.image_shape, data_name) or "mnist"
     return {**evaluate_samples(x, ref, metrics=metrics, labels=labels, reference_key=key, progress=progress,
-                               device=device), **scores}
+                               device=device, classifier=domain), **scores}

@@ -153,7 +153,7 @@ CASES = [
     # metrics, found before sampling
     ("metrics-unknown", ["eval", "{run}", "--metrics", "bogus"], "--metrics: unknown metric"),
     ("metrics-too-few", ["eval", "{run}", "--metrics", "precision_recall", "--num", "3"], "too few"),
-    ("metrics-unfit", ["eval", "{run}", "--metrics", "mnist_fd", "--num", "8"], "fit only MNIST"),
+    ("metrics-unfit", ["eval", "{run}", "--metrics", "mnist_fd", "--num", "8"], "fit only MNIST digits"),
     ("metrics-default-too-few", ["eval", "{run}", "--num", "2"], "too few"),
     # sources
     ("source-missing", ["sample", "{root}/nope"], "no such run directory"),

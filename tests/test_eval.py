@@ -230,9 +230,12 @@ def test_default_metrics_follow_the_data(shape, name, expect):
 def test_check_metrics_refuses_what_does_not_fit():
     check_metrics(["mnist_fd", "accuracy", "fid", "kid", "precision_recall"], (1, 28, 28), "mnist")
     check_metrics(("fid", "kid"), (1, 28, 28), "fashion_mnist")
-    with pytest.raises(ConfigError, match=r"mnist_fd, accuracy use the MNIST digit classifier .* 'fashion_mnist'"):
+    check_metrics(("fashion_fd", "accuracy"), (1, 28, 28), "fashion_mnist")  # Fashion-MNIST's own classifier
+    with pytest.raises(ConfigError, match=r"metric\(s\) mnist_fd use a domain classifier .* 'fashion_mnist'"):
         check_metrics(["fid", "mnist_fd", "accuracy"], (1, 28, 28), "fashion_mnist")
-    with pytest.raises(ValueError, match=r"accuracy use the MNIST digit classifier .* at 1x32x32"):
+    with pytest.raises(ConfigError, match=r"metric\(s\) fashion_fd use .* 'mnist'"):
+        check_metrics(["fashion_fd"], (1, 28, 28), "mnist")
+    with pytest.raises(ValueError, match=r"accuracy use a domain classifier and fit only MNIST digits .* at 1x32x32"):
         check_metrics(["accuracy"], (1, 32, 32), "mnist")
     with pytest.raises(ValueError, match=r"unknown metric\(s\) \['is'\]"):
         check_metrics(["fid", "is"], (3, 32, 32), "folder")

@@ -48,3 +48,28 @@ def test_network_shapes_and_weights_round_trip(tmp_path, monkeypatch) -> None:
 def test_both_classifiers_share_one_implementation() -> None:
     assert issubclass(fashion.FashionFeatures, ClassifierFeatures) and issubclass(MNISTFeatures, ClassifierFeatures)
     assert MNISTFeatures.mean != fashion.FashionFeatures.mean
+
+
+def test_fashion_metrics_through_evaluate_samples(tmp_path, monkeypatch) -> None:
+    """``fashion_fd`` and ``accuracy`` with ``classifier="fashion"`` use the Fashion network (here an untrained one
+    written to a temporary file): identical sets have distance ~0, a shifted set a larger one."""
+    from simdiff.eval import evaluate_samples
+    from simdiff.eval.evaluate import classifier_for, default_metrics
+
+    torch.manual_seed(0)
+    path = fashion.save_fashion_classifier(fashion.FashionNet().eval(), tmp_path / "w.safetensors",
+                                           test_accuracy=0.5)
+    monkeypatch.setattr(fashion, "WEIGHTS", path)
+    monkeypatch.setattr(fashion, "_CACHE", {})
+    assert classifier_for((1, 28, 28), "fashion_mnist") == "fashion" and classifier_for((1, 28, 28), "mnist") == "mnist"
+    assert default_metrics((1, 28, 28), "fashion_mnist") == ("fashion_fd", "fid", "accuracy")
+    g = torch.Generator().manual_seed(1)
+    ref = torch.rand(200, 1, 28, 28, generator=g) * 2 - 1
+    same = evaluate_samples(ref.clone(), ref, metrics=("fashion_fd",), progress=False, device="cpu")
+    shifted = evaluate_samples((ref * 0.5 + 0.4).clamp(-1, 1), ref, metrics=("fashion_fd",), progress=False,
+                               device="cpu")
+    assert same["fashion_fd"] < 1e-6 < shifted["fashion_fd"]
+    labels = fashion.FashionFeatures("cpu").predict(ref)
+    acc = evaluate_samples(ref, metrics=("accuracy",), labels=labels, classifier="fashion", progress=False,
+                           device="cpu")
+    assert acc["accuracy"] == 1.0

@@ -21,19 +21,22 @@ from simdiff.eval.refstats import ReferenceStats, RefStats
 
 __all__ = ["evaluate_samples", "default_metrics", "check_metrics", "min_samples", "METRICS", "MNIST_METRICS",
            "MODEL_METRICS",
-           "FEATURE_SPACES", "MNIST_DATA"]
+           "FEATURE_SPACES", "MNIST_DATA", "FASHION_DATA", "classifier_for"]
 
-METRICS = ("mnist_fd", "fid", "kid", "precision_recall", "accuracy", "bpd")
+METRICS = ("mnist_fd", "fid", "kid", "precision_recall", "accuracy", "bpd", "fashion_fd")
 #: metrics that score the model on real test images instead of scoring samples (``simdiff.eval.likelihood``).
 MODEL_METRICS = ("bpd",)
-FEATURE_SPACES = ("inception", "mnist")
+FEATURE_SPACES = ("inception", "mnist", "fashion")
 #: metrics computed with the MNIST digit classifier (they mean something only on MNIST digits).
 MNIST_METRICS = ("mnist_fd", "accuracy")
 #: data set names (``DataConfig.name``, case and ``-``/``_`` ignored) whose images are MNIST digits.
 MNIST_DATA = frozenset({"mnist"})
+#: data set names whose images Fashion-MNIST's classifier (``simdiff.eval.fashion``) scores: ``fashion_fd`` and
+#: ``accuracy`` on 1 x 28 x 28 Fashion-MNIST.
+FASHION_DATA = frozenset({"fashion_mnist"})
 #: the fewest samples each metric is defined for: a covariance needs 2 (FID, MNIST-FD, KID's unbiased MMD^2), the
 #: k-NN radii of precision/recall need k + 1 (k = 3 by default).
-_MIN_SAMPLES = {"mnist_fd": 2, "fid": 2, "kid": 2, "accuracy": 1, "bpd": 2}
+_MIN_SAMPLES = {"mnist_fd": 2, "fashion_fd": 2, "fid": 2, "kid": 2, "accuracy": 1, "bpd": 2}
 
 
 def min_samples(metrics: tuple[str, ...] | list[str], *, pr_k: int = 3) -> int:
@@ -44,6 +47,20 @@ def min_samples(metrics: tuple[str, ...] | list[str], *, pr_k: int = 3) -> int:
 def _is_mnist_digits(image_shape: tuple[int, ...], data_name: str | None) -> bool:
     name = (data_name or "").strip().lower().replace("-", "_")
     return tuple(int(v) for v in image_shape) == (1, 28, 28) and name in MNIST_DATA
+
+
+def _is_fashion(image_shape: tuple[int, ...], data_name: str | None) -> bool:
+    name = (data_name or "").strip().lower().replace("-", "_")
+    return tuple(int(v) for v in image_shape) == (1, 28, 28) and name in FASHION_DATA
+
+
+def classifier_for(image_shape: tuple[int, ...], data_name: str | None) -> str | None:
+    """The domain classifier that scores this data (``"mnist"``, ``"fashion"``), or ``None``."""
+    if _is_mnist_digits(image_shape, data_name):
+        return "mnist"
+    if _is_fashion(image_shape, data_name):
+        return "fashion"
+    return None
 
 
 def _channels(image_shape: tuple[int, ...]) -> int:
@@ -70,6 +87,11 @@ def default_metrics(image_shape: tuple[int, ...], data_name: str | None) -> tupl
     _channels(image_shape)
     if _is_mnist_digits(image_shape, data_name):
         return ("mnist_fd", "fid", "accuracy")
+    if _is_fashion(image_shape, data_name):
+        from simdiff.eval.fashion import WEIGHTS
+
+        if WEIGHTS.is_file():
+            return ("fashion_fd", "fid", "accuracy")
     return ("fid", "kid", "precision_recall")
 
 
@@ -77,7 +99,9 @@ def check_metrics(metrics: tuple[str, ...] | list[str], image_shape: tuple[int, 
                   *, num: int | None = None) -> None:
     """Refuse, with one line, requested ``metrics`` that are unknown, do not fit the data or the sample count.
 
-    The MNIST-classifier metrics (:data:`MNIST_METRICS`) fit only MNIST digits at 1 x 28 x 28 (see
+    ``mnist_fd`` fits only MNIST digits and ``fashion_fd`` only Fashion-MNIST, at 1 x 28 x 28; ``accuracy`` fits
+    either (it uses that data's classifier). The MNIST-classifier metrics (:data:`MNIST_METRICS`) fit only MNIST
+    digits at 1 x 28 x 28 (see
     :func:`default_metrics`); the Inception metrics fit any 1- or 3-channel images. ``num`` (the sample count, if
     given) must reach :func:`min_samples`. ``image_shape=None`` checks only the names and ``num`` (what can be
     checked before a model is loaded).
@@ -96,11 +120,14 @@ def check_metrics(metrics: tuple[str, ...] | list[str], image_shape: tuple[int, 
     if image_shape is None:
         return
     _channels(image_shape)
-    unfit = [m for m in metrics if m in MNIST_METRICS]
-    if unfit and not _is_mnist_digits(image_shape, data_name):
-        shape = "x".join(str(int(v)) for v in image_shape)
-        raise ConfigError(f"metric(s) {', '.join(unfit)} use the MNIST digit classifier and fit only MNIST digits at "
-                         f"1x28x28; this data is {data_name!r} at {shape} (use fid, kid, precision_recall)")
+    shape = "x".join(str(int(v)) for v in image_shape)
+    domain = classifier_for(image_shape, data_name)
+    need = {"mnist_fd": "mnist", "fashion_fd": "fashion"}
+    unfit = [m for m in metrics if m in need and domain != need[m] or (m == "accuracy" and domain is None)]
+    if unfit:
+        raise ConfigError(f"metric(s) {', '.join(unfit)} use a domain classifier and fit only MNIST digits (mnist_fd, "
+                          f"accuracy) or Fashion-MNIST (fashion_fd, accuracy) at 1x28x28; this data is {data_name!r} "
+                          f"at {shape} (use fid, kid, precision_recall)")
 
 
 def evaluate_samples(
@@ -119,6 +146,7 @@ def evaluate_samples(
     kid_subset_size: int = 1000,
     pr_k: int = 3,
     generator: torch.Generator | None = None,
+    classifier: str = "mnist",
 ) -> dict[str, float]:
     """Score ``samples`` against ``reference`` images.
 
@@ -141,6 +169,8 @@ def evaluate_samples(
         feature_space: features used by KID and precision/recall, one of ``FEATURE_SPACES``.
         kid_subsets, kid_subset_size: KID subset sampling. pr_k: k of the k-NN manifolds.
         generator: RNG for the KID subsets (default seeded with 0).
+        classifier: the domain classifier ``"accuracy"`` uses: ``"mnist"`` (digits) or ``"fashion"``
+            (:mod:`simdiff.eval.fashion`); ``"fashion_fd"`` always uses the Fashion-MNIST classifier.
 
     Returns:
         ``dict`` with the keys produced by the requested metrics, all ``float``.
@@ -156,12 +186,18 @@ def evaluate_samples(
     if reference is not None:
         check_images(reference, name="reference")
 
+    if classifier not in ("mnist", "fashion"):
+        raise ValueError(f"unknown classifier {classifier!r}; valid: mnist, fashion")
+    from simdiff.eval.fashion import FashionFeatures
+
     extractors = {
         "inception": InceptionFeatures(device, batch_size=batch_size, progress=progress),
         "mnist": MNISTFeatures(device, batch_size=max(batch_size, 500), progress=progress),
+        "fashion": FashionFeatures(device, batch_size=max(batch_size, 500), progress=progress),
     }
     needs_ref = {m for m in metrics if m != "accuracy"}
-    spaces = {"fid": "inception", "mnist_fd": "mnist", "kid": feature_space, "precision_recall": feature_space}
+    spaces = {"fid": "inception", "mnist_fd": "mnist", "fashion_fd": "fashion", "kid": feature_space,
+              "precision_recall": feature_space}
     used = {spaces[m] for m in needs_ref}
     with_feats = {feature_space} if needs_ref & {"kid", "precision_recall"} else set()
     if needs_ref and reference is None and reference_key is None:
@@ -171,7 +207,7 @@ def evaluate_samples(
     if "accuracy" in metrics:
         if labels is None:
             raise ValueError("metric 'accuracy' needs `labels` (the requested class of each sample)")
-        results["accuracy"] = extractors["mnist"].accuracy(samples, labels)
+        results["accuracy"] = extractors[classifier].accuracy(samples, labels)
 
     cache = ReferenceStats(cache_dir) if reference_key is not None else None
     fake: dict[str, Tensor] = {}
@@ -195,7 +231,7 @@ def evaluate_samples(
             mu, sigma = feature_stats(feats)
             real[space] = RefStats(mu, sigma, feats.shape[0], ext.name, "", feats)
 
-    for metric, out_key in (("fid", "fid"), ("mnist_fd", "mnist_fd")):
+    for metric, out_key in (("fid", "fid"), ("mnist_fd", "mnist_fd"), ("fashion_fd", "fashion_fd")):
         if metric in metrics:
             space = spaces[metric]
             mu, sigma = feature_stats(fake[space])
