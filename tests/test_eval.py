@@ -212,7 +212,7 @@ from simdiff.eval import METRICS, check_metrics, default_metrics  # noqa: E402
 @pytest.mark.parametrize("shape, name, expect", [
     ((1, 28, 28), "mnist", ("mnist_fd", "fid", "accuracy")),
     ([1, 28, 28], "MNIST", ("mnist_fd", "fid", "accuracy")),
-    ((1, 28, 28), "fashion_mnist", ("fid", "kid", "precision_recall")),
+    ((1, 28, 28), "fashion_mnist", ("fashion_fd", "fid", "accuracy")),  # the shipped Fashion-MNIST classifier
     ((1, 28, 28), "animal-mnist", ("fid", "kid", "precision_recall")),
     ((1, 28, 28), "folder", ("fid", "kid", "precision_recall")),
     ((1, 28, 28), None, ("fid", "kid", "precision_recall")),

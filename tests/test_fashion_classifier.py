@@ -73,3 +73,18 @@ def test_fashion_metrics_through_evaluate_samples(tmp_path, monkeypatch) -> None
     acc = evaluate_samples(ref, metrics=("accuracy",), labels=labels, classifier="fashion", progress=False,
                            device="cpu")
     assert acc["accuracy"] == 1.0
+
+
+def test_shipped_fashion_classifier_is_accurate() -> None:
+    """The shipped weights: the recorded test accuracy (0.912 over 10k) and a 2000-image check of it."""
+    import pytest
+
+    from simdiff.data.sources import load_fashion_mnist
+
+    assert fashion.classifier_test_accuracy() == pytest.approx(0.9118, abs=1e-4)
+    try:
+        test = load_fashion_mnist("test")
+    except Exception as e:  # the Debian data package is installed by `make setup` where it can be
+        pytest.skip(f"Fashion-MNIST not installed ({e})")
+    acc = fashion.FashionFeatures("cpu").accuracy(test.images[:2000], test.labels[:2000])
+    assert acc > 0.88  # 2000 images: the standard error of 0.912 is 0.006

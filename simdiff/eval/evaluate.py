@@ -74,9 +74,11 @@ def default_metrics(image_shape: tuple[int, ...], data_name: str | None) -> tupl
     """The metrics ``simdiff eval`` computes when none are requested, chosen from the data.
 
     MNIST digits (data set ``mnist`` at its native 1 x 28 x 28): ``("mnist_fd", "fid", "accuracy")`` (the MNIST
-    classifier's Fréchet distance and class accuracy, plus Inception FID); any other data (Fashion-MNIST, other
-    28 x 28 grey sets, resized or RGB MNIST, image folders): ``("fid", "kid", "precision_recall")`` on Inception
-    features. ``accuracy`` needs class labels; a caller sampling an unconditional model drops it.
+    classifier's Fréchet distance and class accuracy, plus Inception FID); Fashion-MNIST at 1 x 28 x 28:
+    ``("fashion_fd", "fid", "accuracy")`` with the shipped Fashion-MNIST classifier (:mod:`simdiff.eval.fashion`);
+    any other data (other 28 x 28 grey sets, resized or RGB MNIST, image folders): ``("fid", "kid",
+    "precision_recall")`` on Inception features. ``accuracy`` needs class labels; a caller sampling an
+    unconditional model drops it.
 
     Args:
         image_shape: ``(C, H, W)`` of the data. data_name: the data set's registry name (``DataConfig.name``).
@@ -88,10 +90,7 @@ def default_metrics(image_shape: tuple[int, ...], data_name: str | None) -> tupl
     if _is_mnist_digits(image_shape, data_name):
         return ("mnist_fd", "fid", "accuracy")
     if _is_fashion(image_shape, data_name):
-        from simdiff.eval.fashion import WEIGHTS
-
-        if WEIGHTS.is_file():
-            return ("fashion_fd", "fid", "accuracy")
+        return ("fashion_fd", "fid", "accuracy")
     return ("fid", "kid", "precision_recall")
 
 
