@@ -206,29 +206,21 @@ def save_decoder(model: BaseConditionedDenoiser, path, *, half: bool = False) ->
     """Write the decoder's weights and config to a ``.safetensors`` file (``half``: float16, loaded as float32)."""
     import json
 
-    from safetensors.torch import save_file
+    from .format import write_model_file
 
     meta = {"kind": "diffusion_decoder", "config": json.dumps(model.config_dict())}
-    dtype = torch.float16 if half else torch.float32
-    save_file({k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    write_model_file(path, model.state_dict(), meta, half=half)
 
 
 def load_decoder(path) -> BaseConditionedDenoiser:
     """Read a decoder written by :func:`save_decoder` (ConfigError with one line if it is not one)."""
     import json
 
-    from safetensors import SafetensorError, safe_open
-
     from simdiff.configuration import from_dict
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k).float() for k in f.keys()}
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-        raise ConfigError(f"{path}: cannot read decoder ({str(e).splitlines()[0] if str(e) else e})") from None
-    if meta.get("kind") != "diffusion_decoder":
-        raise ConfigError(f"{path}: not a diffusion decoder")
+    from .format import read_model_file
+
+    tensors, meta = read_model_file(path, kind="diffusion_decoder", what="diffusion decoder", noun="decoder")
     cfg = json.loads(meta["config"])
     for key in ("channels", "attention_levels"):
         cfg[key] = tuple(cfg[key])

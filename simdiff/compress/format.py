@@ -161,6 +161,30 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     atomic_write_bytes(path, data)
 
 
+def write_model_file(path: str | Path, state: dict, meta: dict[str, str], *, half: bool) -> None:
+    """Write a codec or decoder state dict as safetensors (float16 if ``half``) with ``meta``, atomically."""
+    import torch
+    from safetensors.torch import save
+
+    dtype = torch.float16 if half else torch.float32
+    write_atomic(path, save({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}, metadata=meta))
+
+
+def read_model_file(path: str | Path, *, kind: str, what: str, noun: str) -> tuple[dict, dict[str, str]]:
+    """``(float32 tensors, metadata)`` of a file :func:`write_model_file` wrote with ``meta["kind"] == kind``
+    (never unpickled); an unreadable file is "cannot read <noun>", another kind "not a <what>" (one line each)."""
+    from simdiff.train import CheckpointError
+    from simdiff.train.checkpoint import read_safetensors
+
+    try:
+        tensors, meta = read_safetensors(path)
+    except CheckpointError as e:
+        raise ConfigError(f"{path}: cannot read {noun} ({str(e).split(': ', 1)[-1]})") from None
+    if meta.get("kind") != kind:
+        raise ConfigError(f"{path}: not a {what}")
+    return {k: v.float() for k, v in tensors.items()}, meta
+
+
 def read_container(path: str | Path) -> tuple[Header, bytes]:
     """Read and check an ``.sdc`` file (ConfigError with one line if missing or invalid)."""
     try:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from simdiff.configuration import ConfigError, from_dict
 
 from .entropy import FactorizedDensity, decode_latents, encode_latents, gaussian_likelihood, quantize
-from .format import Header, pack, unpack
+from .format import Header, pack, read_model_file, unpack, write_model_file
 
 __all__ = ["LAMBDAS", "HyperpriorConfig", "GDN", "HyperpriorCodec", "rd_loss"]
 
@@ -125,26 +125,13 @@ class HyperpriorCodec(nn.Module):
     def save(self, path, *, half: bool = False) -> None:
         """Write weights + config to a ``.safetensors`` file (``half``: as float16, loaded back as float32; the
         model hash is that of the loaded weights)."""
-        from safetensors.torch import save_file
-
         meta = {"config": json.dumps(asdict(self.cfg)), "model_id": self.model_id, "kind": "hyperprior"}
-        dtype = torch.float16 if half else torch.float32
-        save_file({k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}, str(path),
-                  metadata=meta)
+        write_model_file(path, self.state_dict(), meta, half=half)
 
     @classmethod
     def load(cls, path) -> HyperpriorCodec:
         """Read a model written by :meth:`save` (ConfigError if it is not one)."""
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k).float() for k in f.keys()}
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-            raise ConfigError(f"{path}: cannot read model ({str(e).splitlines()[0] if str(e) else e})") from None
-        if meta.get("kind") != "hyperprior":
-            raise ConfigError(f"{path}: not a hyperprior codec model")
+        tensors, meta = read_model_file(path, kind="hyperprior", what="hyperprior codec model", noun="model")
         model = cls(from_dict(HyperpriorConfig, json.loads(meta["config"]), where="codec"),
                     model_id=meta.get("model_id", "hp"))
         try:
