@@ -1,0 +1,104 @@
+"""Frozen image encoders: tokens of the MNIST classifier equal its FD features, the encoder stays frozen and outside
+the trained model, per-image caching, the shipped contrastive encoder and its NT-Xent loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from simdiff.configuration import ConfigError
+from simdiff.losses import DiffusionLoss, LossConfig
+from simdiff.nets import build_model
+from simdiff.semantica import build_image_encoder, encoder_width
+from simdiff.semantica.contrastive import WEIGHTS, augment, load_contrastive, nt_xent
+from simdiff.semantica.pairs import load_source
+
+
+@pytest.fixture(scope="module")
+def digits():
+    raw = load_source("mnist", "test")
+    return raw.images[:40], raw.labels[:40]
+
+
+def test_classifier_tokens_are_its_penultimate_features(digits):
+    from simdiff.eval.mnist import MNISTFeatures
+
+    x, _ = digits
+    enc = build_image_encoder("mnist_classifier")
+    tok = enc.tokens(x)
+    assert tok.shape == (40, 1, 128) and enc.width == encoder_width("mnist_classifier") == 128
+    torch.testing.assert_close(tok[:, 0].double(), MNISTFeatures("cpu")(x), rtol=1e-4, atol=1e-4)
+    spatial = build_image_encoder("mnist_classifier", {"tokens": "spatial"})
+    assert spatial.tokens(x[:3]).shape == (3, 49, 64) and encoder_width("mnist_classifier", {"tokens": "spatial"}) == 64
+
+
+def test_encoder_is_frozen_and_not_part_of_the_model(digits):
+    x, _ = digits
+    enc = build_image_encoder("mnist_classifier")
+    before = {k: v.clone() for k, v in enc.module.state_dict().items()}
+    assert all(not p.requires_grad for p in enc.module.parameters())
+    net = build_model("uvit", "v", {"channels": [8], "dim": 32, "depth": 1, "num_heads": 2, "context_dim": 128},
+                      image_channels=1, image_size=28, num_classes=0)
+    net.encoder = enc  # even assigned as an attribute, a FrozenEncoder registers nothing
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    batch = {"x": x[:8], **enc({"cond_images": x[8:16, None]})}
+    loss = DiffusionLoss.from_config(LossConfig())(net, batch, torch.Generator().manual_seed(0)).mean()
+    loss.backward()
+    opt.step()
+    frozen = {id(p) for p in enc.module.parameters()}
+    assert frozen and not frozen & {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not frozen & {id(p) for p in net.parameters()}
+    assert all(p.grad is None for p in enc.module.parameters())
+    keys = set(net.state_dict())
+    assert not any(k.startswith("encoder") for k in keys)
+    assert all(torch.equal(v, enc.module.state_dict()[k]) for k, v in before.items())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_each_image_is_encoded_once(digits):
+    x, _ = digits
+    enc = build_image_encoder("mnist_classifier")
+    calls = []
+    handle = enc.module.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    try:
+        a = enc({"cond_images": torch.stack([x[30:33], x[30:33]], 1)})["context"]  # [3, 2, ...]: 3 unique images
+        b = enc({"cond_images": x[30:33, None]})["context"]
+    finally:
+        handle.remove()
+    assert a.shape == (3, 2, 128) and b.shape == (3, 1, 128)
+    assert sum(calls) <= 3 and torch.equal(a[:, :1], b) and torch.equal(a[:, 1:], b)
+
+
+def test_unknown_encoder_or_tokens_is_a_config_error():
+    with pytest.raises(ConfigError, match="encoder must be one of"):
+        build_image_encoder("dinov2")
+    with pytest.raises(ConfigError, match="tokens"):
+        encoder_width("inception", {"tokens": "spatial"})
+
+
+def test_nt_xent_closed_form():
+    # B = 4 pairs of identical views, the 4 directions orthogonal: each anchor has similarity 1/t with its positive
+    # and 0 with the 2B - 2 = 6 negatives (2 of them have similarity 0 too since the other views are orthogonal)
+    t, b = 0.2, 4
+    z = torch.eye(b, dtype=torch.float64)
+    expected = -math.log(math.exp(1 / t) / (math.exp(1 / t) + 2 * b - 2))
+    assert abs(float(nt_xent(z, z, temperature=t)) - expected) < 1e-9
+    assert float(nt_xent(z, z.roll(1, 0), temperature=t)) > expected + 1  # mismatched positives cost more
+
+
+def test_shipped_contrastive_encoder_is_small_and_invariant_to_its_augmentations(digits):
+    assert WEIGHTS.is_file() and WEIGHTS.stat().st_size < 1_000_000
+    net, meta = load_contrastive()
+    assert meta["data"].startswith("MNIST train digits 0-6") and meta["steps"] > 0
+    assert all(not p.requires_grad for p in net.parameters())
+    x, _ = digits
+    g = torch.Generator().manual_seed(0)
+    h1 = torch.nn.functional.normalize(net(augment(x, generator=g)), dim=1)
+    h2 = torch.nn.functional.normalize(net(augment(x, generator=g)), dim=1)
+    same = (h1 * h2).sum(1).mean()
+    other = (h1 * h2.roll(1, 0)).sum(1).mean()
+    assert same > other + 0.1, (float(same), float(other))
+    enc = build_image_encoder("contrastive")
+    assert enc.tokens(x[:2]).shape == (2, 1, 128) and enc.identity()["name"] == "simdiff_contrastive_mnist"
