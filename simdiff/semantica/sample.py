@@ -54,17 +54,23 @@ def sample_conditioned(model, schedule, encoder, cond_images: Tensor, sample_cfg
 
 
 def load_condition_images(source: str | Path | Tensor, image_shape: tuple[int, int, int]) -> Tensor:
-    """Conditioning images ``[m, C, H, W]`` in ``[-1, 1]``: a tensor (checked) or every image file under a folder
-    (resized and centre-cropped to the model's size, converted to its channels)."""
+    """Conditioning images ``[m, C, H, W]`` in ``[-1, 1]`` at the model's shape: a tensor ``[m, C', H', W']`` (or
+    one image ``[C', H', W']``) or every image file under a folder; other sizes are resized (antialiased
+    bilinear; folders: shorter side and centre crop) and grey / RGB converted to the model's channels."""
+    from simdiff.data.transforms import convert_channels, resize_images
+
     c, h, w = image_shape
     if torch.is_tensor(source):
-        x = source.float()
+        x = source.detach().float().cpu()
         if x.dim() == 3:
             x = x[None]
-        if x.dim() != 4 or tuple(x.shape[1:]) != (c, h, w):
-            raise ConfigError(f"condition images must be [m, {c}, {h}, {w}], got shape {tuple(source.shape)}")
+        if x.dim() != 4 or x.shape[1] not in (1, 3):
+            raise ConfigError(f"condition images must be [m, 1 or 3, H, W], got shape {tuple(source.shape)}")
         if x.numel() and (x.min() < -1 - 1e-6 or x.max() > 1 + 1e-6):
             raise ConfigError("condition images must lie in [-1, 1]")
+        x = convert_channels(x, c)
+        if tuple(x.shape[-2:]) != (h, w):
+            x = resize_images(x, (h, w))
         return x
     from simdiff.data.folder import load_folder
     from simdiff.data.transforms import uint8_to_float
@@ -72,6 +78,8 @@ def load_condition_images(source: str | Path | Tensor, image_shape: tuple[int, i
     path = Path(source)
     if not path.is_dir():
         raise ConfigError(f"--condition-images {path}: not a folder of images")
+    if h != w:
+        raise ConfigError(f"condition images from a folder need a square model, this one is {h}x{w}")
     data = load_folder(path, size=h, channels=c)
     return uint8_to_float(data.images)
 
