@@ -66,6 +66,9 @@ def test_sample_api_shapes_modes_and_seeds(run):
     y, _ = sample_from_condition_images(run, cond, 5, 1.0, seed=4, steps=2)
     z, _ = sample_from_condition_images(run, cond, 5, 1.0, seed=5, steps=2)
     assert torch.equal(x, y) and not torch.allclose(x, z)
+    run_default, _ = sample_from_condition_images(run, cond, 5, None, seed=4, steps=2)  # the run's guidance: 1.0
+    unguided, _ = sample_from_condition_images(run, cond, 5, 0.0, seed=4, steps=2)
+    assert torch.equal(run_default, x) and not torch.equal(unguided, x)
     for mode in ("concat", "mean"):
         assert sample_from_condition_images(run, cond, 2, 0.0, mode=mode, steps=2)[0].shape == (2, 1, 28, 28)
     with pytest.raises(ConfigError, match="condition mode"):
@@ -102,5 +105,5 @@ def test_sample_hook_for_the_main_cli(run, tmp_path):
     save_images(torch.rand(2, 1, 28, 28) * 2 - 1, folder)
     args = p.parse_args(["--condition-images", str(folder), "--condition-mode", "concat"])
     args.__dict__.update(source=str(run), num=3, guidance=None, seed=None, steps=2, sampler=None,
-                         out=str(tmp_path / "grid.png"), out_dir=None, device="cpu")
+                         out=str(tmp_path / "grid.png"), out_dir=None, device="cpu", rescale=0.5, interval=None)
     assert semantica_sample_command(args) == 0 and (tmp_path / "grid.png").is_file()

@@ -30,6 +30,8 @@ __all__ = ["MODES", "sample_conditioned", "load_condition_images", "sample_from_
            "semantica_sample_command", "add_condition_flags", "add_semantica_parser", "save_fewshot_grid"]
 
 MODES = ("each", "concat", "mean")
+#: ``simdiff sample`` flags passed on to the sample config as they are.
+_PASSED = ("grid", "interval", "rescale", "eta", "batch_size")
 
 
 def sample_conditioned(model, schedule, encoder, cond_images: Tensor, sample_cfg, *, per_condition: int,
@@ -84,19 +86,22 @@ def load_condition_images(source: str | Path | Tensor, image_shape: tuple[int, i
     return uint8_to_float(data.images)
 
 
-def sample_from_condition_images(run, images: str | Path | Tensor, n: int, guidance: float = 0.0, *,
-                                 mode: str = "each", seed: int = 0, steps: int | None = None,
+def sample_from_condition_images(run, images: str | Path | Tensor, n: int, guidance: float | None = None, *,
+                                 mode: str = "each", seed: int | None = None, steps: int | None = None,
                                  sampler: str | None = None, device: torch.device | str = "cpu",
-                                 ) -> tuple[Tensor, Tensor]:
+                                 options: dict[str, Any] | None = None) -> tuple[Tensor, Tensor]:
     """``n`` new images from a few conditioning images, with no fine-tuning.
 
     Args:
         run: a run directory, checkpoint or export of a pairs model, or a loaded model
             (:class:`simdiff.runs.LoadedModel`).
         images: a folder of images or a ``[m, C, H, W]`` tensor in ``[-1, 1]``.
-        n: samples to draw. guidance: classifier-free guidance weight (0: conditional only).
-        mode: ``each`` | ``concat`` | ``mean`` (module docstring). seed: seeds the starting noise.
+        n: samples to draw. guidance: classifier-free guidance weight (0: conditional only; ``None``: the run's
+            ``sample.guidance``).
+        mode: ``each`` | ``concat`` | ``mean`` (module docstring). seed: seeds the starting noise (``None``: the
+            run's ``sample.seed``).
         steps, sampler: override the run's ``sample`` section.
+        options: further ``SampleConfig`` fields (e.g. ``{"rescale": 0.5, "grid": "uniform_logsnr"}``).
 
     Returns:
         ``(samples [n, C, H, W], condition images [m, C, H, W])``; with ``each`` sample ``i`` used image ``i % m``.
@@ -118,7 +123,11 @@ def sample_from_condition_images(run, images: str | Path | Tensor, n: int, guida
     cond = load_condition_images(images, tuple(loaded.image_shape))
     if len(cond) == 0:
         raise ConfigError("no condition images given")
-    changes: dict[str, Any] = {"guidance": float(guidance), "seed": int(seed), "num": n}
+    changes: dict[str, Any] = {**(options or {}), "num": n}
+    if guidance is not None:
+        changes["guidance"] = float(guidance)
+    if seed is not None:
+        changes["seed"] = int(seed)
     if steps is not None:
         changes["steps"] = steps
     if sampler is not None:
@@ -169,9 +178,11 @@ def semantica_sample_command(args: argparse.Namespace) -> int:
     num = getattr(args, "num", None) or 16
     start = time.perf_counter()
     x, cond = sample_from_condition_images(
-        args.source, args.condition_images, num, getattr(args, "guidance", None) or 0.0,
-        mode=getattr(args, "condition_mode", "each") or "each", seed=getattr(args, "seed", None) or 0,
-        steps=getattr(args, "steps", None), sampler=getattr(args, "sampler", None), device=device)
+        args.source, args.condition_images, num, getattr(args, "guidance", None),
+        mode=getattr(args, "condition_mode", "each") or "each", seed=getattr(args, "seed", None),
+        steps=getattr(args, "steps", None), sampler=getattr(args, "sampler", None), device=device,
+        options={k: (tuple(v) if k == "interval" else v) for k in _PASSED
+                 if (v := getattr(args, k, None)) is not None})
     secs = time.perf_counter() - start
     if getattr(args, "out_dir", None):
         save_images(x, args.out_dir)
