@@ -19,7 +19,7 @@ from simdiff.semantica.sample import add_condition_flags
 from simdiff.semantica.train import check_semantica_config
 
 CONFIG = Path(__file__).parents[1] / "simdiff" / "configs" / "semantica_mnist.yaml"
-TINY = ["data.options.source=digits", "data.image_size=28", "data.limit=64", "train.steps=1", "train.batch_size=4",
+TINY = ["data.options.source=digits", "data.image_size=28", "data.limit=64", "train.steps=3", "train.batch_size=4",
         "train.checkpoint_every=0", "train.sample_every=0", "train.progress=false", "train.log_every=1",
         "sample.steps=2", "sample.num=2"]
 
