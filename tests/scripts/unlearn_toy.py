@@ -16,7 +16,7 @@ from simdiff.process import to_output
 from simdiff.schedules import schedule_from_dict
 from simdiff.toy import GaussianMixture
 from simdiff.toy_nets import MLPDenoiser, fit_denoiser
-from simdiff.train import BatchIterator, Trainer, TrainConfig
+from simdiff.train import BatchIterator, TrainConfig, Trainer
 from simdiff.train.config import OptimConfig
 from simdiff.unlearn import PairedPools, Pool, build_unlearn_loss
 
