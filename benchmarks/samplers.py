@@ -11,9 +11,11 @@ exact conditional and unconditional denoisers.
 Every method starts from the same ``z`` at the schedule's first level (timestep 999) and ends on data. Metric:
 RMSE per coordinate against a DOP853 solution of the same PF-ODE to logsnr 30 (``solve_reference``). Rows:
 diffusers' multistep schedulers with their recommended settings ("trailing" spacing, final sigma zero,
-lower_order_final) and Karras / Lu sigma variants, the best of them taken per cell; simdiff default (UniPC bh2
-order 3 on the "auto" grid); simdiff tuned (``fit_grids``: fitted on a calibration batch, selected on a
-validation batch, reported on the test batch ``z``; only on the ``--tune`` problems). NFE = counted calls.
+lower_order_final) and Karras / Lu sigma variants, the best of them taken per cell; UniPC bh2 order 3 on the
+"calibrated" grid (``simdiff.samplers.calibrate``: a logistic fitted to a 16-point pilot DDIM run of the denoiser,
+its own noise), on the "auto" grid and on "uniform_t"; simdiff tuned (``fit_grids``: fitted on a calibration
+batch, selected on a validation batch, reported on the test batch ``z``; only on the ``--tune`` problems). NFE =
+counted calls.
 
 Run: ``python benchmarks/samplers.py [--split heldout|train] [--quick]``; writes benchmarks/results/samplers.{json,md}.
 """
@@ -37,11 +39,16 @@ from _common import CallCounter, command_line, fmt_num, machine_info, table_mark
 
 from simdiff.process import to_output  # noqa: E402
 from simdiff.samplers import get_sampler, make_grid, solve_reference  # noqa: E402
+from simdiff.samplers.calibrate import PILOT_SIZE, calibrate, calibrated_grid  # noqa: E402
 from simdiff.samplers.tuned import fit_grids  # noqa: E402
 from simdiff.schedules import LinearBetaSchedule, ShiftedCosineSchedule  # noqa: E402
 from simdiff.toy import GaussianMixture  # noqa: E402
 
 F64 = torch.float64
+CALIBRATED = "simdiff calibrated (unipc, calibrated)"
+AUTO = "simdiff unipc, auto"
+UNIFORM_T = "simdiff unipc, uniform_t"
+TUNED = "simdiff tuned (unipc, fit_grids)"
 NFES = (4, 5, 6, 8, 10, 15, 20)
 LOGSNR_END = 30.0
 TOL = 1e-8
@@ -173,10 +180,20 @@ def bench_problem(name: str, gm: GaussianMixture, w: Any, sname: str, args: argp
             cells[nfe] = {"rmse": rmse(x, x_ref), "nfe": calls}
         res["rows"][f"diffusers: {row}"] = cells
     unipc = get_sampler("unipc")
-    for row, kind in (("simdiff default (unipc, auto)", "auto"), ("simdiff unipc, uniform_t", "uniform_t")):
+    # the "calibrated" grid's pilot: its own noise (and labels), PILOT_SIZE points, as the library draws it
+    pilot_gen = torch.Generator().manual_seed(0)
+    zp = torch.randn(PILOT_SIZE, gm.dim, dtype=F64, generator=pilot_gen)
+    dp = gm.denoise if w is None else guided(gm, torch.randint(0, gm.num_classes, (PILOT_SIZE,), generator=pilot_gen),
+                                            w)
+    cal = calibrate(dp, schedule, zp)
+    res["calibration"] = {"mu": cal.mu, "scale": cal.scale}
+    grid_rows = ((CALIBRATED, lambda n: calibrated_grid(schedule, n, cal)),
+                 (AUTO, lambda n: make_grid(schedule, n, kind="auto")),
+                 (UNIFORM_T, lambda n: make_grid(schedule, n, kind="uniform_t")))
+    for row, grid_fn in grid_rows:
         cells = {}
         for nfe in args.nfe:
-            x, calls = counted(lambda d: unipc(d, z, make_grid(schedule, nfe, kind=kind)), den)  # noqa: B023
+            x, calls = counted(lambda d: unipc(d, z, grid_fn(nfe)), den)  # noqa: B023
             cells[nfe] = {"rmse": rmse(x, x_ref), "nfe": calls}
         res["rows"][row] = cells
     if tune:
@@ -193,7 +210,7 @@ def bench_problem(name: str, gm: GaussianMixture, w: Any, sname: str, args: argp
         for nfe, (grid, val) in fits.items():
             x, calls = counted(lambda d: unipc(d, z, grid), den)  # noqa: B023
             cells[nfe] = {"rmse": rmse(x, x_ref), "nfe": calls, "val_rmse": val, "grid": grid.tolist()}
-        res["rows"]["simdiff tuned (unipc, fit_grids)"] = cells
+        res["rows"][TUNED] = cells
     res["seconds"] = time.time() - t0
     return res
 
@@ -222,8 +239,9 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
           "UniPC bh1 o3 / bh2 o2 / bh2 o3, DEIS o3; all `trailing`, final sigma zero except UniPC bh1, which gives NaN "
           "with it and keeps diffusers' default `sigma_min`); below 1 = simdiff better. "
           f"N = {args.n} test points per problem; mixtures of the `{args.split}` set "
-          "(the \"auto\" policy was chosen on the `train` set).", ""]
-    for row in ("simdiff default (unipc, auto)", "simdiff tuned (unipc, fit_grids)", "simdiff unipc, uniform_t"):
+          "(the \"auto\" grid's constants and the \"calibrated\" grid's offset, scale factor and end shift were "
+          "chosen on the `train` set).", ""]
+    for row in (CALIBRATED, AUTO, TUNED, UNIFORM_T):
         table, logs = [], {n: [] for n in nfes}
         for res in results:
             if row not in res["rows"]:
@@ -278,10 +296,11 @@ def main(argv: list[str] | None = None) -> None:
             tune = any(name.startswith(t) for t in args.tune)
             res = bench_problem(name, gm, w, sname, args, tune)
             results.append(res)
-            ratios = [res["rows"]["simdiff default (unipc, auto)"][n]["rmse"] / best_diffusers(res, n)[0]
-                      for n in args.nfe]
-            print(f"{name} / {sname} ({res['seconds']:.0f} s): default/best-diffusers "
-                  + " ".join(f"{r:.2f}" for r in ratios), flush=True)
+            ratios = {row: " ".join(f"{res['rows'][row][n]['rmse'] / best_diffusers(res, n)[0]:.2f}" for n in args.nfe)
+                      for row in (CALIBRATED, AUTO)}
+            print(f"{name} / {sname} ({res['seconds']:.0f} s, calibration mu {res['calibration']['mu']:.2f} scale "
+                  f"{res['calibration']['scale']:.2f}): / best diffusers: calibrated {ratios[CALIBRATED]}; auto "
+                  f"{ratios[AUTO]}", flush=True)
     wall = time.time() - t0
     md = render(results, args, info, cmd, wall)
     print(md)

@@ -7,7 +7,9 @@ network is differentiable in its log-SNR input). Results go to ``RUN/tuned_grids
 
     {"<sampler>/<steps>/<guidance>": {"logsnrs": [...], "val_rmse": float, "ref_steps": int, "n_cal": int, ...}}
 
-(+inf written as the string "inf"); :func:`load_tuned_grid` reads one back (JSON only, never a pickle).
+(+inf written as the string "inf"); :func:`load_tuned_grid` reads one back (JSON only, never a pickle). The same
+file holds the "calibrated" grid's fitted logistic under ``"calibration/<guidance>"``
+(:mod:`simdiff.samplers.calibrate`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import Tensor
 from simdiff.configuration import ConfigError
 from simdiff.samplers.tuned import fit_grids
 
-__all__ = ["add_tune_grid_parser", "cmd_tune_grid", "grid_key", "load_tuned_grid", "save_tuned_grid",
+__all__ = ["add_tune_grid_parser", "cmd_tune_grid", "grid_key", "load_tuned_grid", "save_entry", "save_tuned_grid",
            "tuned_grid_for"]
 
 FILE = "tuned_grids.json"
@@ -46,15 +48,21 @@ def _read(path: Path) -> dict:
     return data
 
 
-def save_tuned_grid(run_dir: str | Path, key: str, grid: Tensor, **info: object) -> Path:
-    """Store ``grid`` (``[steps + 1]``, last +inf) under ``key`` in ``run_dir/tuned_grids.json`` (atomically)."""
+def save_entry(path: str | Path, key: str, entry: dict) -> Path:
+    """Set ``key`` to ``entry`` (JSON-serialisable) in the grids file ``path``, keeping its other entries (atomic)."""
     from simdiff.train.rundir import atomic_write_bytes
 
-    path = Path(run_dir) / FILE
+    path = Path(path)
     data = _read(path)
-    data[key] = {"logsnrs": ["inf" if math.isinf(v) else v for v in grid.tolist()], **info}
+    data[key] = entry
     atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
     return path
+
+
+def save_tuned_grid(run_dir: str | Path, key: str, grid: Tensor, **info: object) -> Path:
+    """Store ``grid`` (``[steps + 1]``, last +inf) under ``key`` in ``run_dir/tuned_grids.json`` (atomically)."""
+    return save_entry(Path(run_dir) / FILE, key,
+                      {"logsnrs": ["inf" if math.isinf(v) else v for v in grid.tolist()], **info})
 
 
 def tuned_grid_for(source: str | Path, sampler: str, steps: int, guidance: float) -> Tensor:
@@ -76,7 +84,7 @@ def tuned_grid_for(source: str | Path, sampler: str, steps: int, guidance: float
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if grid is None:
-        have = sorted(_read(run / FILE))
+        have = sorted(k for k in _read(run / FILE) if not k.startswith("calibration/"))
         raise ConfigError(f"{run}: no tuned grid for {key} (has: {', '.join(have) or 'none'}); fit it with: simdiff "
                           f"tune-grid {run} --sampler {sampler} --steps {steps} --guidance {guidance:g}")
     return grid
