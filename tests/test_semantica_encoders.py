@@ -102,3 +102,13 @@ def test_shipped_contrastive_encoder_is_small_and_invariant_to_its_augmentations
     assert same > other + 0.1, (float(same), float(other))
     enc = build_image_encoder("contrastive")
     assert enc.tokens(x[:2]).shape == (2, 1, 128) and enc.identity()["name"] == "simdiff_contrastive_mnist"
+
+
+def test_inception_tokens_are_its_pool3_features(digits):
+    from simdiff.eval.features import InceptionFeatures
+
+    x, _ = digits
+    enc = build_image_encoder("inception")
+    tok = enc.tokens(x[:2])
+    assert tok.shape == (2, 1, 2048) and encoder_width("inception") == 2048
+    torch.testing.assert_close(tok[:, 0].double(), InceptionFeatures("cpu")(x[:2]), rtol=1e-4, atol=1e-4)
