@@ -10,16 +10,18 @@
 * **integrity** (:func:`integrity_score`): for retain keys and fixed seeds, both models sample through the same
   deterministic sampler (``eta = 0``, the same starting noise), and each pair ``(a_i, b_i)`` is compared by a
   perceptual distance ``d_i = ||f(a_i) - f(b_i)||_2`` with ``f`` the features of an offline network (no LPIPS
-  weights exist offline): MNIST-classifier penultimate features (128-d) for grey images, Inception pool3 (2048-d)
-  for RGB, or raw values (``"pixel"``, for vector toys). The distance is mapped to [0, 1] by the scale of *unpaired*
-  samples: ``d_ref`` is the median of ``||f(a_i) - f(a_{i+1})||`` over the original's own samples (independent
-  seeds), and ``s_i = clip(1 - d_i / d_ref, 0, 1)``: 1 for an identical image, 0 for an image as far from its pair
-  as an unrelated sample is. The score is the mean of ``s_i`` with a percentile bootstrap confidence interval over
-  pairs. Also the pixel PSNR of each pair (images in [-1, 1], peak-to-peak 2; identical pairs are capped at
-  :data:`PSNR_CAP` dB). This metric is this library's construction after the description in Schioppa, Hoogeboom &
-  Heek (2024, "Model Integrity when Unlearning with T2I Diffusion Models"): compare the original and unlearned
-  models' images for the same prompt and seed with a perceptual distance; **their exact metric was not
-  retrievable**, so the feature network and the [0, 1] mapping are documented choices, not the paper's.
+  weights exist offline): MNIST-classifier penultimate features (128-d) for grey MNIST-like images, Inception
+  pool3 (2048-d) for RGB, or the values themselves (``"pixel"``: synthetic sets such as ``gmm_images``, vector
+  toys). The distance is mapped to [0, 1] by the scale of *unpaired* samples: ``d_ref`` is the median of
+  ``||f(a_i) - f(a_{i+1})||`` over the original's own samples (neighbouring samples have other seeds and, keys
+  being cycled, other keys), and ``s_i = clip(1 - d_i / d_ref, 0, 1)``: 1 for an identical image, 0 for an image
+  as far from its pair as an unrelated sample is. The score is the mean of ``s_i`` with a percentile bootstrap
+  confidence interval over pairs. Also the pixel PSNR of each pair (images in [-1, 1], peak-to-peak 2; identical
+  pairs are capped at :data:`PSNR_CAP` dB). This metric is this library's construction after the description in
+  Schioppa, Hoogeboom & Heek (2024, "Model Integrity when Unlearning with T2I Diffusion Models"): compare the
+  original and unlearned models' images for the same prompt and seed with a perceptual distance; **their exact
+  metric was not retrievable**, so the feature network and the [0, 1] mapping are documented choices, not the
+  paper's.
 
 :func:`evaluate_unlearning` computes all of them for two loaded models and two concept sets;
 :func:`evaluate_unlearning_run` does so for an unlearned run, reading the original and the sets from its record
@@ -115,10 +117,19 @@ def feature_fn(name: str | Callable[[Tensor], Tensor], *, device: str | torch.de
     raise ConfigError(f"unknown integrity features {name!r}; valid: mnist, inception, pixel")
 
 
-def _auto_features(shape: Sequence[int]) -> str:
+#: grey data sets whose images the MNIST classifier's features describe (digits and clothes on a dark ground).
+_MNIST_LIKE = ("mnist", "mnist_captions", "fashion_mnist", "fashion_captions")
+
+
+def _auto_features(loaded) -> str:
+    """MNIST-classifier features for grey MNIST-like images, Inception for RGB, the values themselves otherwise
+    (e.g. the 8 x 8 ``gmm_images`` mixture, where the pixels are the mixture's coordinates)."""
+    shape = tuple(loaded.image_shape)
     if len(shape) != 3:
         return "pixel"
-    return "mnist" if shape[0] == 1 else "inception"
+    if shape[0] == 3:
+        return "inception"
+    return "mnist" if loaded.config.data.name in _MNIST_LIKE else "pixel"
 
 
 def integrity_score(original: Tensor, unlearned: Tensor, *, features: str | Callable[[Tensor], Tensor] = "pixel",
@@ -197,7 +208,8 @@ def evaluate_unlearning(original, unlearned, forget_keys: Sequence[Any], retain_
         forget_keys, retain_keys: prompts or class labels. num: samples per set and model.
         sample_cfg: the deterministic sampler (default the original's sample config); ``eta`` is forced to 0 and
             ``seed`` set, so pair ``i`` starts from the same noise in both models.
-        features: integrity / FD feature space (default: MNIST classifier for grey images, Inception for RGB).
+        features: integrity / FD feature space (default: MNIST classifier for grey MNIST-like data, Inception for
+            RGB, the pixel values otherwise).
         judge: ``judge(images, keys) -> bool [N]``; default from the data (see the module docstring), none -> the
             forgetting entries are omitted.
         fid: also the Fréchet distance / KID of retain samples against the original's.
@@ -211,7 +223,7 @@ def evaluate_unlearning(original, unlearned, forget_keys: Sequence[Any], retain_
 
     conditioner, text = model_conditioner(original, device=device)
     scfg = dataclasses.replace(sample_cfg or original.config.sample, seed=seed, eta=0.0)
-    feats = features or _auto_features(original.image_shape)
+    feats = features or _auto_features(original)
     if judge is None:
         judge = _default_judge(original, text)
     out: dict[str, float] = {}
@@ -247,8 +259,8 @@ def evaluate_unlearning(original, unlearned, forget_keys: Sequence[Any], retain_
 
 
 def evaluate_unlearning_run(run, *, teacher: str | None = None, num: int = 200, sample_cfg=None,
-                            features: str | None = None, fid: bool = True, device: str | torch.device = "cpu",
-                            seed: int = 0) -> dict[str, float]:
+                            features: str | None = None, fid: bool = True, num_boot: int = 1000,
+                            device: str | torch.device = "cpu", seed: int = 0) -> dict[str, float]:
     """:func:`evaluate_unlearning` of an unlearned run against its original, both read from the run's record
     (``teacher`` overrides the recorded original's path). A run that is not an unlearned one is refused (one line).
     """
@@ -261,5 +273,6 @@ def evaluate_unlearning_run(run, *, teacher: str | None = None, num: int = 200, 
                           "make one with simdiff unlearn")
     original = load_model(teacher or record["teacher"], device=device)
     scores = evaluate_unlearning(original, unlearned, record["forget"]["keys"], record["retain"]["keys"], num=num,
-                                 sample_cfg=sample_cfg, features=features, fid=fid, device=device, seed=seed)
+                                 sample_cfg=sample_cfg, features=features, fid=fid, num_boot=num_boot, device=device,
+                                 seed=seed)
     return {"method": record.get("method"), **scores}
