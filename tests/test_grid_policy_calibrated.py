@@ -147,3 +147,14 @@ def test_calibration_refuses_guidance_on_an_unconditional_model(tmp_path):
     C._MEMO.clear()
     with pytest.raises(ConfigError, match="class-conditional"):
         C.calibration_for_run(tmp_path, _loaded(_Net(_mixture())), guidance=2.0)
+
+
+def test_model_calibration_is_measured_once_per_process():
+    C._MEMO.clear()
+    net = _Net(_mixture())
+    sch = LinearBetaSchedule()
+    a = C.model_calibration(net, sch, (8,))
+    b = C.model_calibration(net, sch, (8,))
+    assert a == b and net.calls == C.PILOT_STEPS
+    assert a == C.calibrate(net, sch, torch.randn((16, 8), generator=torch.Generator().manual_seed(0)))  # seed 0
+    C._MEMO.clear()

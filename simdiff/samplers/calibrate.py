@@ -42,7 +42,8 @@ from torch import Tensor
 from simdiff.samplers.policy import END_BASE, END_SLOPE, logistic_levels
 
 __all__ = ["OFFSET", "SCALE_FACTOR", "END_SHIFT", "PILOT_STEPS", "PILOT_SIZE", "GridCalibration", "xhat_rate",
-           "fit_calibration", "calibrate", "calibrated_grid", "weights_fingerprint"]
+           "fit_calibration", "calibrate", "calibrated_grid", "weights_fingerprint", "model_calibration",
+           "calibration_for_run", "calibrated_grid_for", "grids_file", "calibration_key"]
 
 OFFSET = 2.3
 SCALE_FACTOR = 1.2
@@ -179,46 +180,64 @@ def _settings() -> dict:
     return {"offset": OFFSET, "scale_factor": SCALE_FACTOR, "pilot_steps": PILOT_STEPS, "pilot_size": PILOT_SIZE}
 
 
+def model_calibration(model: Callable, schedule, shape: tuple[int, ...], *, num_classes: int = 0,
+                      guidance: float = 0.0, device: str | torch.device = "cpu") -> GridCalibration:
+    """The calibration of a network ``model(z, logsnr, **cond)``, measured once per process.
+
+    The pilot: ``PILOT_STEPS`` DDIM calls on ``PILOT_SIZE`` noises ``[PILOT_SIZE, *shape]`` from seed 0; a
+    class-conditional model (``num_classes > 0``) gets the labels 0, 1, ... and, for ``guidance != 0``,
+    classifier-free guidance against the null class. Memoised by the weights fingerprint (an ``nn.Module``; other
+    callables by identity), schedule, shape and guidance.
+
+    Raises:
+        ConfigError: ``guidance != 0`` on an unconditional model.
+    """
+    from types import SimpleNamespace
+
+    from simdiff.configuration import ConfigError
+    from simdiff.samplers.tune_cli import _denoiser
+
+    if guidance != 0.0 and num_classes == 0:
+        raise ConfigError(f"grid 'calibrated': guidance {guidance:g} needs a class-conditional model")
+    ident = weights_fingerprint(model) if isinstance(model, torch.nn.Module) else f"id:{id(model)}"
+    memo_key = (ident, repr(schedule), tuple(shape), float(guidance), tuple(sorted(_settings().items())))
+    if memo_key not in _MEMO:
+        denoise = _denoiser(SimpleNamespace(model=model, num_classes=num_classes), guidance)
+        z = torch.randn((PILOT_SIZE, *shape), generator=torch.Generator().manual_seed(0)).to(device)
+        _MEMO[memo_key] = calibrate(denoise, schedule, z)
+    return _MEMO[memo_key]
+
+
 def calibration_for_run(source: str | Path, loaded, *, guidance: float = 0.0, device: str | torch.device = "cpu",
                         store: bool = True) -> GridCalibration:
     """The calibration of a loaded model (:func:`simdiff.runs.load_model` of ``source``), measured once and cached.
 
     Reused from :func:`grids_file` when its entry for ``guidance`` has the same weights fingerprint
-    (:func:`weights_fingerprint`), schedule and pilot settings; otherwise measured (``PILOT_STEPS`` calls on
-    ``PILOT_SIZE`` noises from seed 0; a class-conditional model gets the labels 0, 1, ... and, for
-    ``guidance != 0``, classifier-free guidance against the null class) and written back (``store``; a location that
-    cannot be written is skipped: the calibration is then kept for this process only).
+    (:func:`weights_fingerprint`), schedule and pilot settings; otherwise measured by :func:`model_calibration`
+    and written back (``store``; a location that cannot be written is skipped: the calibration is then kept for
+    this process only).
 
     Raises:
         ConfigError: ``guidance != 0`` on an unconditional model, or a non-isotropic process.
         ValueError: the grids file is not valid JSON.
     """
     from simdiff.configuration import ConfigError
-    from simdiff.samplers.tune_cli import _denoiser, _read, save_entry
+    from simdiff.samplers.tune_cli import _read, save_entry
 
     if loaded.process is not None and not loaded.process.isotropic:
         raise ConfigError("grid 'calibrated': the model's process is not isotropic; calibrated grids are log-SNR grids")
     if guidance != 0.0 and loaded.num_classes == 0:
         raise ConfigError(f"grid 'calibrated': guidance {guidance:g} needs a class-conditional model")
-    fingerprint = weights_fingerprint(loaded.model)
-    want = {"fingerprint": fingerprint, "schedule": repr(loaded.schedule), **_settings()}
-    memo_key = (fingerprint, repr(loaded.schedule), float(guidance), tuple(sorted(_settings().items())))
-    if memo_key in _MEMO:
-        return _MEMO[memo_key]
+    want = {"fingerprint": weights_fingerprint(loaded.model), "schedule": repr(loaded.schedule), **_settings()}
     path, key = grids_file(source), calibration_key(guidance)
     entry = _read(path).get(key)
     if isinstance(entry, dict) and all(entry.get(k) == v for k, v in want.items()):
         try:
-            cal = GridCalibration(mu=float(entry["mu"]), scale=float(entry["scale"]))
+            return GridCalibration(mu=float(entry["mu"]), scale=float(entry["scale"]))
         except (KeyError, TypeError, ValueError):
-            cal = None
-        if cal is not None:
-            _MEMO[memo_key] = cal
-            return cal
-    denoise = _denoiser(loaded, guidance)
-    z = torch.randn((PILOT_SIZE, *loaded.image_shape), generator=torch.Generator().manual_seed(0)).to(device)
-    cal = calibrate(denoise, loaded.schedule, z)
-    _MEMO[memo_key] = cal
+            pass
+    cal = model_calibration(loaded.model, loaded.schedule, loaded.image_shape, num_classes=loaded.num_classes,
+                            guidance=guidance, device=device)
     if store:
         try:
             save_entry(path, key, {"mu": cal.mu, "scale": cal.scale, **want})
