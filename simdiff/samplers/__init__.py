@@ -22,7 +22,7 @@ from simdiff.samplers.addim import sample_addim
 from simdiff.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_3m
 from simdiff.samplers.edm import sample_edm
 from simdiff.samplers.first_order import sample_ddim, sample_ddpm
-from simdiff.samplers.grids import GRID_KINDS, make_grid
+from simdiff.samplers.grids import GRID_KINDS, MODEL_GRIDS, make_grid
 from simdiff.samplers.noise import BrownianTreeNoise
 from simdiff.samplers.ode import sample_euler, sample_heun, solve_reference
 from simdiff.samplers.stochastic import sample_dpmpp_2m_sde
@@ -36,6 +36,7 @@ __all__ = [
     "PER_COORDINATE",
     "check_process",
     "GRID_KINDS",
+    "MODEL_GRIDS",
     "get_sampler",
     "nfe",
     "make_grid",

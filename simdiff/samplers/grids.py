@@ -12,6 +12,10 @@ lands on data (x_hat at the last interior point). Kinds:
   finite point is sigma_min (logsnr_max) itself.
 * "auto": the default policy of :mod:`simdiff.samplers.policy` (equal mass of a logistic density in log-SNR,
   ending at a finite level that rises with ``steps``), chosen by measurement on exact Gaussian-mixture denoisers.
+
+Two grids depend on the model and so are not kinds here: "tuned" (fitted by ``simdiff tune-grid``,
+:mod:`simdiff.samplers.tune_cli`) and "calibrated" (the "auto" logistic with its centre and width measured by a
+pilot run of the model, :mod:`simdiff.samplers.calibrate`); :data:`MODEL_GRIDS` names them.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ from torch import Tensor
 from simdiff.configuration import get_registered
 from simdiff.samplers.policy import auto_interior
 
-__all__ = ["GRID_KINDS", "make_grid"]
+__all__ = ["GRID_KINDS", "MODEL_GRIDS", "make_grid"]
+
+#: grids computed from the model (not from the schedule alone): they need the network or its run directory.
+MODEL_GRIDS = ("tuned", "calibrated")
 
 
 def _uniform_t(schedule, steps: int, rho: float) -> Tensor:
