@@ -158,3 +158,24 @@ def test_model_calibration_is_measured_once_per_process():
     assert a == b and net.calls == C.PILOT_STEPS
     assert a == C.calibrate(net, sch, torch.randn((16, 8), generator=torch.Generator().manual_seed(0)))  # seed 0
     C._MEMO.clear()
+
+
+def test_pilot_calibration_uses_the_conditioning_and_memoises_by_key():
+    C._MEMO.clear()
+    gm = GaussianMixture.random(8, 6, std=0.2, num_classes=3, seed=3)
+    seen = []
+
+    def denoise(z, logsnr, labels=None, **_):
+        seen.append(labels)
+        return gm.denoise(z, logsnr, labels)
+
+    sch = LinearBetaSchedule()
+    labels = torch.tensor([0, 1, 2, 0])
+    a = C.pilot_calibration(denoise, sch, (8,), cond={"labels": labels}, memo_key=("m", 0), dtype=F64)
+    assert len(seen) == C.PILOT_STEPS and all(torch.equal(s, labels) for s in seen)
+    assert C.pilot_calibration(denoise, sch, (8,), cond={"labels": labels}, memo_key=("m", 0), dtype=F64) == a
+    assert len(seen) == C.PILOT_STEPS  # memoised
+    assert a == C.calibrate(lambda z, lam, **k: gm.denoise(z, lam, k["labels"]), sch,
+                            torch.randn((4, 8), generator=torch.Generator().manual_seed(0), dtype=F64),
+                            cond={"labels": labels})
+    C._MEMO.clear()

@@ -43,7 +43,7 @@ from simdiff.samplers.policy import END_BASE, END_SLOPE, logistic_levels
 
 __all__ = ["OFFSET", "SCALE_FACTOR", "END_SHIFT", "PILOT_STEPS", "PILOT_SIZE", "GridCalibration", "xhat_rate",
            "fit_calibration", "calibrate", "calibrated_grid", "weights_fingerprint", "model_calibration",
-           "calibration_for_run", "calibrated_grid_for", "grids_file", "calibration_key"]
+           "pilot_calibration", "calibration_for_run", "calibrated_grid_for", "grids_file", "calibration_key"]
 
 OFFSET = 2.3
 SCALE_FACTOR = 1.2
@@ -206,6 +206,27 @@ def model_calibration(model: Callable, schedule, shape: tuple[int, ...], *, num_
         z = torch.randn((PILOT_SIZE, *shape), generator=torch.Generator().manual_seed(0)).to(device)
         _MEMO[memo_key] = calibrate(denoise, schedule, z)
     return _MEMO[memo_key]
+
+
+def pilot_calibration(denoise: Callable, schedule, shape: tuple[int, ...], *, cond: dict | None = None,
+                      memo_key: tuple | None = None, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32) -> GridCalibration:
+    """The calibration of the denoiser that will be sampled (guidance wrapper included), with its conditioning.
+
+    The pilot noise is ``[B, *shape]`` from seed 0, ``B`` = the rows of ``cond`` (``PILOT_SIZE`` without ``cond``;
+    give at most ``PILOT_SIZE`` rows). With ``memo_key`` (everything the result depends on: e.g. the weights
+    fingerprint, guidance settings and the conditioning rows) the result is memoised for the process.
+    """
+    cond = dict(cond or {})
+    rows = next((int(v.shape[0]) for v in cond.values() if torch.is_tensor(v) and v.dim() > 0), PILOT_SIZE)
+    key = None if memo_key is None else ("pilot", repr(schedule), tuple(shape), *memo_key)
+    if key is not None and key in _MEMO:
+        return _MEMO[key]
+    z = torch.randn((rows, *shape), generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
+    cal = calibrate(denoise, schedule, z, cond=cond)
+    if key is not None:
+        _MEMO[key] = cal
+    return cal
 
 
 def calibration_for_run(source: str | Path, loaded, *, guidance: float = 0.0, device: str | torch.device = "cpu",
