@@ -157,7 +157,7 @@ def _load_images(folder: Path, image_shape: tuple[int, int, int] | None) -> Tens
     if not folder.is_dir():
         raise ConfigError(f"{folder}: no such image folder")
     fd = load_folder(folder, size=h, channels=c)
-    return uint8_to_float(torch.as_tensor(fd.images))
+    return uint8_to_float(fd.images)  # numpy [N, H, W, C] -> [N, C, H, W]
 
 
 def encode_keys(conditioner: Any, keys: list[Any], *, device: torch.device | str = "cpu") -> dict[str, Tensor]:
