@@ -107,3 +107,16 @@ def test_sample_hook_for_the_main_cli(run, tmp_path):
     args.__dict__.update(source=str(run), num=3, guidance=None, seed=None, steps=2, sampler=None,
                          out=str(tmp_path / "grid.png"), out_dir=None, device="cpu", rescale=0.5, interval=None)
     assert semantica_sample_command(args) == 0 and (tmp_path / "grid.png").is_file()
+
+
+def test_fewshot_eval_command_reports_every_metric(run, capsys):
+    import json
+
+    argv = ["semantica", "eval", str(run), "--classes", "7", "--shots", "2", "--num", "6", "--steps", "2"]
+    args = _parser().parse_args(argv)
+    assert args.func(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    row = report["classes"]["7"]
+    assert set(row) >= {"fd", "kid", "precision", "recall", "copy_fraction", "class_agreement", "median_d_train"}
+    assert 0 <= row["precision"] <= 1 and 0 <= row["copy_fraction"] <= 1 and report["mean"]["fd"] == row["fd"]
+

@@ -109,3 +109,13 @@ def test_copy_check_flags_an_exact_copy():
     brute = ((samples[:, None] - train[None]) ** 2).mean((2, 3, 4)).sqrt()
     torch.testing.assert_close(d, brute.min(1).values.double(), rtol=1e-6, atol=1e-6)
     assert torch.equal(j, brute.argmin(1))
+
+
+def test_fewshot_scores_rank_real_digits_above_noise():
+    from simdiff.semantica import fewshot_scores
+    from simdiff.semantica.pairs import load_source
+
+    sevens = load_source("mnist", "test", classes=[7]).images
+    real = fewshot_scores(sevens[:60], sevens[60:300])
+    noise = fewshot_scores(torch.rand(60, 1, 28, 28) * 2 - 1, sevens[60:300])
+    assert real["fd"] < noise["fd"] / 3 and real["kid"] < noise["kid"] and real["precision"] > noise["precision"]

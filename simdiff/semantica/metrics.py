@@ -97,16 +97,17 @@ def fewshot_report(run, *, source: str = "mnist", classes=(7, 8, 9), shots: int 
 
     Per class: ``shots`` conditioning images (the first of that class in the test split), ``num`` samples
     (mode ``each``), scored against the remaining test images of that class (:func:`fewshot_scores`) and checked for
-    copies against the conditioning images and the model's training images. Also the fraction of samples the
-    domain classifier assigns to the class (for MNIST). Returns a JSON-able dict with per-class and mean scores."""
+    copies against the conditioning images (at the model's size) and the model's training images (its data set).
+    Also the fraction of samples the domain classifier assigns to the class. Returns a JSON-able dict with per-class
+    and mean scores."""
+    from simdiff.data import build_dataset
     from simdiff.runs import load_model
-    from simdiff.semantica.pairs import load_source
+    from simdiff.semantica.pairs import load_source, register
     from simdiff.semantica.sample import sample_from_condition_images
-    from simdiff.semantica.train import pair_options
 
+    register()
     loaded = loaded if loaded is not None else load_model(run)
-    opts = pair_options(loaded.config)
-    train = load_source(opts.source, "train", exclude=opts.holdout_classes).images
+    train = build_dataset(loaded.config.data).images  # the model's training images, at its size
     test = load_source(source, "test")
     feats = features_for(source)
     out: dict[str, Any] = {"source": source, "shots": shots, "num": num, "guidance": guidance, "classes": {}}
@@ -115,7 +116,7 @@ def fewshot_report(run, *, source: str = "mnist", classes=(7, 8, 9), shots: int 
         if len(members) <= shots:
             raise ConfigError(f"class {c} of {source} has {len(members)} test images, need more than {shots}")
         cond, reference = members[:shots], members[shots:]
-        x, _ = sample_from_condition_images(loaded, cond, num, guidance, mode=mode, seed=seed + c, steps=steps)
+        x, cond = sample_from_condition_images(loaded, cond, num, guidance, mode=mode, seed=seed + c, steps=steps)
         scores = fewshot_scores(x, reference, domain=source)
         check = copy_check(x, cond_images=cond, train_images=train)
         row = {**scores, "copy_fraction": check["copy_fraction"], "median_d_cond": check["median_d_cond"],
