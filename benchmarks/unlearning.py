@@ -27,9 +27,11 @@ Run::
     nice -n 10 python benchmarks/unlearning.py --teacher runs/mnist_text --steps 200
     python benchmarks/unlearning.py --teacher RUN --smoke --results-dir /tmp/u    # a few steps, a few samples
 
-Writes ``<results-dir>/unlearning.{json,md}`` and sample grids ``unlearning_before.png`` and
-``unlearning_<method>.png`` (rows: forget keys, then retain keys; same seeds in every grid); the unlearned runs go
-to ``--runs-dir`` (default: a temporary directory).
+Writes ``<results-dir>/unlearning.{json,md}``, sample grids ``unlearning_before.png`` and
+``unlearning_<method>.png`` (rows: forget keys, then retain keys; same seeds in every grid) and the before/after
+figure ``unlearning_grid.png`` (one row per model: the original, then each method in the table's order; columns:
+two samples each of the first and last forget key, then of the first and last retain key, same seeds); the
+unlearned runs go to ``--runs-dir`` (default: a temporary directory).
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, command_line, machine_info, table_markdown, table_text, write_json, write_text  # noqa: E402
 
 from simdiff.eval.unlearning import evaluate_unlearning  # noqa: E402
+from simdiff.images import save_grid  # noqa: E402
 from simdiff.runs import load_model  # noqa: E402
 from simdiff.unlearn import METHODS, load_unlearn_config, unlearn  # noqa: E402
-from simdiff.unlearn.run import concept_grid, model_conditioner  # noqa: E402
+from simdiff.unlearn.run import concept_grid, concept_samples, model_conditioner  # noqa: E402
 
 #: default forget / retain prompts of a text model (the captions' own phrasings of single digits).
 TEXT_FORGET = ("a 7", "a thick 7", "a small 7 on the left", "seven, slanted, on the right", "a picture of a 7")
@@ -115,6 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     concept_grid(original.model, original, conditioner, f_keys, r_keys, args.results_dir / f"{args.name}_before.png",
                  device=args.device)
+    strip_keys = [f_keys[0], f_keys[-1], r_keys[0], r_keys[-1]]  # one row per model in the combined figure
+
+    def strip(model) -> torch.Tensor:
+        return concept_samples(model, original, conditioner, strip_keys, per_key=2, device=args.device)
+
+    strips = [strip(original.model)]
     results, rows = {}, []
     pools = None
     for method in args.methods:
@@ -133,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         scores = evaluate_unlearning(original, unlearned, f_keys, r_keys, num=args.num, device=args.device)
         concept_grid(unlearned.model, original, conditioner, f_keys, r_keys,
                      args.results_dir / f"{args.name}_{method}.png", device=args.device)
+        strips.append(strip(unlearned.model))
         results[method] = {**scores, "unlearn_seconds": seconds, "final_loss": summary.get("loss")}
         rows.append([method, f"{scores.get('forget_rate_before', float('nan')):.2f} -> "
                              f"{scores.get('forget_rate', float('nan')):.2f}",
@@ -141,6 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
                      scores["psnr"], seconds])
         print(f"{method}: {json.dumps({k: round(v, 4) for k, v in scores.items() if isinstance(v, float)})}",
               flush=True)
+    save_grid(torch.cat(strips), args.results_dir / f"{args.name}_grid.png", nrow=2 * len(strip_keys),
+              scale=max(1, 64 // original.image_shape[-1]))
     total = time.perf_counter() - start
     header = (f"Unlearning on {args.teacher} ({'text' if text else 'class'} model): {args.steps} steps x batch "
               f"{args.batch_size}, lr {args.lr}, {args.num} evaluation samples per set; wall-clock {total:.0f} s")

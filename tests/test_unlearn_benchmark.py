@@ -42,6 +42,6 @@ def test_smoke_mode_writes_table_json_and_grids(tmp_path):
         assert {"forget_rate", "forget_rate_before", "retain_fd", "psnr"} <= set(r)
         assert (out / f"unlearning_{method}.png").read_bytes()[:4] == b"\x89PNG"
         assert (tmp_path / "runs" / method / "checkpoints" / "step_000003").is_dir()
-    assert (out / "unlearning_before.png").is_file()
+    assert (out / "unlearning_before.png").is_file() and (out / "unlearning_grid.png").is_file()
     md = (out / "unlearning.md").read_text()
     assert "| esd |" in md and "| salun_ip |" in md and "integrity 95% CI" in md

@@ -29,7 +29,7 @@ from simdiff.unlearn.losses import SalUn, UnlearnLoss, method_class
 from simdiff.unlearn.sets import ConceptSet, PairedPools, Pool, make_pool, read_concept_set
 
 __all__ = ["UnlearnConfig", "load_unlearn_config", "unlearn", "build_unlearn_loss", "model_conditioner",
-           "POOL_FILE", "DEFAULT_TRAIN"]
+           "concept_samples", "concept_grid", "POOL_FILE", "DEFAULT_TRAIN"]
 
 POOL_FILE = "unlearn_pools.safetensors"
 #: a short fine-tune from converged weights: no warm-up, constant lr, no EMA (set train.ema_half_life_images to
@@ -278,15 +278,23 @@ def _int(text: str) -> int:
         raise ConfigError(f"--anchor: a class-conditional model needs a class index, got {text!r}") from None
 
 
+def concept_samples(model, loaded, conditioner, keys, *, per_key: int = 4, device="cpu",
+                    sample_cfg: SampleConfig | None = None) -> torch.Tensor:
+    """``per_key`` samples of each key (key-major) through the run's sampler with ``eta = 0`` and its seed, so two
+    models give pairs from the same starting noise."""
+    from simdiff.unlearn.sets import encode_keys
+
+    cond = encode_keys(conditioner, [k for k in keys for _ in range(per_key)])
+    scfg = dataclasses.replace(sample_cfg or loaded.config.sample, num=len(keys) * per_key, eta=0.0)
+    return generate(model, loaded.schedule, loaded.image_shape, scfg, cond=cond, conditioner=conditioner,
+                    device=device, process=loaded.process)
+
+
 def concept_grid(model, loaded, conditioner, forget_keys, retain_keys, out: str | Path, *, per_key: int = 4,
                  max_keys: int = 4, device="cpu", sample_cfg: SampleConfig | None = None) -> Path:
     """A PNG grid: one row per key (up to ``max_keys`` forget keys, then retain keys), ``per_key`` samples each."""
     from simdiff.images import save_grid
-    from simdiff.unlearn.sets import encode_keys
 
     keys = list(forget_keys)[:max_keys] + list(retain_keys)[:max_keys]
-    cond = encode_keys(conditioner, [k for k in keys for _ in range(per_key)])
-    scfg = dataclasses.replace(sample_cfg or loaded.config.sample, num=len(keys) * per_key, eta=0.0)
-    x = generate(model, loaded.schedule, loaded.image_shape, scfg, cond=cond, conditioner=conditioner, device=device,
-                 process=loaded.process)
+    x = concept_samples(model, loaded, conditioner, keys, per_key=per_key, device=device, sample_cfg=sample_cfg)
     return save_grid(x, out, nrow=per_key, scale=max(1, 64 // loaded.image_shape[-1]))
