@@ -37,22 +37,41 @@ from _common import command_line, machine_info, table_markdown, write_json, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "simdiff" / "configs" / "semantica_mnist.yaml"
+#: ``--encoders`` entries: ``NAME[,tokens=global|spatial][,pairing=same_class|shifted_self]``.
 GROUPS = {"held-out digits 7,8,9": ("mnist", (7, 8, 9)), "seen digit 3": ("mnist", (3,)),
           "held-out Fashion 1,7,8": ("fashion_mnist", (1, 7, 8))}
-WIDTH = {"mnist_classifier": 128, "contrastive": 128, "inception": 2048}
 
 
-def train_run(encoder: str, args) -> tuple[Path, float]:
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """``"mnist_classifier,tokens=spatial"`` -> ``("mnist_classifier", {"tokens": "spatial"})``."""
+    name, *rest = spec.split(",")
+    options = dict(part.split("=", 1) for part in rest)
+    unknown = set(options) - {"tokens", "pairing"}
+    if unknown:
+        raise SystemExit(f"--encoders {spec}: unknown option(s) {sorted(unknown)} (tokens=, pairing=)")
+    return name, options
+
+
+def train_run(spec: str, args) -> tuple[Path, float]:
     from simdiff.runs import load_config
-    from simdiff.semantica import train_semantica
+    from simdiff.semantica import encoder_width, train_semantica
 
-    run = Path(args.run_dir) / f"{encoder}_{args.steps}x{args.batch}"
-    overrides = [f"data.options.encoder={encoder}", f"model.options.context_dim={WIDTH[encoder]}",
+    encoder, options = parse_variant(spec)
+    tokens = {"tokens": options["tokens"]} if "tokens" in options else {}
+    run = Path(args.run_dir) / f"{spec.replace(',', '_').replace('=', '-')}_{args.steps}x{args.batch}"
+    overrides = [f"data.options.encoder={encoder}", f"model.options.context_dim={encoder_width(encoder, tokens)}",
+                 f"data.options.pairing={options.get('pairing', 'same_class')}",
                  f"train.steps={args.steps}", f"train.batch_size={args.batch}",
                  f"train.optim.warmup_steps={min(200, args.steps // 10)}", f"train.checkpoint_every={args.steps}",
                  "train.sample_every=0", "train.progress=false", "train.log_every=100"]
     start = time.perf_counter()
-    train_semantica(load_config(CONFIG, overrides), run)
+    cfg = load_config(CONFIG, overrides)
+    if tokens:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, options={**cfg.data.options, "encoder_options": tokens}))
+    train_semantica(cfg, run)
     return run, time.perf_counter() - start
 
 
@@ -92,7 +111,9 @@ def save_grid_png(all_grids: dict, path: Path, shots: int) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--encoders", nargs="+", default=["mnist_classifier", "contrastive"], choices=sorted(WIDTH))
+    p.add_argument("--encoders", nargs="+", default=["mnist_classifier", "contrastive"],
+                   help="NAME[,tokens=global|spatial][,pairing=same_class|shifted_self] (NAME: mnist_classifier, "
+                        "contrastive, inception)")
     p.add_argument("--guidance", type=float, nargs="+", default=[0.0, 1.0, 3.0])
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=64)
