@@ -7,38 +7,33 @@
 * :mod:`simdiff.unlearn.run` -- ``simdiff unlearn``: an unlearned copy of a run, trained by
   :class:`simdiff.train.Trainer` (exact resume, checkpoints, EMA), saved as an ordinary run.
 * :mod:`simdiff.eval.unlearning` -- forgetting, retention quality and model integrity.
+
+The names below are loaded on first use, so ``simdiff.unlearn.cli`` (the argument parser) imports neither the
+trainer nor the losses.
 """
 
-from simdiff.unlearn.losses import (
-    ESD,
-    METHODS,
-    ConceptAblation,
-    GradientAscent,
-    GradientDifference,
-    SalUn,
-    UnlearnLoss,
-    method_class,
-)
-from simdiff.unlearn.run import UnlearnConfig, build_unlearn_loss, load_unlearn_config, unlearn
-from simdiff.unlearn.sets import ConceptSet, PairedPools, Pool, encode_keys, make_pool, read_concept_set
+from __future__ import annotations
 
-__all__ = [
-    "ESD",
-    "METHODS",
-    "ConceptAblation",
-    "ConceptSet",
-    "GradientAscent",
-    "GradientDifference",
-    "PairedPools",
-    "Pool",
-    "SalUn",
-    "UnlearnConfig",
-    "UnlearnLoss",
-    "build_unlearn_loss",
-    "encode_keys",
-    "load_unlearn_config",
-    "make_pool",
-    "method_class",
-    "read_concept_set",
-    "unlearn",
-]
+import importlib
+from typing import Any
+
+#: the baseline methods; every one also exists as ``<name>_ip`` (integrity-preserving).
+BASE_METHODS: tuple[str, ...] = ("esd", "ascent", "graddiff", "salun", "ablation")
+#: every method name: the baselines and their integrity-preserving ``_ip`` variants.
+METHODS: tuple[str, ...] = tuple(n for b in BASE_METHODS for n in (b, f"{b}_ip"))
+
+_LAZY = {
+    "ESD": "losses", "ConceptAblation": "losses", "GradientAscent": "losses", "GradientDifference": "losses",
+    "SalUn": "losses", "UnlearnLoss": "losses", "method_class": "losses",
+    "UnlearnConfig": "run", "build_unlearn_loss": "run", "load_unlearn_config": "run", "unlearn": "run",
+    "ConceptSet": "sets", "PairedPools": "sets", "Pool": "sets", "encode_keys": "sets", "make_pool": "sets",
+    "read_concept_set": "sets",
+}
+
+__all__ = ["BASE_METHODS", "METHODS", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"simdiff.unlearn.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'simdiff.unlearn' has no attribute {name!r}")

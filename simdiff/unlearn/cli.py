@@ -23,7 +23,7 @@ __all__ = ["add_unlearn_parser", "cmd_unlearn", "unlearn_config_from_args", "mai
 
 def add_unlearn_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``unlearn`` sub-command to an ``argparse`` sub-parser set (its ``func`` is :func:`cmd_unlearn`)."""
-    from simdiff.unlearn.losses import METHODS
+    from simdiff.unlearn import METHODS
 
     p = subparsers.add_parser("unlearn", help="make a run forget a concept (prompts or class labels)",
                               description="Fine-tune a copy of a trained conditional model so that it forgets the "

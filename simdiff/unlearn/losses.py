@@ -48,14 +48,14 @@ import torch
 from torch import Tensor, nn
 
 from simdiff.configuration import ConfigError
-from simdiff.distill.base import as_teacher, teacher_call
-from simdiff.process import add_noise
+from simdiff.process import DenoiserOutput, add_noise
 from simdiff.processes.times import sample_t
 from simdiff.schedules import Schedule
+from simdiff.unlearn import BASE_METHODS, METHODS
 from simdiff.weighting import get_weighting
 
 __all__ = ["UnlearnLoss", "ESD", "GradientAscent", "GradientDifference", "SalUn", "ConceptAblation", "METHODS",
-           "method_class", "split_pairs"]
+           "method_class", "split_pairs", "teacher_call"]
 
 
 def split_pairs(batch: dict[str, Tensor], prefix: str) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
@@ -69,6 +69,22 @@ def split_pairs(batch: dict[str, Tensor], prefix: str) -> tuple[Tensor, dict[str
 
 def _sq(err: Tensor) -> Tensor:
     return err.pow(2).flatten(1).mean(1)
+
+
+def _frozen(teacher: Any) -> Any:
+    """Freeze an ``nn.Module`` original in place (eval mode, no gradients); other callables pass through."""
+    if isinstance(teacher, nn.Module):
+        teacher.eval().requires_grad_(False)
+    if not callable(teacher):
+        raise ValueError(f"the original model must be a denoiser callable, got {type(teacher).__name__}")
+    return teacher
+
+
+def teacher_call(teacher: Callable[..., Any], z: Tensor, logsnr: Tensor, cond: dict[str, Tensor]) -> DenoiserOutput:
+    """The frozen original's prediction without a graph, cast to ``z``'s dtype."""
+    with torch.no_grad():
+        out = teacher(z, logsnr, **cond)
+    return DenoiserOutput(x=out.x.to(z.dtype), eps=out.eps.to(z.dtype), v=out.v.to(z.dtype))
 
 
 class UnlearnLoss:
@@ -92,7 +108,7 @@ class UnlearnLoss:
             raise ValueError(f"schedule must be a simdiff Schedule, got {type(schedule).__name__}")
         if not preserve >= 0:
             raise ConfigError(f"preserve must be >= 0, got {preserve}")
-        self.student, self.teacher, self.schedule = student, as_teacher(teacher), schedule
+        self.student, self.teacher, self.schedule = student, _frozen(teacher), schedule
         self.null_cond = {k: v[:1].detach() for k, v in null_cond.items()}
         self.weighting = get_weighting(weighting)
         self.preserve = float(preserve)
@@ -301,8 +317,7 @@ class ConceptAblation(UnlearnLoss):
 
 _BASE: dict[str, type[UnlearnLoss]] = {"esd": ESD, "ascent": GradientAscent, "graddiff": GradientDifference,
                                        "salun": SalUn, "ablation": ConceptAblation}
-#: every method name: the baselines and their integrity-preserving ``_ip`` variants.
-METHODS: tuple[str, ...] = tuple(n for b in _BASE for n in (b, f"{b}_ip"))
+assert tuple(_BASE) == BASE_METHODS
 
 
 def method_class(name: str) -> tuple[type[UnlearnLoss], bool]:
