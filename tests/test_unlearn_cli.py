@@ -111,11 +111,13 @@ def test_sets_that_do_not_fit_the_model_are_one_line(root, tmp_path, capsys, tex
     assert "\n" not in err and expect in err, err
 
 
-def test_identity_and_randomised_weights_on_a_run(root):
-    original = load_model(root / "teacher")
-    same = evaluate_unlearning(original, original, [0], [1, 2, 3], num=24, num_boot=100)
+def test_zero_step_unlearning_is_the_identity_and_randomised_weights_lose_integrity(root, tmp_path):
+    run = tmp_path / "zero"
+    assert main(_args(root, "esd_ip", run, "--steps", "0")) == 0
+    same = evaluate_unlearning_run(run, num=24, num_boot=100)
     assert same["integrity"] == same["integrity_lo"] == same["integrity_hi"] == 1.0 and same["psnr"] == PSNR_CAP
     assert same["forget_rate"] == same["forget_rate_before"] and same["retain_fd"] < 1e-6
+    original = load_model(root / "teacher")
     broken = copy.copy(original)
     broken.model = copy.deepcopy(original.model)
     torch.manual_seed(0)
