@@ -60,6 +60,10 @@ def test_unlearned_run_is_an_ordinary_run(root, tmp_path, capsys):
     scores = evaluate_unlearning_run(run, num=8, fid=False, num_boot=50)
     assert scores["method"] == "esd" and 0.0 <= scores["integrity"] <= 1.0
     assert {"forget_rate", "forget_rate_before", "retain_rate", "psnr"} <= set(scores)
+    capsys.readouterr()
+    assert main(_args(root, "graddiff", run, "--steps", "5")) == 2  # another method into the same run: refused
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "method: 'esd' -> 'graddiff'" in err and "new --run-dir" in err, err
 
 
 def test_resume_from_a_mid_run_checkpoint_is_exact(root, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,14 +138,32 @@ def _generator(loaded, conditioner, sample_cfg: SampleConfig, device):
     return gen
 
 
+def _pool_identity(cfg: UnlearnConfig, forget: ConceptSet, retain: ConceptSet, *, anchor_images: bool) -> str:
+    """What the pools are made of (sets, anchors, original, size, sampler); stored in the pool file's metadata."""
+    return json.dumps({"forget": forget.to_record(), "retain": retain.to_record(), "teacher": str(Path(cfg.teacher)
+                       .resolve()), "pool_size": cfg.pool_size, "anchor_images": anchor_images,
+                       "pool_sample": None if cfg.pool_sample is None else to_dict(cfg.pool_sample),
+                       "seed": cfg.train.seed}, sort_keys=True)
+
+
 def _pools(cfg: UnlearnConfig, loaded, conditioner, forget: ConceptSet, retain: ConceptSet, run_dir: Path, device,
            *, anchor_images: bool) -> tuple[Pool, Pool]:
+    """The forget / retain pools: read back from ``run_dir`` when they were made from the same sets, original and
+    settings (a resume), else generated and written atomically."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     path = run_dir / POOL_FILE
+    ident = _pool_identity(cfg, forget, retain, anchor_images=anchor_images)
     if path.is_file():
-        d = load_file(str(path))
-        return Pool.from_tensors(d, "f_"), Pool.from_tensors(d, "r_")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                same = (fh.metadata() or {}).get("identity") == ident
+        except Exception:  # a damaged pool file is made again
+            same = False
+        if same:
+            d = load_file(str(path))
+            return Pool.from_tensors(d, "f_"), Pool.from_tensors(d, "r_")
     gen = _generator(loaded, conditioner, _pool_sample_config(cfg, loaded), device)
     if anchor_images and forget.images is None:  # concept ablation trains on the anchor's images
         fpool = _anchor_pool(forget, conditioner, cfg.pool_size, gen)
@@ -154,7 +173,8 @@ def _pools(cfg: UnlearnConfig, loaded, conditioner, forget: ConceptSet, retain: 
     tensors = {k: v.contiguous() for k, v in {**fpool.tensors("f_"), **rpool.tensors("r_")}.items()}
     tmp = path.with_suffix(".tmp")
     try:
-        save_file(tensors, str(tmp))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata={"identity": ident})
         tmp.replace(path)
     except OSError as e:
         raise rundir.write_error(e, run_dir=run_dir, what="the unlearning pools", path=path) from None
@@ -241,10 +261,14 @@ def _unlearn_locked(cfg: UnlearnConfig, run_dir: Path, info, *, resume: bool) ->
 
     def on_resume(ck) -> None:
         if ck is not None:
-            diffs = network_differences(ck.state.get("config") or {}, config_dict)
+            saved = ck.state.get("config") or {}
+            diffs = network_differences(saved, config_dict)
+            before = saved.get("unlearn") or {}
+            diffs += [f"{k}: {before.get(k)!r} -> {record[k]!r}" for k in ("method", "teacher", "forget", "retain")
+                      if k in before and before[k] != record[k]]
             if diffs:
-                raise ConfigError(f"{run_dir}: cannot resume from {ck.path.name}, it holds another network "
-                                  f"({'; '.join(diffs)}); unlearn into a new --run-dir")
+                raise ConfigError(f"{run_dir}: cannot resume from {ck.path.name}, it was unlearned with other "
+                                  f"settings ({'; '.join(diffs)}); unlearn into a new --run-dir")
         if info.rank == 0:
             path = run_dir / "unlearn.yaml"
             try:
