@@ -244,6 +244,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"--metrics: {e}") from None
     if args.json:
         check_output(args.json, what="--json")
+    if args.unlearning:
+        from simdiff.eval.unlearning import evaluate_unlearning_run
+
+        scores = evaluate_unlearning_run(args.source, teacher=args.teacher, num=args.num or 200,
+                                         sample_cfg=None, device=device)
+        print(json.dumps(scores, indent=1))
+        if args.json:
+            _write_text(Path(args.json), json.dumps(scores, indent=1))
+        return 0
+    if args.teacher:
+        raise ConfigError("--teacher is for --unlearning only")
     loaded = load_model(_source(args.source), device=device)
     if _is_rolling(loaded):  # forecasts scored against held-out trajectories per lead time
         from simdiff.video import run_rollout_eval
@@ -375,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     from simdiff.samplers.tune_cli import add_tune_grid_parser
     from simdiff.serve import add_serve_parser
     from simdiff.text_prompts import add_prompt_flags
+    from simdiff.unlearn.cli import add_unlearn_parser
     from simdiff.video import add_rollout_flags
 
     parser = _Parser(prog="simdiff", description=__doc__.split("\n\n")[0])
@@ -427,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "images, no samples); default 'auto': MNIST-classifier metrics for 28x28 grey digits, "
                         "FID/KID/precision-recall otherwise")
     p.add_argument("--json", help="also write the scores to this JSON file")
+    p.add_argument("--unlearning", action="store_true",
+                   help="score an unlearned run against its original: forgetting, retention FD/KID, integrity + CI, "
+                        "PSNR")
+    p.add_argument("--teacher", help="with --unlearning: the original run (default: the one the run recorded)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write EMA weights + config to one .safetensors file")
@@ -450,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cascade_parser(sub)
     add_tune_grid_parser(sub)
     add_serve_parser(sub)
+    add_unlearn_parser(sub)
     return parser
 
 
@@ -469,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         return _error(f"{where}{e.strerror or e}")
     except KeyboardInterrupt:
-        resumable = args.command in ("train", "distill")
+        resumable = args.command in ("train", "distill", "unlearn")
         print("simdiff: interrupted" + (" (the last checkpoint is intact; rerun the same command to resume)"
                                         if resumable else ""), file=sys.stderr)
         return 130
