@@ -1,8 +1,10 @@
 """Frozen image encoders for image conditioning: conditioning images -> context tokens for cross-attention.
 
 Semantica (Kumar, Houlsby & Hoogeboom 2024) encodes the conditioning image with a frozen pretrained encoder (the
-paper compares large ViT encoders such as CLIP and DINOv2) whose output the denoiser attends to; the encoder is
-never trained with the diffusion model. Here the encoders are small offline networks suited to 28x28 grey images:
+paper compares pretrained encoders such as CLIP and DINOv2) and the denoiser is conditioned on its output; the
+encoder is never trained with the diffusion model. Which of the encoder's outputs the paper uses (pooled embedding
+or patch tokens) and the exact way they enter its denoiser were not verified against the paper here: simdiff feeds
+tokens to the U-ViT's cross-attention. The encoders are small offline networks suited to 28x28 grey images:
 
 * ``mnist_classifier``: the ccexam MNIST CNN of :mod:`simdiff.eval.mnist` (trained on all ten digits by its
   authors). ``tokens: global`` (default) gives one 128-d token (its penultimate features); ``tokens: spatial`` gives

@@ -13,7 +13,6 @@ rebuilds the network; the encoder is rebuilt from ``data.options`` (:func:`encod
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -187,8 +186,3 @@ def train_semantica(cfg, run_dir: str | Path, *, resume: bool = True) -> dict[st
 
     return rundir.owned_run(run_dir, body)
 
-
-def replace_options(cfg, **changes):
-    """``cfg`` with ``data.options`` updated by ``changes`` (e.g. another encoder)."""
-    options = {**cfg.data.options, **changes}
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, options=options))
