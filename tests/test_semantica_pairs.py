@@ -91,3 +91,14 @@ def test_pair_batches_context_is_the_partners_tokens_and_dropout_is_null():
     nulled = null_conditioning({"context": out["context"]}, enc.null_cond, batch=100)
     assert torch.equal(nulled["context"], torch.zeros(100, 2, 2))
     assert torch.equal(enc.null(3)["context"], torch.zeros(3, 1, 2))
+
+
+def test_targets_without_a_partner_are_left_out():
+    labels = torch.tensor([0, 0, 1, 2, 2, 2])  # class 1 has a single image
+    ds = ImageDataset(torch.zeros(6, 1, 4, 4), labels, num_classes=3)
+    pairs = PairBatches(ds, _toy_encoder(), PairOptions(source="digits"))
+    assert pairs.targets.tolist() == [0, 1, 3, 4, 5] and len(pairs) == 5
+    assert pairs[torch.arange(5)]["index"].tolist() == [0, 1, 3, 4, 5]
+    with pytest.raises(ConfigError, match="no training image has a partner"):
+        PairBatches(ImageDataset(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]), num_classes=2), _toy_encoder(),
+                    PairOptions(source="digits"))
