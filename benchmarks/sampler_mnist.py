@@ -53,12 +53,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", nargs="+", default=["calibrated", "dpmpp_2m/uniform_logsnr", "uniform_t", "auto"])
     p.add_argument("--tune", action="store_true", help="also fit grids (fit_grids) for --tune-nfe")
     p.add_argument("--tune-nfe", type=int, nargs="+", default=[5, 8, 10])
+    p.add_argument("--end-shift", type=float, default=None,
+                   help="override simdiff.samplers.calibrate.END_SHIFT for the calibrated row (a candidate rule)")
     p.add_argument("--model", default=str(PRETRAINED))
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     num = args.num or (500 if args.metric == "fd" else 32)
     out = args.out or f"sampler_mnist_{args.metric}"
     torch.set_num_threads(1)
+    if args.end_shift is not None:
+        import simdiff.samplers.calibrate as calibrate_module
+
+        calibrate_module.END_SHIFT = args.end_shift
     info, cmd, t0 = machine_info(), command_line(), time.time()
     loaded = load_model(args.model)
     sch = loaded.schedule

@@ -12,6 +12,7 @@ import torch
 from simdiff.process import to_output
 from simdiff.samplers import calibrate as C
 from simdiff.samplers import get_sampler, solve_reference
+from simdiff.samplers.policy import auto_end
 from simdiff.samplers.tune_cli import FILE, load_tuned_grid, save_tuned_grid, tuned_grid_for
 from simdiff.schedules import LinearBetaSchedule, ShiftedCosineSchedule
 from simdiff.toy import GaussianMixture
@@ -69,9 +70,10 @@ def test_calibrated_grid_layout_and_end_rule():
         g = C.calibrated_grid(sch, steps, low)
         assert g.shape == (steps + 1,) and g[0] == sch.logsnr_min and g[-1] == math.inf
         assert bool((torch.diff(g[:-1]) > 0).all())
-    # a lower centre ends earlier (END_SHIFT per unit of centre), and the end never passes logsnr_max
-    assert float(C.calibrated_grid(sch, 8, high)[-2]) - float(C.calibrated_grid(sch, 8, low)[-2]) == pytest.approx(
-        5 * C.END_SHIFT)
+    # the end: the "auto" grid's rule (1 + 2 steps) / 3, moved by END_SHIFT per unit of centre below 2
+    for cal in (low, high):
+        assert float(C.calibrated_grid(sch, 8, cal)[-2]) == pytest.approx(
+            auto_end(sch, 8) + C.END_SHIFT * (cal.mu - 2.0))
     assert float(C.calibrated_grid(sch, 200, low)[-2]) == pytest.approx(sch.logsnr_max)
     with pytest.raises(ValueError, match="scale"):
         C.GridCalibration(0.0, 0.0)
