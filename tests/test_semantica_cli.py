@@ -120,3 +120,11 @@ def test_fewshot_eval_command_reports_every_metric(run, capsys):
     assert set(row) >= {"fd", "kid", "precision", "recall", "copy_fraction", "class_agreement", "median_d_train"}
     assert 0 <= row["precision"] <= 1 and 0 <= row["copy_fraction"] <= 1 and report["mean"]["fd"] == row["fd"]
 
+
+
+def test_module_entry_point_reports_errors_in_one_line(capsys):
+    from simdiff.semantica.sample import main
+
+    assert main(["train", str(CONFIG.parent / "mnist.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not an image-conditioned config" in err

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from simdiff.configuration import ConfigError
 
-__all__ = ["MODES", "sample_conditioned", "load_condition_images", "sample_from_condition_images",
+__all__ = ["MODES", "sample_conditioned", "load_condition_images", "sample_from_condition_images", "main",
            "semantica_sample_command", "add_condition_flags", "add_semantica_parser", "save_fewshot_grid"]
 
 MODES = ("each", "concat", "mean")
@@ -255,3 +255,20 @@ def add_semantica_parser(sub) -> argparse.ArgumentParser:
 def _require_images(args: argparse.Namespace) -> None:
     if not args.condition_images:
         raise ConfigError("simdiff semantica sample needs --condition-images DIR")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m simdiff.semantica train | sample | eval ...`` (the same commands as ``simdiff semantica ...``)."""
+    import sys
+
+    from simdiff.data import DataError
+    from simdiff.train import CheckpointError
+
+    parser = argparse.ArgumentParser(prog="python -m simdiff.semantica")
+    add_semantica_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["semantica", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, DataError, ValueError, FileNotFoundError) as e:
+        print(f"simdiff: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
