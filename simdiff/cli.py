@@ -7,6 +7,8 @@
     simdiff detect IMAGES --model SOURCE [--method dire-free|dire]   (sample ... --hallucination-score K)
     simdiff compress IMAGE -o OUT.sdc [--rate N | --codec jpeg ...]; simdiff decompress OUT.sdc -o OUT.png
     simdiff sample CASCADE.yaml|CASCADE.safetensors [--aug-logsnr L] [--strip]; simdiff cascade pack|train-sr|sample
+    simdiff sample RUN --condition-images DIR [--condition-mode each|concat|mean]; simdiff semantica train|sample|eval
+    simdiff unlearn --method NAME --teacher RUN --forget FILE --retain FILE; simdiff eval RUN --unlearning
     simdiff edit IMAGE... --source-label 3 --target-label 8 [--model SOURCE] [--method ddim|edict|nulltext|ddpm ...]
     simdiff export SOURCE OUT.safetensors
     simdiff tune-grid RUN [--sampler unipc] [--steps 5 6 8 10] [--guidance W]   (then: sample RUN --grid tuned)
@@ -163,6 +165,12 @@ def _parse_labels(text: str | None, num: int, num_classes: int) -> torch.Tensor 
     return torch.tensor(values).repeat((num + len(values) - 1) // len(values))[:num]
 
 
+def _refuse_pairs_run(loaded) -> None:
+    if loaded.config.data.name == "pairs":
+        raise ConfigError("an image-conditioned model: sample with --condition-images DIR, score with "
+                          "simdiff semantica eval RUN")
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from simdiff.cascade.cascade import is_cascade_source
     from simdiff.generate import check_sample_config, generate
@@ -173,6 +181,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from simdiff.cascade.cli import cmd_sample_cascade
 
         return cmd_sample_cascade(args)
+    if getattr(args, "condition_images", None):  # image-conditioned few-shot sampling (Semantica-style)
+        from simdiff.semantica.sample import semantica_sample_command
+
+        return semantica_sample_command(args)
     device = _check_flags(args)
     k = getattr(args, "hallucination_score", None)
     if k is not None and k < 2:
@@ -185,6 +197,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if k is not None and getattr(args, "scores", None):
             check_output(args.scores, what="--scores")
     loaded = load_model(_source(args.source), device=device)
+    _refuse_pairs_run(loaded)
     if args.info:
         print(describe(loaded))
         return 0
@@ -256,6 +269,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.teacher:
         raise ConfigError("--teacher is for --unlearning only")
     loaded = load_model(_source(args.source), device=device)
+    _refuse_pairs_run(loaded)
     if _is_rolling(loaded):  # forecasts scored against held-out trajectories per lead time
         from simdiff.video import run_rollout_eval
 
@@ -384,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     from simdiff.likelihood.cli import add_likelihood_parser
     from simdiff.quant.cli import add_quantize_parser
     from simdiff.samplers.tune_cli import add_tune_grid_parser
+    from simdiff.semantica.sample import add_condition_flags, add_semantica_parser
     from simdiff.serve import add_serve_parser
     from simdiff.text_prompts import add_prompt_flags
     from simdiff.unlearn.cli import add_unlearn_parser
@@ -428,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--info", action="store_true", help="print what the model is and exit")
     add_hallucination_flags(p)
     add_cascade_flags(p)
+    add_condition_flags(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="sample and score against the data set's test split")
@@ -467,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tune_grid_parser(sub)
     add_serve_parser(sub)
     add_unlearn_parser(sub)
+    add_semantica_parser(sub)
     return parser
 
 

@@ -166,6 +166,10 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = True) ->
     checkpoint was trained with another network; RunLockedError when another process trains into ``run_dir``;
     RunDirError when the directory cannot be written (disk full, read-only), naming the checkpoint to resume from.
     """
+    if cfg.data.name == "pairs":  # image-conditioned (Semantica-style): image pairs + a frozen image encoder
+        from simdiff.semantica.train import train_semantica
+
+        return train_semantica(cfg, run_dir, resume=resume)
     validate_train_config(cfg.train)
     run_dir = Path(run_dir)
     from simdiff.train import distributed as D

@@ -193,6 +193,7 @@ DATASETS: dict[str, Callable[[DataConfig], RawData]] = {
     "text": lambda cfg: _lazy("simdiff.data.text", "load_text")(cfg),
     "mnist_captions": lambda cfg: _lazy("simdiff.data.captions", "load_captions")(cfg),
     "fashion_captions": lambda cfg: _lazy("simdiff.data.captions", "load_captions")(cfg),
+    "pairs": lambda cfg: _lazy("simdiff.semantica.pairs", "load_pairs")(cfg),
     "kolmogorov": lambda cfg: _lazy("simdiff.data.video_sets", "load_sequence_windows")("kolmogorov", cfg),
     "moving_mnist": lambda cfg: _lazy("simdiff.data.video_sets", "load_sequence_windows")("moving_mnist", cfg),
     "photos": lambda cfg: _lazy("simdiff.data.photos", "load_photos")(cfg),
