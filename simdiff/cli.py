@@ -77,8 +77,16 @@ def _check_flags(args: argparse.Namespace) -> torch.device:
     return resolve_device(args.device, what="--device")
 
 
-def _tuned(args: argparse.Namespace, scfg):
-    """The grid ``simdiff tune-grid`` stored in the run directory ``args.source`` when ``scfg.grid`` is "tuned"."""
+def _tuned(args: argparse.Namespace, scfg, loaded=None, device="cpu"):
+    """The grid ``simdiff tune-grid`` stored in the run directory ``args.source`` when ``scfg.grid`` is "tuned"; the
+    "calibrated" grid of ``loaded`` (measured once, cached beside the run or file) for a model with classes or none
+    and no interval / rescale (others: measured by ``generate`` itself)."""
+    if scfg.grid == "calibrated" and loaded is not None and scfg.interval is None and scfg.rescale == 0.0 \
+            and (loaded.process is None or loaded.process.isotropic) and loaded.config.model.arch != "text_uvit":
+        from simdiff.samplers.calibrate import calibrated_grid_for
+
+        return calibrated_grid_for(_source(args.source), loaded, scfg.steps,
+                                   guidance=scfg.guidance if loaded.num_classes else 0.0, device=device)
     if scfg.grid != "tuned":
         return None
     from simdiff.samplers.tune_cli import tuned_grid_for
@@ -100,9 +108,10 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampler (default: the run's sample.sampler)")
     p.add_argument("--steps", type=int, help="number of steps")
-    p.add_argument("--grid", choices=sorted(GRID_KINDS) + ["tuned"],
+    p.add_argument("--grid", choices=sorted(GRID_KINDS) + ["tuned", "calibrated"],
                    help="step grid (tuned: the grid `simdiff tune-grid RUN` fitted for this sampler, steps and "
-                        "guidance, read from the run directory)")
+                        "guidance, read from the run directory; calibrated: a logistic in log-SNR fitted to a pilot "
+                        "run of the model, cached beside it)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight w (0 = conditional)")
     p.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"), help="guidance only for LO<=logSNR<=HI")
     p.add_argument("--rescale", type=float, help="guidance rescale phi in [0, 1]")
@@ -222,7 +231,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         x = generate(loaded.model, loaded.schedule, loaded.image_shape, scfg, labels=labels,
                      num_classes=loaded.num_classes, null_cond=class_null_cond(loaded.num_classes), device=device,
-                     progress=True, process=loaded.process, logsnrs=_tuned(args, scfg))
+                     progress=True, process=loaded.process, logsnrs=_tuned(args, scfg, loaded, device))
     secs = time.perf_counter() - start
     if args.out_dir:
         save_images(x, args.out_dir)

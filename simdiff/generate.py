@@ -20,7 +20,7 @@ from torch import Tensor
 from simdiff.configuration import ConfigError
 from simdiff.guidance import classifier_free_guidance
 from simdiff.processes import is_discrete
-from simdiff.samplers import GRID_KINDS, SAMPLERS, check_process, get_sampler, make_grid
+from simdiff.samplers import GRID_KINDS, MODEL_GRIDS, SAMPLERS, check_process, get_sampler, make_grid
 from simdiff.schedules import Schedule
 
 __all__ = ["SampleConfig", "generate", "check_sample_config", "sample_field_problem"]
@@ -65,8 +65,8 @@ def sample_field_problem(field: str, value: Any) -> str | None:
         if value not in SAMPLERS:
             return f"unknown sampler {value!r}; valid: {', '.join(sorted(SAMPLERS))}"
     elif field == "grid":
-        if value not in GRID_KINDS and value != "tuned":
-            return f"unknown grid {value!r}; valid: {', '.join(sorted(GRID_KINDS))}, tuned"
+        if value not in GRID_KINDS and value not in MODEL_GRIDS:
+            return f"unknown grid {value!r}; valid: {', '.join(sorted(GRID_KINDS) + list(MODEL_GRIDS))}"
     elif field in ("steps", "num", "batch_size"):
         if not _is_int(value) or value < 1:
             return f"must be an integer >= 1, got {value!r}"
@@ -130,6 +130,21 @@ def _per_example(cond: dict[str, Tensor] | None, labels: Tensor | None, num: int
             got = tuple(val.shape) if torch.is_tensor(val) else type(val).__name__
             raise ValueError(f"{key} must have shape ({num}, ...), got {got}")
     return out
+
+
+def _calibrated(denoise, raw, schedule: Schedule, cfg: SampleConfig, shape, per_example: dict[str, Tensor],
+                device, dtype) -> Tensor:
+    """The "calibrated" grid of the denoiser that will be sampled (a pilot run on the first rows' conditioning,
+    memoised for the process by the weights and everything else the pilot depends on)."""
+    from simdiff.samplers.calibrate import PILOT_SIZE, calibrated_grid, pilot_calibration, weights_fingerprint
+
+    rows = min(PILOT_SIZE, next((int(v.shape[0]) for v in per_example.values()), PILOT_SIZE))
+    cond = {k: v[:rows].to(device) for k, v in per_example.items()}
+    ident = weights_fingerprint(raw) if isinstance(raw, torch.nn.Module) else f"id:{id(raw)}"
+    key = (ident, float(cfg.guidance), cfg.interval, float(cfg.rescale), str(dtype),
+           tuple((k, v.shape, v.float().sum().item()) for k, v in sorted(cond.items())))
+    cal = pilot_calibration(denoise, schedule, shape, cond=cond, memo_key=key, device=device, dtype=dtype)
+    return calibrated_grid(schedule, cfg.steps, cal)
 
 
 def _grid(schedule: Schedule, cfg: SampleConfig, logsnrs: Tensor | None) -> Tensor:
@@ -200,6 +215,7 @@ def generate(
     if is_discrete(process):
         return _generate_discrete(denoise, process, shape, cfg, num, per_example, device, progress)
     guidance_input = bool(getattr(denoise, "guidance_input", False))  # guided students take w as an input
+    raw = denoise
     sampler = get_sampler(cfg.sampler)
     check_process(cfg.sampler, process)
     if cfg.guidance != 0.0 and cfg.sampler == "generator" and not guidance_input:
@@ -217,6 +233,11 @@ def generate(
         )
     # Built once, on the CPU where it is made: the samplers read the float64 grid on the host (validation,
     # coefficients, host levels) and move what the loop needs to the device themselves.
+    if logsnrs is None and cfg.grid == "calibrated":
+        if process is not None and not process.isotropic:  # levels are not log-SNRs: the schedule's uniform-t grid
+            logsnrs = make_grid(schedule, cfg.steps, kind="uniform_t")
+        else:
+            logsnrs = _calibrated(denoise, raw, schedule, cfg, shape, per_example, device, dtype)
     logsnrs = _grid(schedule, cfg, logsnrs)
     extra: dict[str, Any] = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
     if process is not None:
