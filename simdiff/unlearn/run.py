@@ -69,6 +69,12 @@ class UnlearnConfig:
     train: TrainConfig = DEFAULT_TRAIN
 
 
+def _content(entry):
+    """A run record entry without the set file's path: a set moved or rewritten elsewhere with the same content
+    is the same set."""
+    return {k: v for k, v in entry.items() if k != "source"} if isinstance(entry, dict) else entry
+
+
 def load_unlearn_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> UnlearnConfig:
     """YAML file (or defaults) + ``a.b=value`` overrides -> validated :class:`UnlearnConfig`."""
     data = apply_overrides(load_yaml(path) if path is not None else {}, list(overrides))
@@ -265,7 +271,7 @@ def _unlearn_locked(cfg: UnlearnConfig, run_dir: Path, info, *, resume: bool) ->
             diffs = network_differences(saved, config_dict)
             before = saved.get("unlearn") or {}
             diffs += [f"{k}: {before.get(k)!r} -> {record[k]!r}" for k in ("method", "teacher", "forget", "retain")
-                      if k in before and before[k] != record[k]]
+                      if k in before and _content(before[k]) != _content(record[k])]
             if diffs:
                 raise ConfigError(f"{run_dir}: cannot resume from {ck.path.name}, it was unlearned with other "
                                   f"settings ({'; '.join(diffs)}); unlearn into a new --run-dir")
