@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from simdiff.configuration import ConfigError, to_dict
 from simdiff.data import build_dataset
@@ -150,11 +149,7 @@ def network_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]
 
 
 def _write_config(cfg: ExperimentConfig, run_dir: Path) -> None:
-    path = run_dir / "config.yaml"
-    try:
-        rundir.atomic_write_bytes(path, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
-    except OSError as e:
-        raise rundir.write_error(e, run_dir=run_dir, what="config.yaml", path=path) from None
+    rundir.write_run_yaml(run_dir, "config.yaml", to_dict(cfg))
 
 
 def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = True) -> dict[str, Any]:

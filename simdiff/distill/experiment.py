@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from simdiff.configuration import ConfigError, apply_overrides, from_dict, get_registered, load_yaml, to_dict
@@ -301,11 +300,7 @@ def _distill_locked(cfg: DistillConfig, run_dir: Path, info, *, resume: bool) ->
                 raise ConfigError(f"{run_dir}: cannot resume from {ck.path.name}, it was distilled with another "
                                   f"network ({'; '.join(diffs)}); distil into a new --run-dir")
         if info.rank == 0:
-            path = run_dir / "distill.yaml"
-            try:
-                rundir.atomic_write_bytes(path, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
-            except OSError as e:
-                raise rundir.write_error(e, run_dir=run_dir, what="distill.yaml", path=path) from None
+            rundir.write_run_yaml(run_dir, "distill.yaml", to_dict(cfg))
 
     trainer = _DistillTrainer(student, loss, data, cfg.train, run_dir, config_dict=config_dict, resume=resume,
                               sample_base=cfg.sample, on_resume=on_resume)

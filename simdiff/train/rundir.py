@@ -158,6 +158,17 @@ def write_error(e: OSError, *, run_dir: str | Path, what: str, path: str | Path 
     return RunDirError(f"{target}: {fix}" + (f"; {hint}" if hint else ""))
 
 
+def write_run_yaml(run_dir: str | Path, name: str, data: dict) -> None:
+    """Write ``data`` as YAML to ``run_dir/name`` atomically; a failure is the one-line :func:`write_error`."""
+    import yaml
+
+    path = Path(run_dir) / name
+    try:
+        atomic_write_bytes(path, yaml.safe_dump(data, sort_keys=False).encode())
+    except OSError as e:
+        raise write_error(e, run_dir=run_dir, what=name, path=path) from None
+
+
 def is_run_dir_error(e: OSError, run_dir: Path) -> bool:
     """Whether ``e`` came from writing into ``run_dir`` (or is a disk-full / read-only error with no file named)."""
     if e.filename:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from simdiff.configuration import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from simdiff.generate import SampleConfig, check_sample_config, generate
@@ -276,11 +275,7 @@ def _unlearn_locked(cfg: UnlearnConfig, run_dir: Path, info, *, resume: bool) ->
                 raise ConfigError(f"{run_dir}: cannot resume from {ck.path.name}, it was unlearned with other "
                                   f"settings ({'; '.join(diffs)}); unlearn into a new --run-dir")
         if info.rank == 0:
-            path = run_dir / "unlearn.yaml"
-            try:
-                rundir.atomic_write_bytes(path, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
-            except OSError as e:
-                raise rundir.write_error(e, run_dir=run_dir, what="unlearn.yaml", path=path) from None
+            rundir.write_run_yaml(run_dir, "unlearn.yaml", to_dict(cfg))
 
     trainer = Trainer(student, loss, data, cfg.train, run_dir, config_dict=config_dict, resume=resume,
                       on_resume=on_resume)
