@@ -21,9 +21,7 @@ import unlearn_toy as toy  # noqa: E402
 
 @pytest.fixture(scope="module")
 def bed():
-    net, mix, sched = toy.fit_teacher()
-    fpool, rpool = toy.pools(mix)
-    return net, mix, sched, fpool, rpool
+    return toy.bed()
 
 
 def test_teacher_generates_every_class(bed):

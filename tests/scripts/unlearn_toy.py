@@ -69,6 +69,13 @@ def pools(mix, *, forget: int = 0, anchor: int = 1, n: int = 256, seed: int = 5)
     return fpool, Pool(xr.float(), {"labels": retain})
 
 
+def bed():
+    """``(teacher net, mixture, schedule, forget pool, retain pool)``: the test bed both unlearning test files use."""
+    net, mix, sched = fit_teacher()
+    fpool, rpool = pools(mix)
+    return net, mix, sched, fpool, rpool
+
+
 def unlearn_toy(method: str, net, sched, fpool: Pool, rpool: Pool, run_dir: Path, *, steps: int = 150,
                 lr: float = 1e-3, checkpoint_every: int = 0, **params):
     """Fine-tune a copy of ``net`` with ``method`` through the trainer; returns ``(student, loss)``."""
