@@ -56,9 +56,9 @@ from simdiff.unlearn import METHODS, load_unlearn_config, unlearn  # noqa: E402
 from simdiff.unlearn.run import concept_grid, concept_samples, model_conditioner  # noqa: E402
 
 #: default forget / retain prompts of a text model (the captions' own phrasings of single digits).
-TEXT_FORGET = ("a 7", "a thick 7", "a small 7 on the left", "seven, slanted, on the right", "a picture of a 7")
-TEXT_RETAIN = ("a 1", "a thick 2", "a 3 on the left", "a small 4", "five, upright, on the right", "a 6", "an 8",
-               "a faint 9", "a 0 on the right")
+TEXT_FORGET = ("a 7", "a thick 7", "a thin slanted 7", "seven, upright", "a picture of a 7")
+TEXT_RETAIN = ("a 1", "a thick 2", "a slanted 3", "a thin 4", "five, upright", "a 6", "an 8",
+               "nine, thick and slanted", "a 0")
 DEFAULT_TEACHER = "runs/mnist_text"
 HEADER = ["method", "forget rate (before -> after)", "retain rate", "retention FD", "retention KID", "integrity",
           "integrity 95% CI", "PSNR dB", "unlearn s"]

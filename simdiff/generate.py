@@ -23,7 +23,7 @@ from simdiff.processes import is_discrete
 from simdiff.samplers import GRID_KINDS, MODEL_GRIDS, SAMPLERS, check_process, get_sampler, make_grid
 from simdiff.schedules import Schedule
 
-__all__ = ["SampleConfig", "generate", "check_sample_config", "sample_field_problem"]
+__all__ = ["SampleConfig", "generate", "check_sample_config", "sample_field_problem", "resolve_grid"]
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,9 @@ class SampleConfig:
     Kynkäänniemi et al. 2024); ``None`` applies it everywhere.
     """
 
-    sampler: str = "dpmpp_2m"
+    sampler: str = "unipc"
     steps: int = 50
-    grid: str = "uniform_logsnr"
+    grid: str = "calibrated"
     guidance: float = 0.0
     interval: tuple[float, float] | None = None
     rescale: float = 0.0
@@ -147,6 +147,23 @@ def _calibrated(denoise, raw, schedule: Schedule, cfg: SampleConfig, shape, per_
     return calibrated_grid(schedule, cfg.steps, cal)
 
 
+def resolve_grid(denoise, raw, schedule: Schedule, cfg: SampleConfig, shape, *, per_example: dict[str, Tensor],
+                 process: Any = None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 logsnrs: Tensor | None = None) -> Tensor:
+    """The float64 step grid ``[cfg.steps + 1]`` that :func:`generate` samples on.
+
+    ``logsnrs`` when given (checked); else ``cfg.grid``: a closed-form kind from :func:`make_grid`, or
+    ``"calibrated"``, fitted to a pilot run of ``denoise`` (the guided denoiser that will be sampled; ``raw`` is the
+    network whose weights key the memo) on the first rows of ``per_example``. A non-isotropic process has levels
+    that are not log-SNRs, so there "calibrated" falls back to the schedule's uniform-t grid."""
+    if logsnrs is None and cfg.grid == "calibrated":
+        if process is not None and not process.isotropic:
+            logsnrs = make_grid(schedule, cfg.steps, kind="uniform_t")
+        else:
+            logsnrs = _calibrated(denoise, raw, schedule, cfg, shape, per_example, device, dtype)
+    return _grid(schedule, cfg, logsnrs)
+
+
 def _grid(schedule: Schedule, cfg: SampleConfig, logsnrs: Tensor | None) -> Tensor:
     """The step grid: ``logsnrs`` when given (it must have ``cfg.steps + 1`` increasing levels ending at +inf),
     else ``make_grid(schedule, cfg.steps, kind=cfg.grid)``; ``grid: tuned`` needs ``logsnrs``."""
@@ -233,12 +250,8 @@ def generate(
         )
     # Built once, on the CPU where it is made: the samplers read the float64 grid on the host (validation,
     # coefficients, host levels) and move what the loop needs to the device themselves.
-    if logsnrs is None and cfg.grid == "calibrated":
-        if process is not None and not process.isotropic:  # levels are not log-SNRs: the schedule's uniform-t grid
-            logsnrs = make_grid(schedule, cfg.steps, kind="uniform_t")
-        else:
-            logsnrs = _calibrated(denoise, raw, schedule, cfg, shape, per_example, device, dtype)
-    logsnrs = _grid(schedule, cfg, logsnrs)
+    logsnrs = resolve_grid(denoise, raw, schedule, cfg, shape, per_example=per_example, process=process,
+                           device=device, dtype=dtype, logsnrs=logsnrs)
     extra: dict[str, Any] = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
     if process is not None:
         extra["process"] = process

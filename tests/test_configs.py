@@ -45,7 +45,7 @@ TINY_DATA = {
     "moving_mnist_rolling.yaml": (["data.options.sequences=2", "data.options.frames=8"], (6, 1, 32, 32), 0),
     "moving_mnist_video.yaml": (["data.options.sequences=2", "data.options.frames=8"], (6, 1, 32, 32), 0),
     "text_masked.yaml": (["data.limit=16", "data.options.seq_len=32"], (1, 1, 32), 0),
-    "mnist_text.yaml": (["data.limit=8", "data.options.phrasings=1", "data.split=train"], (1, 48, 48), 0),
+    "mnist_text.yaml": (["data.limit=8", "data.options.phrasings=1", "data.split=train"], (1, 28, 28), 0),
     "semantica_mnist.yaml": (["data.options.source=digits", "data.image_size=28", "data.limit=64"], (1, 28, 28), 0),
 }
 

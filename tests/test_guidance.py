@@ -313,7 +313,7 @@ def test_generate_runs_in_inference_mode_with_one_cpu_grid_and_passes_process(mo
         return z
 
     monkeypatch.setitem(SAMPLERS, "spy", spy)
-    cfg = SampleConfig(sampler="spy", steps=3, num=5, batch_size=2, seed=7)
+    cfg = SampleConfig(sampler="spy", steps=3, grid="uniform_logsnr", num=5, batch_size=2, seed=7)
     out = generate(_flat, SCHED, (4,), cfg)
     assert len(seen) == 3 and all(s["inference"] and s["options"] == {} for s in seen)
     assert all(s["grid"] is seen[0]["grid"] for s in seen) and seen[0]["grid"].device.type == "cpu"

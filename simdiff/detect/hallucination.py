@@ -136,10 +136,10 @@ def generate_scored(
         ``(images [num, *shape] in [-1, 1] on CPU, scores [num] float64 on CPU)``.
     """
     from simdiff.configuration import ConfigError
-    from simdiff.generate import SampleConfig, check_sample_config
+    from simdiff.generate import SampleConfig, check_sample_config, resolve_grid
     from simdiff.guidance import classifier_free_guidance
     from simdiff.processes import is_discrete
-    from simdiff.samplers import check_process, get_sampler, make_grid
+    from simdiff.samplers import check_process, get_sampler
 
     cfg = SampleConfig() if cfg is None else cfg
     check_sample_config(cfg)
@@ -153,13 +153,16 @@ def generate_scored(
         raise ValueError(f"labels must be [{num}], got shape {tuple(labels.shape)}")
     sampler = get_sampler(cfg.sampler)
     check_process(cfg.sampler, process)
+    raw = denoise
     if cfg.guidance != 0.0:
         null = null_cond if null_cond is not None else ({"labels": num_classes} if num_classes > 0 else None)
         if not null or labels is None:
             raise ValueError("guidance needs a class-conditional model and labels")
         denoise = classifier_free_guidance(denoise, weight=cfg.guidance, null_cond=null, interval=cfg.interval,
                                            rescale=cfg.rescale, process=process)
-    logsnrs = make_grid(schedule, cfg.steps, kind=cfg.grid)
+    per_example = {} if labels is None else {"labels": labels}
+    logsnrs = resolve_grid(denoise, raw, schedule, cfg, shape, per_example=per_example, process=process,
+                           device=device, dtype=dtype)
     extra: dict[str, Any] = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
     if process is not None:
         extra["process"] = process
