@@ -126,5 +126,6 @@ def test_addim_is_a_core_sampler_through_generate():
         calls.append(1)
         return mix.denoise(z.double(), lam.double())
 
-    x = generate(denoise, get_schedule("cosine"), (2,), SampleConfig(sampler="addim", steps=5, grid="uniform_t", num=16, seed=0))
+    cfg = SampleConfig(sampler="addim", steps=5, grid="uniform_t", num=16, seed=0)
+    x = generate(denoise, get_schedule("cosine"), (2,), cfg)
     assert x.shape == (16, 2) and bool(torch.isfinite(x).all()) and len(calls) == 5

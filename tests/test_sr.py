@@ -73,7 +73,8 @@ def test_conditioning_path_sees_exactly_the_downsampled_target_without_augmentat
         assert torch.equal(downsample(joint[:, 1:2], 4), low)
     # through sampling with aug_logsnr=None: every sampler call sees the same, uncorrupted input
     seen.clear()
-    sample_sr(model, CosineSchedule(), low, SampleConfig(sampler="ddim", steps=3, grid="uniform_logsnr", num=6), aug_logsnr=None)
+    cfg = SampleConfig(sampler="ddim", steps=3, grid="uniform_logsnr", num=6)
+    sample_sr(model, CosineSchedule(), low, cfg, aug_logsnr=None)
     assert len(seen) == 3
     assert all(torch.equal(j[:, 1:2], upsample(low, (8, 8), mode=mode)) for j in seen)
 
