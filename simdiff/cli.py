@@ -36,12 +36,11 @@ from pathlib import Path
 import torch
 
 from simdiff.configuration import ConfigError
-
-PRETRAINED = Path(__file__).parent / "pretrained" / "mnist_uvit.safetensors"
+from simdiff.shipped import resolve_source  # noqa: E402
 
 
 def _source(value: str) -> Path:
-    return PRETRAINED if value == "pretrained" else Path(value)
+    return resolve_source(value)
 
 
 #: sampling flag -> SampleConfig field.

@@ -26,7 +26,8 @@ from simdiff.runs import evaluate_model, load_model
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
-PRETRAINED = Path(__file__).parent / "pretrained" / "mnist_uvit.safetensors"
+from simdiff.shipped import PRETRAINED  # noqa: E402
+
 #: time per training step over the bare optimizer step (data, EMA, logging, checkpoints), measured ~1.1-1.2 on CPU
 _OVERHEAD = 1.15
 

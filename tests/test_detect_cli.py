@@ -6,13 +6,13 @@ import argparse
 import pytest
 import torch
 
-from simdiff.cli import PRETRAINED
 from simdiff.configuration import ConfigError
 from simdiff.detect import DIREClassifier, save_classifier
 from simdiff.detect.cli import add_detect_parser, add_hallucination_flags, sample_with_scores
 from simdiff.generate import SampleConfig, generate
 from simdiff.images import save_images
 from simdiff.runs import class_null_cond, load_model
+from simdiff.shipped import PRETRAINED
 
 
 def _parser() -> argparse.ArgumentParser:

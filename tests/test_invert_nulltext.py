@@ -5,19 +5,17 @@ weights are untouched, negative-prompt inversion reconstructs like the condition
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
 
-import simdiff
 from simdiff.data import build_dataset
 from simdiff.invert import NullEmbedding, edit, invert, nulltext_invert, nulltext_sample, regenerate
 from simdiff.invert.ddim import ddim_invert, reconstruct
 from simdiff.runs import load_model
 from simdiff.samplers import make_grid
+from simdiff.shipped import PRETRAINED
 
-PRETRAINED = Path(simdiff.__file__).parent / "pretrained" / "mnist_uvit.safetensors"
 W = 2.0
 
 

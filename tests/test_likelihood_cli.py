@@ -36,9 +36,9 @@ def test_cli_elbo_and_ode_on_the_shipped_model(tmp_path, capsys) -> None:
 
 
 def test_bpd_metric_fits_the_eval_contract() -> None:
-    from simdiff.cli import PRETRAINED
     from simdiff.eval.likelihood import bpd_metric
     from simdiff.runs import load_model
+    from simdiff.shipped import PRETRAINED
 
     loaded = load_model(PRETRAINED)
     scores = bpd_metric(loaded, num=2, method="elbo", num_times=2, proposal="schedule")
@@ -58,9 +58,9 @@ def test_cli_bad_flags_are_one_line(argv: list[str], match: str) -> None:
 def test_conditional_and_fitted_proposal_paths() -> None:
     import torch
 
-    from simdiff.cli import PRETRAINED
     from simdiff.eval.likelihood import heldout_images, likelihood_of_loaded
     from simdiff.runs import load_model
+    from simdiff.shipped import PRETRAINED
 
     loaded = load_model(PRETRAINED)
     x, labels = heldout_images(loaded.config, 2)

@@ -2,10 +2,10 @@
 
 import torch
 
-from simdiff.cli import PRETRAINED
 from simdiff.eval import MNISTFeatures
 from simdiff.experiment import load_model
 from simdiff.generate import SampleConfig, generate
+from simdiff.shipped import PRETRAINED
 
 #: 16 samples per class. Measured class accuracy of the shipped model with these settings (UniPC, 10 steps, w = 2):
 #: 0.701 on 1000 samples (seed 1; standard error 0.015), 0.681 (109 / 160) on these 160 seeded samples.

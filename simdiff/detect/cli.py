@@ -73,10 +73,10 @@ def _positive(name: str, value: int | None) -> None:
 
 def cmd_detect(args: argparse.Namespace) -> int:
     """Load the model (and classifier), read the images, print ``score<TAB>path`` per image."""
-    from simdiff.cli import PRETRAINED
     from simdiff.devices import resolve_device
     from simdiff.runs import load_model
     from simdiff.samplers import make_grid
+    from simdiff.shipped import resolve_source
 
     from .dire import classifier_scores, dire_maps, dire_score, load_classifier
 
@@ -93,7 +93,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     steps = args.steps or int(info.get("steps", 10))
     order = args.order or int(info.get("order", 1))
     device = resolve_device(args.device, what="--device")
-    loaded = load_model(PRETRAINED if args.model == "pretrained" else Path(args.model), device=device)
+    loaded = load_model(resolve_source(args.model), device=device)
     c, h, w = loaded.image_shape
     if h != w:
         raise ConfigError(f"detect reads square images; the model's are {h}x{w}")

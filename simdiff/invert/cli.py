@@ -86,11 +86,9 @@ def _check(args: argparse.Namespace) -> list[int]:
 
 
 def _model_path(source: str) -> Path:
-    if source == "pretrained":
-        import simdiff
+    from simdiff.shipped import resolve_source
 
-        return Path(simdiff.__file__).parent / "pretrained" / "mnist_uvit.safetensors"
-    return Path(source)
+    return resolve_source(source)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:

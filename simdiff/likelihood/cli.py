@@ -64,8 +64,9 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
         options = {"probes": args.probes, "steps": args.steps, "solver": args.solver,
                    "dequantization": args.dequantization}
     device = resolve_device(args.device, what="--device")
-    source = Path(__file__).resolve().parents[1] / "pretrained" / "mnist_uvit.safetensors" \
-        if args.source == "pretrained" else Path(args.source)
+    from simdiff.shipped import resolve_source
+
+    source = resolve_source(args.source)
     loaded = load_model(source, device=device)
     x, labels = heldout_images(loaded.config, args.num)
     start = time.perf_counter()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from simdiff.configuration import ConfigError, apply_overrides, from_dict, load_yaml
 
@@ -61,10 +60,10 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Load SOURCE, calibrate and quantise, save OUT, print a JSON summary (and scores with ``--eval``)."""
-    from simdiff.cli import PRETRAINED
     from simdiff.devices import resolve_device
     from simdiff.images import check_output
     from simdiff.runs import evaluate_model, load_model
+    from simdiff.shipped import resolve_source
 
     from .io import quantize_loaded, save_quantized
 
@@ -75,7 +74,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.eval_num < 0:
         raise ConfigError(f"--eval must be >= 0, got {args.eval_num}")
     device = resolve_device(args.device, what="--device")
-    source = PRETRAINED if args.source == "pretrained" else Path(args.source)
+    source = resolve_source(args.source)
     loaded = load_model(source, device=device)
     qloaded = quantize_loaded(loaded, cfg)
     out = save_quantized(qloaded, args.out)

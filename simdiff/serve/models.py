@@ -26,7 +26,7 @@ from simdiff.train.checkpoint import CheckpointError
 __all__ = ["PRETRAINED", "ModelEntry", "ParamError", "SampleRequest", "Limits", "build_entries", "make_entry",
            "parse_request", "PARAMS"]
 
-PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained" / "mnist_uvit.safetensors"
+from simdiff.shipped import PRETRAINED, resolve_source  # noqa: E402
 
 #: the parameters a sample request may carry (anything else is refused, so no path ever reaches the filesystem).
 PARAMS = ("model", "labels", "sampler", "steps", "grid", "guidance", "interval", "seed", "num")
@@ -140,7 +140,7 @@ def build_entries(sources: list[str] | tuple[str, ...] = (), *, device: str | to
     wanted: list[tuple[str, Path]] = [("pretrained", PRETRAINED)] if pretrained else []
     seen = {p.resolve() for _, p in wanted}
     for s in sources:
-        path = PRETRAINED if s == "pretrained" else Path(s).expanduser()
+        path = resolve_source(s)
         if not path.exists():
             raise CheckpointError(f"{s}: no such run directory, checkpoint or file")
         path = path.resolve()

@@ -13,6 +13,7 @@ order YAML (:class:`~simdiff.unlearn.run.UnlearnConfig` fields), ``--set``, then
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def add_unlearn_parser(subparsers) -> argparse.ArgumentParser:
                                           "concept of a forget set while keeping a retain set. Methods: "
                                           + ", ".join(METHODS) + ".")
     p.add_argument("--method", help="unlearning method (" + " | ".join(METHODS) + ")")
-    p.add_argument("--teacher", help="the original run directory, checkpoint directory or exported .safetensors")
+    p.add_argument("--teacher", help="the original run directory, checkpoint directory, exported .safetensors, or "
+                   "pretrained-text (the shipped text-to-image model)")
     p.add_argument("--forget", help="forget set file (one prompt / class index per line, or JSON)")
     p.add_argument("--retain", help="retain set file (same formats)")
     p.add_argument("--run-dir", dest="run_dir", help="output run directory (default runs/unlearn_<method>)")
@@ -74,12 +76,14 @@ def _quote(text: str) -> str:
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
     """Run the unlearning; print a JSON summary."""
+    from simdiff.shipped import resolve_source
     from simdiff.unlearn.run import unlearn
 
     cfg = unlearn_config_from_args(args)
     for what in ("teacher", "forget", "retain"):
         if not getattr(cfg, what):
             raise ConfigError(f"unlearn needs --{what}")
+    cfg = dataclasses.replace(cfg, teacher=str(resolve_source(cfg.teacher)))  # "pretrained-text": the shipped file
     run_dir = Path(args.run_dir or f"runs/unlearn_{cfg.method}")
     summary = unlearn(cfg, run_dir, resume=not args.no_resume)
     print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str, type(None)))}, indent=1))
