@@ -4,7 +4,8 @@ Semantica (Kumar, Houlsby & Hoogeboom 2024) encodes the conditioning image with 
 paper compares pretrained encoders such as CLIP and DINOv2) and the denoiser is conditioned on its output; the
 encoder is never trained with the diffusion model. Which of the encoder's outputs the paper uses (pooled embedding
 or patch tokens) and the exact way they enter its denoiser were not verified against the paper here: simdiff feeds
-tokens to the U-ViT's cross-attention. The encoders are small offline networks suited to 28x28 grey images:
+tokens to the U-ViT's cross-attention. The first two encoders are small offline networks for 28x28 grey images (an
+RGB input is reduced to the mean of its channels and resized to 28x28); the third is made for RGB photo patches:
 
 * ``mnist_classifier``: the ccexam MNIST CNN of :mod:`simdiff.eval.mnist` (trained on all ten digits by its
   authors). ``tokens: global`` (default) gives one 128-d token (its penultimate features); ``tokens: spatial`` gives
@@ -13,6 +14,12 @@ tokens to the U-ViT's cross-attention. The encoders are small offline networks s
   2020) on random affine augmentations of MNIST digits 0-6 only, without labels
   (:mod:`simdiff.semantica.contrastive`), shipped as float16 safetensors. ``global``: one 128-d token; ``spatial``:
   49 tokens of 128 channels.
+* ``contrastive_photos``: :class:`PhotoContrastiveNet`, the same three conv layers with an RGB input, trained by
+  simdiff with the same NT-Xent loss on the 32x32 training patches of :mod:`simdiff.data.photos` (five photos; the
+  test photos chelsea and china unseen), no labels, views made by :func:`photo_augment` (random crop of 50-100% of
+  the side, flip, mild colour jitter). Inputs are resized to 32x32. ``global``: one 128-d token; ``spatial``: 64
+  tokens of 128 channels (8x8). Shipped as ``weights/contrastive_photos.safetensors``; retrain with
+  ``python -m simdiff.semantica.encoders`` (:func:`train_photo_contrastive`, about 6 minutes on one shared CPU thread).
 * ``inception``: the Inception-v3 pool3 features of :mod:`simdiff.eval.features` (2048-d, one token); slow on a CPU
   (299x299 inputs).
 
@@ -31,16 +38,25 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
+import math
+import time
 from collections.abc import Hashable
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from simdiff.conditioners import FrozenEncoder
 from simdiff.configuration import ConfigError
+from simdiff.semantica.contrastive import ContrastiveNet, nt_xent
 
-__all__ = ["ImageEncoder", "ENCODERS", "build_image_encoder", "image_key", "encoder_width"]
+__all__ = ["ImageEncoder", "ENCODERS", "build_image_encoder", "image_key", "encoder_width", "PhotoContrastiveNet",
+           "photo_augment", "train_photo_contrastive", "load_photo_contrastive", "PHOTO_WEIGHTS"]
+
+PHOTO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "contrastive_photos.safetensors"
 
 TOKENS = ("global", "spatial")
 
@@ -188,6 +204,17 @@ def _contrastive(tokens: str) -> ImageEncoder:
                         num_tokens=shape[0], width=shape[1], options={"tokens": tokens, **meta})
 
 
+def _contrastive_photos(tokens: str) -> ImageEncoder:
+    net, meta = load_photo_contrastive(PHOTO_WEIGHTS)
+
+    def fn(net: nn.Module, images: Tensor) -> Tensor:
+        fmap = net.feature_map(images)
+        return fmap.flatten(2).transpose(1, 2) if tokens == "spatial" else net.pool(fmap)[:, None]
+
+    side = net.size // 4
+    shape = (side * side, net.width) if tokens == "spatial" else (1, net.width)
+    return ImageEncoder(_Tokens(net, fn), name="simdiff_contrastive_photos", version=meta.get("version", "1"),
+                        num_tokens=shape[0], width=shape[1], options={"tokens": tokens, **meta})
 
 
 def _inception(tokens: str) -> ImageEncoder:
@@ -207,9 +234,11 @@ def _inception(tokens: str) -> ImageEncoder:
                         width=2048, options={"tokens": tokens}, batch_size=50)
 
 
-ENCODERS = {"mnist_classifier": _mnist_classifier, "contrastive": _contrastive, "inception": _inception}
+ENCODERS = {"mnist_classifier": _mnist_classifier, "contrastive": _contrastive,
+            "contrastive_photos": _contrastive_photos, "inception": _inception}
 _WIDTHS = {("mnist_classifier", "global"): 128, ("mnist_classifier", "spatial"): 64, ("contrastive", "global"): 128,
-           ("contrastive", "spatial"): 128, ("inception", "global"): 2048}
+           ("contrastive", "spatial"): 128, ("contrastive_photos", "global"): 128,
+           ("contrastive_photos", "spatial"): 128, ("inception", "global"): 2048}
 
 
 def _check(name: str, options: dict[str, Any]) -> str:
@@ -237,6 +266,125 @@ def _cached(name: str, tokens: str) -> ImageEncoder:
 
 
 def build_image_encoder(name: str, options: dict[str, Any] | None = None) -> ImageEncoder:
-    """The shared frozen encoder ``name`` (``mnist_classifier`` | ``contrastive`` | ``inception``) on the CPU."""
+    """The shared frozen encoder ``name`` (``mnist_classifier`` | ``contrastive`` | ``contrastive_photos`` |
+    ``inception``) on the CPU."""
     tokens = _check(name, dict(options or {}))
     return _cached(name, tokens)
+
+
+# ------------------------------------------------------------------------- the RGB contrastive encoder (photos)
+
+
+class PhotoContrastiveNet(ContrastiveNet):
+    """:class:`~simdiff.semantica.contrastive.ContrastiveNet` with an RGB input: ``[B, 3, 32, 32]`` in ``[-1, 1]``
+    -> ``[B, 128, 8, 8]`` feature map / ``[B, 128]`` representation (grey inputs are repeated to three channels,
+    other sizes resized to 32x32, antialiased bilinear)."""
+
+    size = 32
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs[0] = nn.Conv2d(3, 32, 3, padding=1)
+
+    def feature_map(self, images: Tensor) -> Tensor:
+        x = images.float().clamp(-1, 1)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        return self.convs(x)
+
+
+def photo_augment(x: Tensor, *, generator: torch.Generator) -> Tensor:
+    """One random view per RGB image ``[B, 3, H, W]`` in ``[-1, 1]``: a square crop of 50-100% of the side at a
+    random place, resized back (bilinear), flipped left-right with probability 1/2, then brightness +-0.1,
+    contrast x0.8-1.2 and saturation x0.8-1.2. Our choice of views (milder colour jitter than SimCLR's, since
+    colour is part of what makes two crops "of the same photo"), not from SimCLR or Semantica."""
+    b = x.shape[0]
+    side = 0.5 + 0.5 * torch.rand(b, generator=generator)
+    centre = (torch.rand(b, 2, generator=generator) * 2 - 1) * (1 - side)[:, None]
+    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+    zero = torch.zeros(b)
+    rows = [torch.stack([side * flip, zero, centre[:, 0]], 1), torch.stack([zero, side, centre[:, 1]], 1)]
+    theta = torch.stack(rows, 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    u = torch.rand(b, 3, generator=generator)
+    bright, contrast, sat = (u[:, 0] * 2 - 1) * 0.1, 0.8 + 0.4 * u[:, 1], 0.8 + 0.4 * u[:, 2]
+    grey = out.mean(1, keepdim=True)
+    out = grey + sat[:, None, None, None] * (out - grey)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = mean + contrast[:, None, None, None] * (out - mean) + bright[:, None, None, None]
+    return out.clamp(-1, 1)
+
+
+def train_photo_contrastive(images: Tensor, *, steps: int = 600, batch_size: int = 128, lr: float = 2e-3,
+                            seed: int = 0, temperature: float = 0.2,
+                            log_every: int = 100) -> tuple[PhotoContrastiveNet, dict[str, Any]]:
+    """Train :class:`PhotoContrastiveNet` with a projection head (128 -> 128 -> 64) on RGB ``images`` ``[N, 3, 32,
+    32]`` with NT-Xent (:func:`~simdiff.semantica.contrastive.nt_xent`) between two :func:`photo_augment` views;
+    AdamW, linear warm-up over 5% of the steps then cosine decay. Returns the net in eval mode and the recipe."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = PhotoContrastiveNet()
+    head = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64))
+    opt = torch.optim.AdamW([*net.parameters(), *head.parameters()], lr=lr, weight_decay=1e-4)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    start, loss = time.perf_counter(), torch.tensor(float("nan"))
+    for step in range(steps):
+        x = images[torch.randint(len(images), (batch_size,), generator=gen)].float()
+        v1, v2 = photo_augment(x, generator=gen), photo_augment(x, generator=gen)
+        loss = nt_xent(head(net(v1)), head(net(v2)), temperature=temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if log_every and (step + 1) % log_every == 0:
+            print(f"[contrastive_photos] step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
+    recipe = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "temperature": temperature,
+              "final_loss": round(loss.item(), 4), "seconds": round(time.perf_counter() - start, 1)}
+    return net.eval(), recipe
+
+
+def load_photo_contrastive(path: str | Path = PHOTO_WEIGHTS) -> tuple[PhotoContrastiveNet, dict[str, Any]]:
+    """The frozen :class:`PhotoContrastiveNet` (float32, eval, no grad) and its metadata from a safetensors file
+    (written by :func:`simdiff.semantica.contrastive.save_contrastive`)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"contrastive_photos encoder weights not found: {path} (train them with "
+                          "python -m simdiff.semantica.encoders)")
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata() or {}
+    net = PhotoContrastiveNet()
+    net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    meta = {"version": header.get("version", "1"), **json.loads(header.get("recipe", "{}"))}
+    return net.eval().requires_grad_(False), meta
+
+
+def main() -> None:  # pragma: no cover - the shipped contrastive_photos weights' recipe
+    import argparse
+
+    from simdiff.semantica.contrastive import save_contrastive
+    from simdiff.semantica.pairs import load_photo_source
+
+    p = argparse.ArgumentParser(description="train the RGB contrastive encoder on the 32x32 training photo patches "
+                                            "(no labels; test photos unseen)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--out", default=str(PHOTO_WEIGHTS))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    raw = load_photo_source("train", patch_size=32)
+    net, recipe = train_photo_contrastive(raw.images, steps=args.steps, batch_size=args.batch_size)
+    recipe["data"] = (f"photos train split ({', '.join(raw.info['photos'])}), {len(raw.images)} patches 32x32 "
+                      "stride 16, no labels")
+    print(save_contrastive(net, args.out, recipe), recipe)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

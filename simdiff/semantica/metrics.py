@@ -6,8 +6,10 @@ a data set are compared as a set with that data set (FID). Here, with domain fea
 
 * :func:`fewshot_scores`: Fréchet distance, KID (Binkowski et al. 2018) and improved precision / recall (Kynkäänniemi
   et al. 2019) of the samples against reference images of the held-out class or data set, on the 128-d features of
-  the MNIST classifier (:mod:`simdiff.eval.mnist`) or the Fashion-MNIST classifier (:mod:`simdiff.eval.fashion`).
-  With a few hundred samples the Fréchet distance on 128-d features is biased upwards; compare values at equal ``n``.
+  the MNIST classifier (:mod:`simdiff.eval.mnist`) or the Fashion-MNIST classifier (:mod:`simdiff.eval.fashion`);
+  for photo patches (``domain="photos"``) on the 2048-d Inception-v3 pool3 features (:mod:`simdiff.eval.features`,
+  slow on a CPU). With a few hundred samples the Fréchet distance is biased upwards (far more so on 2048-d
+  features); compare values at equal ``n``.
 * :func:`copy_check`: for each sample the pixel-space RMS distance to its nearest conditioning image and to its
   nearest training image; a sample is flagged as a copy when its nearest conditioning image is within ``tol``
   (default 0.05 RMS in ``[-1, 1]`` units: less than 3% of the range per pixel). Not from the paper.
@@ -64,7 +66,8 @@ def copy_check(samples: Tensor, *, cond_images: Tensor, train_images: Tensor, to
 
 
 def features_for(domain: str):
-    """The 128-d feature network of ``domain`` (``mnist`` | ``fashion_mnist``)."""
+    """The feature network of ``domain``: 128-d classifier features for ``mnist`` | ``fashion_mnist``, 2048-d
+    Inception pool3 features (no classifier) for ``photos``."""
     if domain == "mnist":
         from simdiff.eval.mnist import MNISTFeatures
 
@@ -73,18 +76,25 @@ def features_for(domain: str):
         from simdiff.eval.fashion import FashionFeatures
 
         return FashionFeatures("cpu")
-    raise ConfigError(f"few-shot features exist for mnist and fashion_mnist, not {domain!r}")
+    if domain == "photos":
+        from simdiff.eval.features import InceptionFeatures
+
+        return InceptionFeatures("cpu")
+    raise ConfigError(f"few-shot features exist for mnist, fashion_mnist and photos, not {domain!r}")
 
 
 def fewshot_scores(samples: Tensor, reference: Tensor, *, domain: str = "mnist", k: int = 3,
-                   kid_subset: int = 100) -> dict[str, float]:
+                   kid_subset: int = 100, sample_features: Tensor | None = None,
+                   reference_features: Tensor | None = None) -> dict[str, float]:
     """Fréchet distance, KID (mean over 10 subsets of ``kid_subset``) and precision/recall (``k``-NN) of
-    ``samples`` against ``reference`` images, on the ``domain`` classifier's features."""
+    ``samples`` against ``reference`` images, on the ``domain`` features (either set's features may be passed
+    precomputed)."""
     from simdiff.eval.fid import frechet_distance_features, kid
     from simdiff.eval.prdc import precision_recall
 
-    feats = features_for(domain)
-    fs, fr = feats(samples), feats(reference)
+    feats = features_for(domain) if sample_features is None or reference_features is None else None
+    fs = feats(samples) if sample_features is None else sample_features
+    fr = feats(reference) if reference_features is None else reference_features
     kid_mean, _ = kid(fs, fr, subsets=10, subset_size=min(kid_subset, len(fs), len(fr)))
     pr = precision_recall(fr, fs, k=k)
     return {"fd": frechet_distance_features(fs, fr), "kid": kid_mean, **pr}
@@ -98,8 +108,10 @@ def fewshot_report(run, *, source: str = "mnist", classes=(7, 8, 9), shots: int 
     Per class: ``shots`` conditioning images (the first of that class in the test split), ``num`` samples
     (mode ``each``), scored against the remaining test images of that class (:func:`fewshot_scores`) and checked for
     copies against the conditioning images (at the model's size) and the model's training images (its data set).
-    Also the fraction of samples the domain classifier assigns to the class. Returns a JSON-able dict with per-class
-    and mean scores."""
+    Also ``class_agreement``: the fraction of samples the domain classifier assigns to the class; for ``photos``
+    (no classifier; ``classes`` are photo indices, the held-out test photos are 5 and 6) the fraction whose nearest
+    test patch of the ``classes`` photos in Inception features belongs to the conditioning photo. Photo patches are
+    cut at the model's patch size. Returns a JSON-able dict with per-class and mean scores."""
     from simdiff.data import build_dataset
     from simdiff.runs import load_model
     from simdiff.semantica.pairs import load_source, register
@@ -108,8 +120,13 @@ def fewshot_report(run, *, source: str = "mnist", classes=(7, 8, 9), shots: int 
     register()
     loaded = loaded if loaded is not None else load_model(run)
     train = build_dataset(loaded.config.data).images  # the model's training images, at its size
-    test = load_source(source, "test")
+    options = {"patch_size": int(loaded.image_shape[-1])} if source == "photos" else {}
+    test = load_source(source, "test", **options)
     feats = features_for(source)
+    pool = None
+    if not hasattr(feats, "predict"):  # photos: nearest test patch of the evaluated photos decides the photo
+        keep = torch.isin(test.labels, torch.as_tensor(list(classes), dtype=torch.long))
+        pool = (feats(test.images[keep]), test.labels[keep])
     out: dict[str, Any] = {"source": source, "shots": shots, "num": num, "guidance": guidance, "classes": {}}
     for c in classes:
         members = test.images[test.labels == c]
@@ -117,11 +134,17 @@ def fewshot_report(run, *, source: str = "mnist", classes=(7, 8, 9), shots: int 
             raise ConfigError(f"class {c} of {source} has {len(members)} test images, need more than {shots}")
         cond, reference = members[:shots], members[shots:]
         x, cond = sample_from_condition_images(loaded, cond, num, guidance, mode=mode, seed=seed + c, steps=steps)
-        scores = fewshot_scores(x, reference, domain=source)
+        fs = feats(x)
+        fr = pool[0][pool[1] == c][shots:] if pool is not None else None
+        scores = fewshot_scores(x, reference, domain=source, sample_features=fs, reference_features=fr)
         check = copy_check(x, cond_images=cond, train_images=train)
         row = {**scores, "copy_fraction": check["copy_fraction"], "median_d_cond": check["median_d_cond"],
                "median_d_train": check["median_d_train"]}
-        row["class_agreement"] = float((feats.predict(x) == c).double().mean())
+        if pool is None:
+            row["class_agreement"] = float((feats.predict(x) == c).double().mean())
+        else:
+            nearest = torch.cdist(fs.double(), pool[0].double()).argmin(1)
+            row["class_agreement"] = float((pool[1][nearest] == c).double().mean())
         out["classes"][str(c)] = {k: round(v, 5) for k, v in row.items()}
     keys = next(iter(out["classes"].values())).keys()
     out["mean"] = {k: round(sum(r[k] for r in out["classes"].values()) / len(classes), 5) for k in keys}

@@ -8,17 +8,30 @@ rule that makes two images "belong together" is a data option (``data.options.pa
 * ``same_class`` (default): the partner is another image of the same class, drawn uniformly among the other
   members of that class at every batch, never the image itself.
 * ``shifted_self``: the partner is the image itself translated by a random non-zero offset of up to ``max_shift``
-  pixels (zero fill) -- the stand-in for "two crops of one photo"; never the identical image.
+  pixels (filled with -1); never the identical image.
 
 Neither rule is from the paper (it pairs images of one web page); ``same_class`` is the closest analogue on labelled
 data. The data set ``pairs`` (``data.name: pairs``) loads the training classes of a source (``mnist``,
-``fashion_mnist`` or ``digits``; Animal-MNIST is not installed here) and records its options in ``info["pairs"]``;
-:class:`PairBatches` turns it into training batches.
+``fashion_mnist``, ``digits`` or ``photos``; Animal-MNIST is not installed here) and records its options in
+``info["pairs"]``; :class:`~simdiff.semantica.train.PairBatches` turns it into training batches.
+
+Source ``photos`` (:func:`load_photo_source`): the natural-photo patches of :mod:`simdiff.data.photos`, each
+labelled with the index of its photo in :data:`simdiff.data.photos.PHOTOS` (astronaut 0, coffee 1, rocket 2,
+motorcycle_left 3, flower 4 in split "train"; chelsea 5, china 6 in split "test"; class names are the photo names).
+``same_class`` then pairs two different grid patches of one photo -- **two crops of the same photo**, overlapping or
+not -- which is the closest stand-in here for Semantica's two images of one web page. The split is by photo, so
+the test photos are a held-out data set never seen in training; ``holdout_classes`` removes whole photos (by index
+or name) from the training split. Patches that repeat an earlier patch pixel for pixel are dropped (at 32x32 with
+stride 16 the astronaut photo has ten all-black patches; nine are dropped), so a partner is never the target's
+pixels either.
 
 Options (``data.options``; unknown keys are refused):
 
 * ``source``: the labelled source data set (default ``mnist``).
-* ``holdout_classes``: classes removed from training, e.g. ``[7, 8, 9]`` (default none).
+* ``holdout_classes``: classes removed from training, e.g. ``[7, 8, 9]`` (default none); for ``photos`` photo
+  indices or names, e.g. ``[flower]``.
+* ``patch_size``, ``stride``: ``photos`` only: the patch side (default 32) and grid step (default: half the patch
+  side for "train", the patch side for "test"), passed to :func:`simdiff.data.photos.photo_patches`.
 * ``pairing``: ``same_class`` or ``shifted_self``. ``max_shift``: pixels for ``shifted_self`` (default 2).
 * ``encoder``: the frozen image encoder (:mod:`simdiff.semantica.encoders`), default ``mnist_classifier``.
 * ``uncond_prob``: fraction of examples trained with the null context (classifier-free guidance), default 0.1.
@@ -37,14 +50,71 @@ from torch import Tensor
 from simdiff.configuration import ConfigError, from_dict
 from simdiff.data.sources import RawData, load_digits, load_fashion_mnist, load_mnist
 
-__all__ = ["PairOptions", "SOURCES", "PAIRINGS", "load_pairs", "load_source", "partner_indices", "shift_images",
-           "register"]
+__all__ = ["PairOptions", "SOURCES", "PAIRINGS", "PHOTO_PATCH", "load_pairs", "load_source", "load_photo_source",
+           "photo_index", "partner_indices", "shift_images", "register"]
 
-#: labelled sources a pair data set can be built from (name -> loader(split)).
+#: default patch side of the ``photos`` source (CPU-sized)
+PHOTO_PATCH = 32
+
+
+def load_photo_source(split: str = "train", *, patch_size: int = PHOTO_PATCH, stride: int | None = None,
+                      drop_duplicates: bool = True) -> RawData:
+    """Grid patches of the photos of ``split`` labelled by photo: ``images [N, 3, s, s]`` in ``[-1, 1]``, ``labels
+    [N]`` = index of the source photo in :data:`simdiff.data.photos.PHOTOS`, 7 classes named after the photos.
+
+    Args:
+        split: "train" or "test" (:data:`simdiff.data.photos.PHOTO_SPLITS`).
+        patch_size, stride: the grid (:func:`simdiff.data.photos.photo_patches`; ``stride=None``: its default).
+        drop_duplicates: drop every patch that equals an earlier one pixel for pixel (first one kept).
+
+    ``info`` holds ``photos`` (the split's photo names), ``patch_size``, ``stride`` and ``dropped_duplicates``.
+    """
+    import numpy as np
+
+    from simdiff.data.errors import DataError
+    from simdiff.data.photos import PHOTO_SPLITS, PHOTOS, photo_patches
+    from simdiff.data.transforms import uint8_to_float
+
+    try:
+        patches, source = photo_patches(split, size=int(patch_size), stride=stride)
+    except DataError as e:
+        raise ConfigError(f"source photos: {e}") from None
+    names = list(PHOTOS)
+    labels = np.asarray([names.index(n) for n in PHOTO_SPLITS[split]], dtype=np.int64)[source]
+    dropped = 0
+    if drop_duplicates:
+        flat = patches.reshape(len(patches), -1)
+        _, first = np.unique(flat, axis=0, return_index=True)
+        keep = np.sort(first)
+        dropped = len(patches) - len(keep)
+        patches, labels = patches[keep], labels[keep]
+    info = {"photos": list(PHOTO_SPLITS[split]), "patch_size": int(patch_size), "stride": stride,
+            "dropped_duplicates": int(dropped)}
+    return RawData(uint8_to_float(np.ascontiguousarray(patches)), torch.from_numpy(labels), len(names), tuple(names),
+                   info)
+
+
+def photo_index(name_or_index: int | str) -> int:
+    """Index of a photo in :data:`simdiff.data.photos.PHOTOS` from its name or index (ConfigError if unknown)."""
+    from simdiff.data.photos import PHOTOS
+
+    names = list(PHOTOS)
+    if isinstance(name_or_index, str) and not name_or_index.isdigit():
+        if name_or_index not in names:
+            raise ConfigError(f"unknown photo {name_or_index!r}; valid: {', '.join(names)}")
+        return names.index(name_or_index)
+    index = int(name_or_index)
+    if not 0 <= index < len(names):
+        raise ConfigError(f"photo index {index} out of range 0-{len(names) - 1} ({', '.join(names)})")
+    return index
+
+
+#: labelled sources a pair data set can be built from (name -> loader(split, root, **options)).
 SOURCES = {
     "mnist": lambda split, root: load_mnist(split),
     "fashion_mnist": lambda split, root: load_fashion_mnist(split, root),
     "digits": lambda split, root: load_digits("train"),
+    "photos": lambda split, root, **options: load_photo_source(split, **options),
 }
 PAIRINGS = ("same_class", "shifted_self")
 
@@ -61,10 +131,18 @@ class PairOptions:
     uncond_prob: float = 0.1
     num_cond: int = 1
     encoder_options: dict[str, Any] = field(default_factory=dict)  # e.g. {tokens: spatial}
+    patch_size: int | None = None  # photos only (default PHOTO_PATCH)
+    stride: int | None = None  # photos only (default: photo_patches' default)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ConfigError(f"data.options.source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        for key in ("patch_size", "stride"):
+            value = getattr(self, key)
+            if value is not None and self.source != "photos":
+                raise ConfigError(f"data.options.{key} applies to source photos only, not {self.source!r}")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"data.options.{key} must be a positive integer, got {value!r}")
         if self.pairing not in PAIRINGS:
             raise ConfigError(f"data.options.pairing must be one of {', '.join(PAIRINGS)}, got {self.pairing!r}")
         if not isinstance(self.max_shift, int) or not 1 <= self.max_shift <= 8:
@@ -81,15 +159,30 @@ class PairOptions:
         """``data.options`` dict -> :class:`PairOptions` (one-line ConfigError naming a bad or unknown key)."""
         options = dict(options or {})
         if "holdout_classes" in options:
-            options["holdout_classes"] = tuple(options["holdout_classes"] or ())
+            held = options["holdout_classes"] or ()
+            held = [held] if isinstance(held, (int, str)) else held
+            if options.get("source") == "photos":
+                held = [photo_index(c) for c in held]
+            options["holdout_classes"] = tuple(held)
         return from_dict(cls, options, where="data.options")
 
+    def source_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`load_source` for this source (``photos``: its patch grid)."""
+        if self.source != "photos":
+            return {}
+        return {"patch_size": self.patch_size or PHOTO_PATCH, "stride": self.stride}
 
-def load_source(source: str, split: str = "train", root: str | None = None, *, classes=None, exclude=()) -> RawData:
-    """A labelled source restricted to ``classes`` (``None``: all) minus ``exclude``; images in ``[-1, 1]``."""
+
+def load_source(source: str, split: str = "train", root: str | None = None, *, classes=None, exclude=(),
+                **options: Any) -> RawData:
+    """A labelled source restricted to ``classes`` (``None``: all) minus ``exclude``; images in ``[-1, 1]``.
+
+    ``options`` go to the source's loader (``photos``: ``patch_size``, ``stride``, ``drop_duplicates``)."""
     if source not in SOURCES:
         raise ConfigError(f"unknown pair source {source!r}; valid: {', '.join(SOURCES)}")
-    raw = SOURCES[source](split, root)
+    if options and source != "photos":
+        raise ConfigError(f"source {source!r} takes no options, got {', '.join(sorted(options))}")
+    raw = SOURCES[source](split, root, **options)
     keep = torch.ones(len(raw.labels), dtype=torch.bool)
     if classes is not None:
         keep &= torch.isin(raw.labels, torch.as_tensor(list(classes), dtype=torch.long))
@@ -104,7 +197,7 @@ def load_pairs(cfg) -> RawData:
 
     ``info["pairs"]`` holds the parsed options (a dict) and the training classes."""
     opts = PairOptions.parse(cfg.options)
-    raw = load_source(opts.source, cfg.split, cfg.root, exclude=opts.holdout_classes)
+    raw = load_source(opts.source, cfg.split, cfg.root, exclude=opts.holdout_classes, **opts.source_options())
     if len(raw.labels) == 0:
         raise ConfigError(f"data.options.holdout_classes {list(opts.holdout_classes)} leaves no training images")
     classes = sorted(set(raw.labels.tolist()))
@@ -113,7 +206,7 @@ def load_pairs(cfg) -> RawData:
         lonely = [c for c in classes if counts[c] < 2]
         if lonely and cfg.limit is None:
             raise ConfigError(f"pairing same_class needs >= 2 images per class; class {lonely[0]} has one")
-    info = {"pairs": {**dataclasses.asdict(opts), "train_classes": classes}}
+    info = {"pairs": {**dataclasses.asdict(opts), "train_classes": classes}, **(raw.info or {})}
     return RawData(raw.images, raw.labels, raw.num_classes, raw.class_names, info)
 
 

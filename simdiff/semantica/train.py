@@ -1,7 +1,8 @@
 """Training an image-conditioned model on pairs: batches, the experiment hook, and a complete training run.
 
-A Semantica-style run is an ordinary experiment config (``simdiff/configs/semantica_mnist.yaml``) whose data set is
-``pairs`` (:mod:`simdiff.semantica.pairs`) and whose backbone attends to context tokens (``model.arch: uvit`` with
+A Semantica-style run is an ordinary experiment config (``simdiff/configs/semantica_mnist.yaml`` on digits,
+``simdiff/configs/semantica_photos.yaml`` on RGB photo patches, where a pair is two crops of one photo) whose data set
+is ``pairs`` (:mod:`simdiff.semantica.pairs`) and whose backbone attends to context tokens (``model.arch: uvit`` with
 ``model.options.context_dim`` equal to the encoder's token width). Each training example is a target image ``x``
 and the frozen-encoder tokens of its partner as ``context``; a seeded fraction ``uncond_prob`` of the examples has
 the all-zero context instead (conditioning dropout for classifier-free guidance, Ho & Salimans 2022; the same zeros
