@@ -1,6 +1,7 @@
 """Semantica pairs on natural-photo patches: labels are photo indices, a partner is another crop of the same photo
 (never the target, never the target's pixels), whole photos are held out, the test photos are disjoint from the
-training photos, and a tiny image-conditioned model trains and samples from photo patches deterministically."""
+training photos, a tiny image-conditioned model trains and samples from photo patches deterministically, and the
+few-shot report scores held-out photos."""
 
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def test_test_photos_are_disjoint_from_training_photos(train, test_split):
     assert ds.images.shape[1:] == (3, 16, 16) and ds.class_names[int(ds.labels[0])] == "chelsea"
 
 
-def test_tiny_training_and_few_shot_sampling_on_photo_patches(tmp_path, test_split):
+def test_tiny_training_and_few_shot_sampling_on_photo_patches(tmp_path, test_split, monkeypatch):
     from simdiff.runs import load_config
 
     cfg = load_config(CONFIG, ["data.limit=48", "train.steps=2", "train.batch_size=8", "train.sample_every=0",
@@ -110,3 +111,18 @@ def test_tiny_training_and_few_shot_sampling_on_photo_patches(tmp_path, test_spl
     again, _ = sample_from_condition_images(tmp_path / "run", cond, seed=0, **kwargs)
     other, _ = sample_from_condition_images(tmp_path / "run", cond, seed=1, **kwargs)
     assert torch.equal(x, again) and not torch.equal(x, other)
+
+    # few-shot report on the held-out photos, with stand-ins for the sampler (real patches of the conditioning
+    # photo, never the conditioning ones) and for Inception (mean and spread of each channel, to stay fast)
+    from simdiff.semantica import metrics, sample
+
+    def real_patches(loaded, cond_images, n, guidance, **kwargs):
+        photo = 5 if any(torch.equal(cond_images[0], p) for p in test_split.images[test_split.labels == 5]) else 6
+        return test_split.images[test_split.labels == photo][10 : 10 + n], cond_images
+
+    monkeypatch.setattr(sample, "sample_from_condition_images", real_patches)
+    monkeypatch.setattr(metrics, "features_for", lambda domain: lambda x: torch.cat([x.mean((2, 3)), x.std((2, 3))], 1))
+    rep = metrics.fewshot_report(tmp_path / "run", source="photos", classes=(5, 6), shots=2, num=6, steps=2)
+    for photo in ("5", "6"):
+        row = rep["classes"][photo]
+        assert row["class_agreement"] == 1.0 and row["copy_fraction"] == 0.0 and row["median_d_train"] > 0.05
