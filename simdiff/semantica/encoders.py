@@ -4,8 +4,9 @@ Semantica (Kumar, Houlsby & Hoogeboom 2024) encodes the conditioning image with 
 paper compares pretrained encoders such as CLIP and DINOv2) and the denoiser is conditioned on its output; the
 encoder is never trained with the diffusion model. Which of the encoder's outputs the paper uses (pooled embedding
 or patch tokens) and the exact way they enter its denoiser were not verified against the paper here: simdiff feeds
-tokens to the U-ViT's cross-attention. The first two encoders are small offline networks for 28x28 grey images (an
-RGB input is reduced to the mean of its channels and resized to 28x28); the third is made for RGB photo patches:
+tokens to the U-ViT's cross-attention. ``mnist_classifier`` and ``contrastive`` are small offline networks for
+28x28 grey images (an RGB input is reduced to the mean of its channels and resized to 28x28); ``contrastive_photos``
+is a small one for 32x32 RGB photo patches; ``inception`` takes RGB (or grey) images of any size, resized to 299x299:
 
 * ``mnist_classifier``: the ccexam MNIST CNN of :mod:`simdiff.eval.mnist` (trained on all ten digits by its
   authors). ``tokens: global`` (default) gives one 128-d token (its penultimate features); ``tokens: spatial`` gives
