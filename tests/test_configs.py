@@ -47,6 +47,7 @@ TINY_DATA = {
     "text_masked.yaml": (["data.limit=16", "data.options.seq_len=32"], (1, 1, 32), 0),
     "mnist_text.yaml": (["data.limit=8", "data.options.phrasings=1", "data.split=train"], (1, 28, 28), 0),
     "semantica_mnist.yaml": (["data.options.source=digits", "data.image_size=28", "data.limit=64"], (1, 28, 28), 0),
+    "semantica_photos.yaml": (["data.limit=32"], (3, 32, 32), 0),
 }
 
 
