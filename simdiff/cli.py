@@ -367,7 +367,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from simdiff.train import export_inference
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    out = export_inference(args.source, args.out, dtype=dtypes[args.dtype])
+    import yaml
+
+    sample = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("sample.") or key.count(".") != 1:
+            raise ConfigError(f"--set {item!r}: export takes sampling defaults only, as sample.FIELD=VALUE")
+        sample[key.split(".", 1)[1]] = yaml.safe_load(value)
+    out = export_inference(args.source, args.out, dtype=dtypes[args.dtype], sample=sample)
     print(f"exported EMA weights with config to {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -474,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="weight precision in the file (float16 halves its size)")
+    p.add_argument("--set", action="append", metavar="sample.FIELD=VALUE",
+                   help="replace a recorded sampling default, e.g. --set sample.grid=calibrated (repeatable)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the shipped model, a short training run and their scores on one HTML page")

@@ -64,6 +64,18 @@ def test_sample_export_and_reload(run, capsys):
     torch.testing.assert_close(load_model(half).model(z, lam).x, b.model(z, lam).x, rtol=0, atol=2e-2)
     assert main(["sample", str(exported), "--info"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["arch"] == "uvit"
+    # sampling defaults replaced at export time: what `simdiff sample FILE` does without flags
+    tuned = run / "model_w2.safetensors"
+    assert main(["export", str(run / "run"), str(tuned), "--set", "sample.grid=calibrated",
+                 "--set", "sample.guidance=2"]) == 0
+    s = load_model(tuned).config.sample
+    assert (s.grid, s.guidance) == ("calibrated", 2.0) and s.steps == load_model(exported).config.sample.steps
+    torch.testing.assert_close(load_model(tuned).model(z, lam).x, b.model(z, lam).x)
+    capsys.readouterr()
+    _one_line_error(capsys, ["export", str(run / "run"), str(tuned), "--set", "sample.grid=zigzag"],
+                    "sample.grid unknown grid 'zigzag'")
+    _one_line_error(capsys, ["export", str(run / "run"), str(tuned), "--set", "train.steps=3"],
+                    "export takes sampling defaults only")
 
 
 def _one_line_error(capsys, argv, pattern):

@@ -336,12 +336,15 @@ def load_latest(run_dir: str | Path, *, fallback: bool = False) -> Checkpoint | 
     return None
 
 
-def export_inference(src: str | Path, out_path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+def export_inference(src: str | Path, out_path: str | Path, *, dtype: torch.dtype | None = None,
+                     sample: dict | None = None) -> Path:
     """Write the EMA weights (model weights if no EMA) of a run dir's latest checkpoint, or of one checkpoint
     directory, to one ``.safetensors`` file; the config JSON goes in its metadata under ``"config"``.
 
     ``dtype`` (e.g. ``torch.float16``) casts floating-point weights for a smaller file; loading casts them back
-    to the model's dtype."""
+    to the model's dtype. ``sample`` replaces fields of the recorded sampling defaults (``{"grid": "calibrated",
+    "guidance": 2.0}``: what ``simdiff sample FILE`` does without flags); each is checked like a ``sample.*``
+    setting (one-line ConfigError)."""
     src = Path(src)
     if src.is_file():
         raise CheckpointError(f"{src}: a file, not a run or checkpoint directory (export reads a training run; an "
@@ -352,11 +355,14 @@ def export_inference(src: str | Path, out_path: str | Path, *, dtype: torch.dtyp
     if ckpt is None:
         raise CheckpointError(f"{src}: no checkpoint to export (no {src / 'checkpoints' / 'step_*'} directory)")
     weights = ckpt.ema if ckpt.ema is not None else ckpt.model
+    config = dict(ckpt.state.get("config") or {})
+    if sample:
+        config = _with_sample_defaults(config, sample)
     if dtype is not None:
         weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     meta = {
         "format": INFERENCE_FORMAT,
-        "config": json.dumps(ckpt.state.get("config") or {}),
+        "config": json.dumps(config),
         "step": str(ckpt.step),
         "weights": "ema" if ckpt.ema is not None else "model",
         "version": library_version(),
@@ -372,6 +378,23 @@ def export_inference(src: str | Path, out_path: str | Path, *, dtype: torch.dtyp
         reason = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
         raise CheckpointError(f"{out}: cannot write the export ({reason}); choose another output path") from None
     return out
+
+
+def _with_sample_defaults(config: dict, sample: dict) -> dict:
+    """``config`` (a checkpoint's config dict) with ``experiment.sample`` fields replaced by ``sample``."""
+    from simdiff.configuration import ConfigError
+    from simdiff.generate import SampleConfig, sample_field_problem
+
+    fields = set(SampleConfig.__dataclass_fields__)
+    for key, value in sample.items():
+        if key not in fields:
+            raise ConfigError(f"sample.{key}: unknown sampling setting; valid: {', '.join(sorted(fields))}")
+        problem = sample_field_problem(key, value)
+        if problem:
+            raise ConfigError(f"sample.{key} {problem}")
+    experiment = dict(config.get("experiment") or {})
+    experiment["sample"] = {**(experiment.get("sample") or {}), **sample}
+    return {**config, "experiment": experiment}
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
