@@ -24,7 +24,7 @@ others kept. ``--forget`` / ``--retain`` take set files (:mod:`simdiff.unlearn.s
 
 Run::
 
-    nice -n 10 python benchmarks/unlearning.py --teacher runs/mnist_text --steps 200
+    nice -n 10 python benchmarks/unlearning.py --teacher pretrained-text --steps 200
     python benchmarks/unlearning.py --teacher RUN --smoke --results-dir /tmp/u    # a few steps, a few samples
 
 Writes ``<results-dir>/unlearning.{json,md}``, sample grids ``unlearning_before.png`` and
@@ -52,6 +52,7 @@ from _common import RESULTS_DIR, command_line, machine_info, table_markdown, tab
 from simdiff.eval.unlearning import evaluate_unlearning  # noqa: E402
 from simdiff.images import save_grid  # noqa: E402
 from simdiff.runs import load_model  # noqa: E402
+from simdiff.shipped import resolve_source  # noqa: E402
 from simdiff.unlearn import METHODS, load_unlearn_config, unlearn  # noqa: E402
 from simdiff.unlearn.run import concept_grid, concept_samples, model_conditioner  # noqa: E402
 
@@ -59,7 +60,7 @@ from simdiff.unlearn.run import concept_grid, concept_samples, model_conditioner
 TEXT_FORGET = ("a 7", "a thick 7", "a thin slanted 7", "seven, upright", "a picture of a 7")
 TEXT_RETAIN = ("a 1", "a thick 2", "a slanted 3", "a thin 4", "five, upright", "a 6", "an 8",
                "nine, thick and slanted", "a 0")
-DEFAULT_TEACHER = "runs/mnist_text"
+DEFAULT_TEACHER = "pretrained-text"
 HEADER = ["method", "forget rate (before -> after)", "retain rate", "retention FD", "retention KID", "integrity",
           "integrity 95% CI", "PSNR dB", "unlearn s"]
 
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         p.error(f"unknown methods {unknown}; valid: {', '.join(METHODS)}")
     start = time.perf_counter()
+    args.teacher = str(resolve_source(args.teacher))  # "pretrained-text": the shipped text-to-image model
     original = load_model(args.teacher, device=args.device)
     conditioner, text = model_conditioner(original, device=args.device)
     tmp = tempfile.TemporaryDirectory()

@@ -295,7 +295,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate_text_model(loaded, scfg, num=num, metrics=metrics or ("fid", "kid"), device=device,
                                      progress=True)
     else:
-        result = evaluate_model(loaded, scfg, num=num, metrics=metrics, device=device, logsnrs=_tuned(args, scfg))
+        result = evaluate_model(loaded, scfg, num=num, metrics=metrics, device=device,
+                                logsnrs=_tuned(args, scfg, loaded, device))
     result = {"sampler": scfg.sampler, "steps": scfg.steps, "grid": scfg.grid, "num": num, **result}
     print(json.dumps(result, indent=1))
     if args.json:
