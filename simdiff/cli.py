@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from simdiff.configuration import ConfigError
-from simdiff.shipped import resolve_source  # noqa: E402
+from simdiff.shipped import PRETRAINED, resolve_source  # noqa: E402, F401  (PRETRAINED: re-exported)
 
 
 def _source(value: str) -> Path:
@@ -253,7 +253,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from simdiff.eval import check_metrics
     from simdiff.generate import check_sample_config
     from simdiff.images import check_output
-    from simdiff.runs import check_student_sampling, evaluate_model, load_model
+    from simdiff.runs import check_student_sampling, evaluate_model, load_model, model_metrics
 
     device = _check_flags(args)
     metrics = None if args.metrics in (None, "auto") else tuple(m.strip() for m in args.metrics.split(",") if m.strip())
@@ -295,6 +295,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate_text_model(loaded, scfg, num=num, metrics=metrics or ("fid", "kid"), device=device,
                                      progress=True)
     else:
+        metrics = model_metrics(loaded, metrics, num=num)  # a bad metric is refused before the grid is measured
         result = evaluate_model(loaded, scfg, num=num, metrics=metrics, device=device,
                                 logsnrs=_tuned(args, scfg, loaded, device))
     result = {"sampler": scfg.sampler, "steps": scfg.steps, "grid": scfg.grid, "num": num, **result}

@@ -1,7 +1,8 @@
 """``simdiff demo``: what simdiff does, in about ten minutes on a 2-core laptop, ending in one summary page.
 
 1. The shipped class-conditional MNIST model: one grid without guidance and one with guidance (same noise), each
-   scored by the MNIST classifier's agreement with the requested class.
+   scored by the MNIST classifier's agreement with the requested class; then the shipped text-to-image model, one
+   row per prompt, scored the same way (skipped with one line when ``simdiff[text]`` is not installed).
 2. A short training run of a small class-conditional model (SiD2's recipe: residual U-ViT, v-prediction, sigmoid
    loss, shifted cosine) for a wall-clock budget: the number of steps is set from a timed probe of this machine's
    speed, and sample grids at 25/50/75/100% of the run show it learning, beside its loss curve.
@@ -26,7 +27,7 @@ from simdiff.runs import evaluate_model, load_model
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
-from simdiff.shipped import PRETRAINED  # noqa: E402
+from simdiff.shipped import PRETRAINED, SHIPPED  # noqa: E402
 
 #: time per training step over the bare optimizer step (data, EMA, logging, checkpoints), measured ~1.1-1.2 on CPU
 _OVERHEAD = 1.15
@@ -83,6 +84,34 @@ def _shipped_model(run_dir: Path, num: int) -> list[dict]:
     return rows
 
 
+#: one prompt per digit for the shipped text-to-image model's grid (words it was trained on).
+DEMO_PROMPTS = ("a thick 0", "a thin 1", "a slanted 2", "a 3", "a thick slanted 4", "five, upright", "a thin 6",
+                "seven, thick", "an 8", "a slanted 9")
+
+
+def _shipped_text(run_dir: Path, per_prompt: int) -> dict | None:
+    """A grid of the shipped text-to-image model (one row per prompt, guidance 2) and its digit adherence; ``None``
+    (with a printed line) when the text extra is not installed."""
+    from simdiff.configuration import ConfigError
+    from simdiff.data.captions import caption_thresholds
+    from simdiff.eval.prompts import prompt_adherence
+    from simdiff.text_prompts import sample_prompts, save_prompt_grid
+
+    loaded = load_model(SHIPPED["pretrained-text"])
+    cfg = dataclasses.replace(loaded.config.sample, steps=10, grid="uniform_t", seed=0)
+    try:
+        x = sample_prompts(loaded, DEMO_PROMPTS, cfg, per_prompt=per_prompt, progress=True)
+    except ConfigError as e:  # the text encoder is an optional dependency
+        print(f"[demo] text-to-image skipped: {e}")
+        return None
+    path = save_prompt_grid(x, run_dir / "pretrained_text.png", per_prompt=per_prompt)
+    keys = [p for p in DEMO_PROMPTS for _ in range(per_prompt)]
+    acc = prompt_adherence(x, keys, caption_thresholds(loaded.config.data))["class_accuracy"]
+    print(f"[demo] shipped text-to-image model: the digit matches the prompt for {acc:.0%} -> {path}")
+    return {"prompts": list(DEMO_PROMPTS), "class_accuracy": round(float(acc), 3), "grid": path.name,
+            "guidance": cfg.guidance}
+
+
 def run_demo(
     *, minutes: float = 5.0, run_dir: Path = Path("runs/demo"), num_eval: int = 500, num_fid: int = 0,
     num_shipped: int = 100, num_grid: int | None = None,
@@ -102,6 +131,7 @@ def run_demo(
     start = time.perf_counter()
     print("[demo] 1/3 the shipped class-conditional MNIST model")
     shipped = _shipped_model(run_dir, num_shipped)
+    text = _shipped_text(run_dir, max(1, num_shipped // 10))
 
     cfg = load_config(DEMO_CONFIG)
     if num_grid is not None:
@@ -125,7 +155,7 @@ def run_demo(
     if num_fid > 0:
         scores.update(evaluate_model(loaded, cfg.sample, num=num_fid, metrics=("fid",)))
     progress = sorted(p.name for p in (run_dir / "samples").glob("step_*.png"))
-    result = {"shipped": shipped, "steps": steps, "seconds_per_step": round(per_step, 3),
+    result = {"shipped": shipped, "text": text, "steps": steps, "seconds_per_step": round(per_step, 3),
               "train_minutes": round(train_min, 2), "num_eval": num_eval, "num_fid": num_fid,
               **{k: round(float(v), 3) for k, v in scores.items()},
               "progress_grids": [f"samples/{p}" for p in progress], "sample_grid": "samples/final.png",
@@ -145,6 +175,11 @@ def write_summary(run_dir: Path, result: dict) -> Path:
 
     shipped = "".join(img(r["grid"], f"guidance {r['guidance']:g}: classifier agrees with the label for "
                                      f"{r['accuracy']:.0%} of the samples") for r in result["shipped"])
+    text = result.get("text")
+    text_html = "" if not text else (
+        "<h2>The shipped text-to-image model</h2><p>One row per prompt: "
+        + html.escape(", ".join(f"“{p}”" for p in text["prompts"])) + f"; guidance {text['guidance']:g}.</p>"
+        + img(text["grid"], f"the digit matches the prompt for {text['class_accuracy']:.0%} of the samples"))
     progress = "".join(img(p, f"after {p.split('_')[-1].split('.')[0].lstrip('0') or '0'} steps")
                        for p in result["progress_grids"])
     scores = "".join(f"<tr><td>{html.escape(k)}</td><td>{result[k]}</td></tr>"
@@ -156,6 +191,7 @@ code{{background:#f3f3f3;padding:0 .3em}}</style></head><body>
 <h1>simdiff demo</h1>
 <h2>1. The shipped class-conditional MNIST model</h2>
 <p>One class per column, the same noise in both grids; UniPC with 10 network calls.</p>{shipped}
+{text_html}
 <h2>2. A model trained here for {result['train_minutes']} minutes ({result['steps']} steps)</h2>
 <p>Samples during training (the same noise each time) and the training loss.</p>{progress}
 {img(result['loss_curve'], 'training loss')}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,7 @@ __all__ = [
     "ModelConfig",
     "ExperimentConfig",
     "LoadedModel",
+    "model_metrics",
     "load_config",
     "config_from_dict",
     "check_experiment_config",
@@ -382,6 +384,26 @@ def reference_images(cfg: ExperimentConfig, num: int, *, split: str = "test") ->
     return ds.images, key
 
 
+def model_metrics(loaded: LoadedModel, metrics: Sequence[str] | None, *, num: int) -> tuple[str, ...]:
+    """The metrics :func:`evaluate_model` computes for ``loaded``: ``metrics``, or the data's defaults for ``None``
+    (``accuracy`` dropped for an unconditional model), checked against the model's data and ``num``.
+
+    Raises:
+        ConfigError: a metric that does not fit the data, too few samples, or ``accuracy`` alone on an
+            unconditional model.
+    """
+    from simdiff.eval import check_metrics, default_metrics
+
+    data_name = loaded.config.data.name
+    metrics = tuple(default_metrics(loaded.image_shape, data_name)) if metrics is None else tuple(metrics)
+    if loaded.num_classes == 0:
+        if metrics == ("accuracy",):
+            raise ConfigError("metric 'accuracy' scores the requested classes; this model is unconditional")
+        metrics = tuple(m for m in metrics if m != "accuracy")
+    check_metrics(metrics, loaded.image_shape, data_name, num=num)
+    return metrics
+
+
 def evaluate_model(
     loaded: LoadedModel,
     sample_cfg: SampleConfig,
@@ -398,17 +420,11 @@ def evaluate_model(
     ``metrics=None`` picks them from the data (``simdiff.eval.default_metrics``: MNIST-classifier metrics for 28x28
     grey digits, FID / KID / precision-recall otherwise); explicit ones that do not fit the data are refused.
     """
-    from simdiff.eval import check_metrics, default_metrics, evaluate_samples
+    from simdiff.eval import evaluate_samples
 
     data_name = loaded.config.data.name
-    if metrics is None:
-        metrics = tuple(default_metrics(loaded.image_shape, data_name))
+    metrics = model_metrics(loaded, metrics, num=num)  # checked before any sampling
     labels = torch.arange(num) % loaded.num_classes if loaded.num_classes > 0 else None
-    if labels is None:
-        if tuple(metrics) == ("accuracy",):
-            raise ConfigError("metric 'accuracy' scores the requested classes; this model is unconditional")
-        metrics = tuple(m for m in metrics if m != "accuracy")
-    check_metrics(tuple(metrics), loaded.image_shape, data_name, num=num)  # before any sampling
     check_sample_config(sample_cfg)
     scores: dict[str, float] = {}
     if "bpd" in metrics:  # a likelihood of real test images: no samples needed

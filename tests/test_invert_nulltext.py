@@ -32,19 +32,21 @@ def _mse(a, b) -> float:
 
 
 def test_nulltext_beats_ddim_inversion_under_guidance(shipped):
-    """Measured (MSE) on 3 test images, 5 steps, w = 2: DDIM inversion + guided DDIM 0.12, null-text 0.0055."""
+    """Measured (MSE) on 3 test images, 5 steps, w = 2: DDIM inversion + guided DDIM 0.167, null-text 0.0069 (10
+    inner steps at lr 0.2; at lr 0.05: 5 steps 0.112, 10 steps 0.088; the shipped model's class rows have std ~1,
+    so its null offsets need a larger step than the paper's 0.01)."""
     loaded, x, y = shipped
     model, grid, cond = loaded.model, make_grid(loaded.schedule, 5), {"labels": y}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.inference_mode():
         ddim = reconstruct(model, ddim_invert(model, x, grid, cond=cond), grid, cond=cond, guidance=W)
-    inv = nulltext_invert(model, x, grid, cond=cond, guidance=W, inner_steps=5, lr=0.05)
+    inv = nulltext_invert(model, x, grid, cond=cond, guidance=W, inner_steps=10, lr=0.2)
     with torch.inference_mode():
         nt = nulltext_sample(model, inv.latent, grid, cond=cond, inversion=inv, guidance=W)
         zero = nulltext_sample(model, inv.latent, grid, cond=cond, guidance=W,
                                inversion=dataclasses.replace(inv, nulls=[torch.zeros_like(n) for n in inv.nulls]))
     err_ddim, err_nt = _mse(ddim, x), _mse(nt, x)
-    assert err_nt < 0.5 * err_ddim, (err_nt, err_ddim)
+    assert err_nt < 0.2 * err_ddim, (err_nt, err_ddim)
     torch.testing.assert_close(zero, ddim, rtol=0, atol=1e-5)  # zero offsets = the model's own null row
     assert len(inv.nulls) == len(grid) - 1 and float(torch.stack(inv.nulls).abs().max()) > 0
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
