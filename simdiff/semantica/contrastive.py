@@ -125,8 +125,13 @@ def save_contrastive(net: ContrastiveNet, path: str | Path, meta: dict[str, Any]
     return path
 
 
-def load_contrastive(path: str | Path = WEIGHTS) -> tuple[ContrastiveNet, dict[str, Any]]:
-    """The frozen :class:`ContrastiveNet` (float32, eval, no grad) and its metadata from a safetensors file."""
+def load_frozen_net(net: torch.nn.Module, path: str | Path, *, name: str, recipe: str):
+    """``net`` with the weights of the safetensors file ``path`` (written by :func:`save_contrastive`), as a frozen
+    float32 module in eval mode, and the file's metadata (``version`` + the training recipe).
+
+    Raises:
+        ConfigError: the file is missing (the message names ``name`` and the ``recipe`` command that trains it).
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -134,14 +139,18 @@ def load_contrastive(path: str | Path = WEIGHTS) -> tuple[ContrastiveNet, dict[s
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"contrastive encoder weights not found: {path} (train them with "
-                          "python -m simdiff.semantica.contrastive)")
+        raise ConfigError(f"{name} encoder weights not found: {path} (train them with {recipe})")
     with safe_open(str(path), "pt") as f:
         header = f.metadata() or {}
-    net = ContrastiveNet()
     net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     meta = {"version": header.get("version", "1"), **json.loads(header.get("recipe", "{}"))}
     return net.eval().requires_grad_(False), meta
+
+
+def load_contrastive(path: str | Path = WEIGHTS) -> tuple[ContrastiveNet, dict[str, Any]]:
+    """The frozen :class:`ContrastiveNet` (float32, eval, no grad) and its metadata from a safetensors file."""
+    return load_frozen_net(ContrastiveNet(), path, name="contrastive",
+                           recipe="python -m simdiff.semantica.contrastive")
 
 
 def main() -> None:  # pragma: no cover - the shipped weights' recipe (about 10 minutes on one CPU thread)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import math
 import time
 from collections.abc import Hashable
@@ -352,19 +351,10 @@ def train_photo_contrastive(images: Tensor, *, steps: int = 600, batch_size: int
 def load_photo_contrastive(path: str | Path = PHOTO_WEIGHTS) -> tuple[PhotoContrastiveNet, dict[str, Any]]:
     """The frozen :class:`PhotoContrastiveNet` (float32, eval, no grad) and its metadata from a safetensors file
     (written by :func:`simdiff.semantica.contrastive.save_contrastive`)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from simdiff.semantica.contrastive import load_frozen_net
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"contrastive_photos encoder weights not found: {path} (train them with "
-                          "python -m simdiff.semantica.encoders)")
-    with safe_open(str(path), "pt") as f:
-        header = f.metadata() or {}
-    net = PhotoContrastiveNet()
-    net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
-    meta = {"version": header.get("version", "1"), **json.loads(header.get("recipe", "{}"))}
-    return net.eval().requires_grad_(False), meta
+    return load_frozen_net(PhotoContrastiveNet(), path, name="contrastive_photos",
+                           recipe="python -m simdiff.semantica.encoders")
 
 
 def main() -> None:  # pragma: no cover - the shipped contrastive_photos weights' recipe
