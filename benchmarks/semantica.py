@@ -21,6 +21,12 @@ and group: the conditioning images, then samples at guidance ``--grid-guidance``
 Run (CPU, small; about 17 minutes of training per encoder at 0.4 s/step, 7 minutes of sampling and scoring)::
 
     OMP_NUM_THREADS=1 nice -n 15 python benchmarks/semantica.py --steps 2500 --batch 32 --num 48 --sample-steps 12
+
+``--data photos`` trains ``simdiff/configs/semantica_photos.yaml`` instead (pairs: two 32x32 crops of one of five
+training photos) and scores the held-out test photos (Inception features, photo agreement)::
+
+    OMP_NUM_THREADS=1 python benchmarks/semantica.py --data photos --encoders contrastive_photos mnist_classifier \
+        --steps 2000 --num 32 --guidance 0 1 --sample-steps 12 --name semantica_photos
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ CONFIG = ROOT / "simdiff" / "configs" / "semantica_mnist.yaml"
 #: ``--encoders`` entries: ``NAME[,tokens=global|spatial][,pairing=same_class|shifted_self]``.
 GROUPS = {"held-out digits 7,8,9": ("mnist", (7, 8, 9)), "seen digit 3": ("mnist", (3,)),
           "held-out Fashion 1,7,8": ("fashion_mnist", (1, 7, 8))}
+#: ``--data`` -> (config, evaluation groups). ``photos``: two crops of one photo; the held-out photos are the test
+#: split's (chelsea = 5, china = 6), scored on Inception features with photo agreement as the "class agreement".
+DATA = {"mnist": (CONFIG, GROUPS),
+        "photos": (ROOT / "simdiff" / "configs" / "semantica_photos.yaml",
+                   {"held-out photos chelsea, china": ("photos", (5, 6))})}
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
@@ -58,14 +69,14 @@ def train_run(spec: str, args) -> tuple[Path, float]:
 
     encoder, options = parse_variant(spec)
     tokens = {"tokens": options["tokens"]} if "tokens" in options else {}
-    run = Path(args.run_dir) / f"{spec.replace(',', '_').replace('=', '-')}_{args.steps}x{args.batch}"
+    run = Path(args.run_dir) / f"{args.data}_{spec.replace(',', '_').replace('=', '-')}_{args.steps}x{args.batch}"
     overrides = [f"data.options.encoder={encoder}", f"model.options.context_dim={encoder_width(encoder, tokens)}",
                  f"data.options.pairing={options.get('pairing', 'same_class')}",
                  f"train.steps={args.steps}", f"train.batch_size={args.batch}",
                  f"train.optim.warmup_steps={min(200, args.steps // 10)}", f"train.checkpoint_every={args.steps}",
                  "train.sample_every=0", "train.progress=false", "train.log_every=100"]
     start = time.perf_counter()
-    cfg = load_config(CONFIG, overrides)
+    cfg = load_config(DATA[args.data][0], overrides)
     if tokens:
         import dataclasses
 
@@ -84,13 +95,13 @@ def evaluate(run: Path, args) -> tuple[list[dict], dict]:
     loaded = load_model(run)
     rows, grids = [], {}
     for w in args.guidance:
-        for group, (source, classes) in GROUPS.items():
+        for group, (source, classes) in DATA[args.data][1].items():
             start = time.perf_counter()
             rep = fewshot_report(run, source=source, classes=classes, shots=args.shots, num=args.num, guidance=w,
                                  steps=args.sample_steps, loaded=loaded)
             rows.append({"guidance": w, "group": group, **rep["mean"], "seconds": time.perf_counter() - start})
             print(f"[semantica] {run.name} w={w} {group}: {rep['mean']}", flush=True)
-    for group, (source, classes) in GROUPS.items():
+    for group, (source, classes) in DATA[args.data][1].items():
         test = load_source(source, "test")
         for c in classes:
             cond = test.images[test.labels == c][: args.shots]
@@ -114,6 +125,9 @@ def main() -> None:
     p.add_argument("--encoders", nargs="+", default=["mnist_classifier", "contrastive"],
                    help="NAME[,tokens=global|spatial][,pairing=same_class|shifted_self] (NAME: mnist_classifier, "
                         "contrastive, inception)")
+    p.add_argument("--data", choices=sorted(DATA), default="mnist",
+                   help="mnist: digits 0-6 (held out: 7-9 and Fashion-MNIST); photos: two crops of one photo (held "
+                        "out: the test photos)")
     p.add_argument("--guidance", type=float, nargs="+", default=[0.0, 1.0, 3.0])
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=64)
