@@ -155,3 +155,23 @@ def test_rgb_contrastive_photo_encoder_is_frozen_colour_aware_and_separates_unse
     assert (enc.tokens(bgr) - enc.tokens(x[:4])).abs().max() > 1e-2
     grey = build_image_encoder("contrastive")
     torch.testing.assert_close(grey.tokens(bgr), grey.tokens(x[:4]), rtol=1e-4, atol=1e-4)
+
+
+def test_contrastive_trainers_share_one_loop_and_learn():
+    """Both encoders train through ``fit_contrastive``: seeded runs are identical, and NT-Xent falls below
+    ln(2B - 1) (= 3.43, views indistinguishable) on 32 smooth random images: measured 2.68 (grey) and 2.01 (RGB)."""
+    import math
+
+    import torch.nn.functional as F
+
+    from simdiff.semantica.contrastive import train_contrastive
+    from simdiff.semantica.encoders import train_photo_contrastive
+
+    torch.manual_seed(0)
+    grey = F.interpolate(torch.rand(32, 1, 4, 4) * 2 - 1, size=28, mode="bilinear")
+    rgb = F.interpolate(torch.rand(32, 3, 4, 4) * 2 - 1, size=32, mode="bilinear")
+    for train, images in ((train_contrastive, grey), (train_photo_contrastive, rgb)):
+        a, ra = train(images, steps=40, batch_size=16, log_every=0)
+        b, rb = train(images, steps=40, batch_size=16, log_every=0)
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+        assert ra["final_loss"] == rb["final_loss"] < 0.85 * math.log(31), ra

@@ -82,34 +82,42 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: float = 0.2) -> Tensor:
     return F.cross_entropy(sim, target)
 
 
-def train_contrastive(images: Tensor, *, steps: int = 1500, batch_size: int = 256, lr: float = 2e-3, seed: int = 0,
-                      log_every: int = 100) -> tuple[ContrastiveNet, dict[str, Any]]:
-    """Train :class:`ContrastiveNet` (with a projection head) on ``images`` ``[N, 1, 28, 28]``; returns the net in
-    eval mode and the recipe (steps, batch, lr, final loss, seconds)."""
+def fit_contrastive(make_net, images: Tensor, views, *, steps: int, batch_size: int, lr: float = 2e-3,
+                    seed: int = 0, temperature: float = 0.2, log_every: int = 100, name: str = "contrastive"):
+    """SimCLR-style training of ``make_net()`` (a net with 128-d output) plus a projection head (128 -> 128 -> 64):
+    NT-Xent between two ``views(x, generator=)`` of each batch drawn from ``images``; AdamW (weight decay 1e-4),
+    linear warm-up over 5% of the steps then cosine decay. Returns the net in eval mode and the recipe (steps, batch,
+    lr, seed, temperature, final loss, seconds)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = ContrastiveNet()
+    net = make_net()
     head = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64))
-    params = [*net.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW([*net.parameters(), *head.parameters()], lr=lr, weight_decay=1e-4)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     start, loss = time.perf_counter(), torch.tensor(float("nan"))
     for step in range(steps):
-        idx = torch.randint(len(images), (batch_size,), generator=gen)
-        x = images[idx].float()
-        v1, v2 = augment(x, generator=gen), augment(x, generator=gen)
-        loss = nt_xent(head(net(v1)), head(net(v2)))
+        x = images[torch.randint(len(images), (batch_size,), generator=gen)].float()
+        v1, v2 = views(x, generator=gen), views(x, generator=gen)
+        loss = nt_xent(head(net(v1)), head(net(v2)), temperature=temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if log_every and (step + 1) % log_every == 0:
-            print(f"[contrastive] step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
-    recipe = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "final_loss": round(loss.item(), 4),
-              "seconds": round(time.perf_counter() - start, 1), "temperature": 0.2}
+            print(f"[{name}] step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
+    recipe = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "temperature": temperature,
+              "final_loss": round(loss.item(), 4), "seconds": round(time.perf_counter() - start, 1)}
     return net.eval(), recipe
+
+
+def train_contrastive(images: Tensor, *, steps: int = 1500, batch_size: int = 256, lr: float = 2e-3, seed: int = 0,
+                      log_every: int = 100) -> tuple[ContrastiveNet, dict[str, Any]]:
+    """Train :class:`ContrastiveNet` (with a projection head) on ``images`` ``[N, 1, 28, 28]`` by
+    :func:`fit_contrastive` on :func:`augment` views; returns the net in eval mode and the recipe."""
+    return fit_contrastive(ContrastiveNet, images, augment, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                           log_every=log_every, name="contrastive")
 
 
 def save_contrastive(net: ContrastiveNet, path: str | Path, meta: dict[str, Any]) -> Path:

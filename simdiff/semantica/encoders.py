@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
-import time
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
@@ -51,7 +49,7 @@ from torch import Tensor, nn
 
 from simdiff.conditioners import FrozenEncoder
 from simdiff.configuration import ConfigError
-from simdiff.semantica.contrastive import ContrastiveNet, nt_xent
+from simdiff.semantica.contrastive import ContrastiveNet
 
 __all__ = ["ImageEncoder", "ENCODERS", "build_image_encoder", "image_key", "encoder_width", "PhotoContrastiveNet",
            "photo_augment", "train_photo_contrastive", "load_photo_contrastive", "PHOTO_WEIGHTS"]
@@ -324,28 +322,10 @@ def train_photo_contrastive(images: Tensor, *, steps: int = 600, batch_size: int
     """Train :class:`PhotoContrastiveNet` with a projection head (128 -> 128 -> 64) on RGB ``images`` ``[N, 3, 32,
     32]`` with NT-Xent (:func:`~simdiff.semantica.contrastive.nt_xent`) between two :func:`photo_augment` views;
     AdamW, linear warm-up over 5% of the steps then cosine decay. Returns the net in eval mode and the recipe."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    net = PhotoContrastiveNet()
-    head = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64))
-    opt = torch.optim.AdamW([*net.parameters(), *head.parameters()], lr=lr, weight_decay=1e-4)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    start, loss = time.perf_counter(), torch.tensor(float("nan"))
-    for step in range(steps):
-        x = images[torch.randint(len(images), (batch_size,), generator=gen)].float()
-        v1, v2 = photo_augment(x, generator=gen), photo_augment(x, generator=gen)
-        loss = nt_xent(head(net(v1)), head(net(v2)), temperature=temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log_every and (step + 1) % log_every == 0:
-            print(f"[contrastive_photos] step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
-    recipe = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "temperature": temperature,
-              "final_loss": round(loss.item(), 4), "seconds": round(time.perf_counter() - start, 1)}
-    return net.eval(), recipe
+    from simdiff.semantica.contrastive import fit_contrastive
+
+    return fit_contrastive(PhotoContrastiveNet, images, photo_augment, steps=steps, batch_size=batch_size, lr=lr,
+                           seed=seed, temperature=temperature, log_every=log_every, name="contrastive_photos")
 
 
 def load_photo_contrastive(path: str | Path = PHOTO_WEIGHTS) -> tuple[PhotoContrastiveNet, dict[str, Any]]:
