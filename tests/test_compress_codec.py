@@ -139,3 +139,33 @@ def test_grey_codec_on_digit_sized_images():
     assert torch.equal(y, a["y_hat"]) and torch.equal(z, a["z_hat"])
     with pytest.raises(ValueError, match=r"uint8 \[H, W, 1\]"):
         model.compress(np.repeat(digit, 3, axis=2))
+
+
+def test_warm_start_copies_the_init_and_then_trains(codec):
+    patches, _ = photo_patches("train", size=64, stride=64)
+    cfg = HyperpriorConfig(N=8, M=12, lmbda=0.0018, rate=0)
+    same = train_codec(patches[:8], cfg, steps=0, batch=2, init=codec)
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), codec.state_dict().values()))
+    tuned = train_codec(patches, cfg, steps=20, batch=4, lr=1e-3, init=codec)
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), codec.state_dict().values()))
+    with pytest.raises(ValueError, match="widths"):
+        train_codec(patches[:8], HyperpriorConfig(N=8, M=16), steps=0, init=codec)
+
+
+def test_digit_mosaics_lay_images_out_in_order_and_grey_rows_are_measured():
+    from simdiff.compress.bench import digit_mosaics, small_case_rows
+    from simdiff.data.sources import load_mnist
+
+    m = digit_mosaics("mnist", "test", tiles=6, count=2)  # 168 x 168: MS-SSIM's 5 scales need 161+
+    assert m.shape == (2, 168, 168, 1) and m.dtype == np.uint8
+    raw = load_mnist("test").images
+    img = lambda i: ((raw[i, 0] + 1) * 127.5).round().to(torch.uint8).numpy()  # noqa: E731
+    assert np.array_equal(m[0, 0:28, 28:56, 0], img(1))  # row 0, column 1
+    assert np.array_equal(m[1, 28:56, 0:28, 0], img(36 + 6))  # second mosaic, row 1, column 0
+    with pytest.raises(ValueError, match="unknown small-case data"):
+        digit_mosaics("cifar", "test")
+    tiny = HyperpriorCodec(HyperpriorConfig(N=4, M=4, channels=1), model_id="grey").eval()
+    rows = small_case_rows({0: tiny}, list(m), log=lambda s: None)
+    assert rows[0].method == "learned (MSE)" and rows[0].bpp > 0
+    for row in rows[1:]:  # every standard codec is searched to the learned codec's bits (or its lowest quality)
+        assert row.method in STANDARD_CODECS and np.isfinite(row.psnr) and 0 < row.ms_ssim <= 1

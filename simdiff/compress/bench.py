@@ -22,6 +22,9 @@ from simdiff.data.photos import PHOTO_SPLITS, load_photo, patch_grid
 from .metrics import ms_ssim
 from .standard import STANDARD_CODECS, available, decode_native, encode_native, search_quality
 
+#: KID/FID use the 64x64 patches of the test photos at this stride (overlapping: 320 patches instead of 88)
+FEATURE_STRIDE = 32
+
 __all__ = ["Row", "test_photos", "photo_patch_tensor", "measure", "run_eval"]
 
 
@@ -49,12 +52,12 @@ def test_photos() -> list[np.ndarray]:
     return [load_photo(name) for name in PHOTO_SPLITS["test"]]
 
 
-def photo_patch_tensor(images: list[np.ndarray], size: int = 64) -> torch.Tensor:
-    """Non-overlapping ``size`` patches of each image (grid of :func:`patch_grid`) as ``[N, 3, size, size]`` in
-    [-1, 1]."""
+def photo_patch_tensor(images: list[np.ndarray], size: int = 64, stride: int | None = None) -> torch.Tensor:
+    """The ``size`` patches of each image on the grid of :func:`patch_grid` (``stride`` defaults to ``size``:
+    non-overlapping) as ``[N, 3, size, size]`` in [-1, 1]."""
     out = []
     for im in images:
-        for r, c in patch_grid(im.shape[0], im.shape[1], size=size, stride=size):
+        for r, c in patch_grid(im.shape[0], im.shape[1], size=size, stride=stride or size):
             out.append(im[r : r + size, c : c + size])
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -84,7 +87,7 @@ def measure(method: str, setting: str, images: list[np.ndarray], encode: Callabl
                decoded=decoded)
 
 
-def _refiner(decoder_path: str, steps: int) -> Callable[[np.ndarray, int], np.ndarray]:
+def _refiner(decoder_path: str, steps: int, eta: float = 0.0) -> Callable[[np.ndarray, int], np.ndarray]:
     from .diffusion import decode, load_decoder
 
     model = load_decoder(decoder_path)
@@ -92,7 +95,7 @@ def _refiner(decoder_path: str, steps: int) -> Callable[[np.ndarray, int], np.nd
     def refine(image: np.ndarray, label: int) -> np.ndarray:
         base = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
         labels = torch.tensor([label]) if model.cfg.num_rates else None
-        x = decode(model, base, steps=steps, seed=0, labels=labels)
+        x = decode(model, base, steps=steps, eta=eta, seed=0, labels=labels)
         return ((x[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy().copy()
 
     return refine
@@ -117,18 +120,20 @@ def run_eval(args) -> int:
     from .learned import HyperpriorCodec
     from .train import JPEG_QUALITIES
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     images = test_photos()
     if args.quick:
         images = [im[:176, :224].copy() for im in images]
     targets = (0.15, 0.3) if args.quick else (0.1, 0.15, 0.2, 0.3, 0.45, 0.6, 0.8)
     feature_targets = (0.15, 0.3, 0.6)
     rates = (0, 2) if args.quick else tuple(range(6))
-    diffusion_rates = (0,) if args.quick else (0, 2)
-    jpeg_qualities = (5,) if args.quick else (5, 10)
+    diffusion_rates = (0,) if args.quick else tuple(int(r) for r in args.diffusion_rates.split(","))
+    jpeg_qualities = (5,) if args.quick else tuple(int(q) for q in args.jpeg_qualities.split(","))
+    methods = set(args.methods.split(",")) if args.methods else None
+    want = lambda m: methods is None or m in methods  # noqa: E731
     rows: list[tuple[Row, bool]] = []
     log = lambda m: print(m, flush=True)  # noqa: E731
-    for codec in STANDARD_CODECS:
+    for codec in STANDARD_CODECS if want("standard") else ():
         if not available(codec):
             log(f"{codec}: not available, skipped")
             continue
@@ -136,41 +141,90 @@ def run_eval(args) -> int:
             rows.append((_std_row(codec, target, images), target in feature_targets))
             log(f"{rows[-1][0].record()}")
     models = {r: HyperpriorCodec.load(Path(args.models) / f"hp_q{r}.safetensors") for r in rates}
-    refine = _refiner(args.decoder_learned, args.steps) if args.decoder_learned else None
-    for r, model in models.items():
+    refine = _refiner(args.decoder_learned, args.steps, args.eta) if args.decoder_learned else None
+    tag = f"{args.steps} steps" + (f", eta {args.eta:g}" if args.eta else "")
+    for r, model in models.items() if want("learned") else ():
         row = measure("learned (MSE)", f"rate {r}", images, lambda im, i, m=model: m.compress(im),
                       lambda d, i, m=model: m.decompress(d))
         rows.append((row, r in diffusion_rates))
         log(f"{row.record()}")
         if refine is not None and r in diffusion_rates:
-            row = measure(f"learned + diffusion ({args.steps} steps)", f"rate {r}", images,
+            row = measure(f"learned + diffusion ({tag})", f"rate {r}", images,
                           lambda im, i, m=model: m.compress(im),
                           lambda d, i, m=model, r=r: refine(m.decompress(d), r))
             rows.append((row, True))
             log(f"{row.record()}")
-    jpeg_refine = _refiner(args.decoder_jpeg, args.steps) if args.decoder_jpeg else None
+    jpeg_refine = _refiner(args.decoder_jpeg, args.steps, args.eta) if args.decoder_jpeg else None
     all_q = JPEG_QUALITIES
-    for q in jpeg_qualities if jpeg_refine is not None else ():
-        row = measure(f"JPEG + diffusion ({args.steps} steps)", f"q {q}", images,
+    for q in jpeg_qualities if jpeg_refine is not None and want("jpeg") else ():
+        row = measure(f"JPEG + diffusion ({tag})", f"q {q}", images,
                       lambda im, i, q=q: encode_native(im, "jpeg", q),
                       lambda d, i, q=q: jpeg_refine(decode_native(d), all_q.index(q)))
         rows.append((row, True))
         log(f"{row.record()}")
     if not args.no_features:
         feats = InceptionFeatures("cpu", batch_size=22)
-        ref = feats(photo_patch_tensor(images))
-        for row, want in rows:
-            if want:
-                f = feats(photo_patch_tensor(row.decoded))
+        ref = feats(photo_patch_tensor(images, stride=FEATURE_STRIDE))
+        for row, features in rows:
+            if features:
+                f = feats(photo_patch_tensor(row.decoded, stride=FEATURE_STRIDE))
                 row.kid = kid(f, ref, subsets=10, subset_size=len(ref) // 2)[0]
                 row.fid = frechet_distance_features(f, ref)
                 log(f"features {row.method} {row.setting}: KID {row.kid:.4f} FID {row.fid:.1f}")
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    name = "compression_quick" if args.quick else "compression"
+    name = args.name or ("compression_quick" if args.quick else "compression")
     payload = {"command": " ".join(sys.argv), "rows": [r.record() for r, _ in rows]}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     from .bench_report import write_report
 
-    write_report([r for r, _ in rows], images, out, name)
+    n_patches = len(photo_patch_tensor(images, stride=FEATURE_STRIDE))
+    write_report([r for r, _ in rows], images, out, name, fid_label=f"FID ({n_patches} patches)")
     return 0
+
+
+# ------------------------------------------------------------------------------------------ small cases: digits
+
+#: grey small-case data sets: name -> loader of :mod:`simdiff.data.sources`
+SMALL_DATA = {"mnist": "load_mnist", "fashion": "load_fashion_mnist"}
+
+
+def digit_mosaics(data: str, split: str, *, tiles: int = 8, count: int | None = None) -> np.ndarray:
+    """MNIST / Fashion-MNIST images laid out ``tiles x tiles`` per mosaic, in data-set order, as uint8
+    ``[count, 28 tiles, 28 tiles, 1]`` (``count`` defaults to all whole mosaics).
+
+    The 28x28 images are coded as mosaics because every file format carries a header (about 20 bytes for ``.sdc``,
+    hundreds for JPEG) that would dominate the bits of a single 784-pixel image.
+    """
+    from simdiff.data import sources
+
+    if data not in SMALL_DATA:
+        raise ValueError(f"unknown small-case data {data!r}; valid: {', '.join(SMALL_DATA)}")
+    raw = getattr(sources, SMALL_DATA[data])(split).images  # [N, 1, 28, 28] in [-1, 1]
+    x = ((raw[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    per = tiles * tiles
+    n = len(x) // per if count is None else min(count, len(x) // per)
+    s = x.shape[1]
+    grid = x[: n * per].reshape(n, tiles, tiles, s, s).transpose(0, 1, 3, 2, 4)
+    return np.ascontiguousarray(grid.reshape(n, tiles * s, tiles * s, 1))
+
+
+def small_case_rows(codecs: dict, images: list[np.ndarray], log: Callable[[str], None] = print) -> list[Row]:
+    """Rate-distortion rows on grey mosaics: each learned codec (``{rate: HyperpriorCodec}``), then every available
+    standard codec at the highest quality whose files fit the learned codec's bpp (per mosaic)."""
+    rows = []
+    for r, model in codecs.items():
+        row = measure("learned (MSE)", f"rate {r}", images, lambda im, i, m=model: m.compress(im),
+                      lambda d, i, m=model: m.decompress(d))
+        rows.append(row)
+        log(f"{row.record()}")
+        for codec in STANDARD_CODECS:
+            if not available(codec):
+                continue
+            qualities = [search_quality(im, codec, row.bpp)[0] for im in images]
+            std = measure(codec, f"<= {row.bpp:.3f} bpp", images,
+                          lambda im, i, c=codec, q=qualities: encode_native(im, c, q[i]),
+                          lambda d, i: decode_native(d, channels=1))
+            rows.append(std)
+            log(f"{std.record()}")
+    return rows

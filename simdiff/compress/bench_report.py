@@ -17,9 +17,9 @@ def _f(v, digits=3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def markdown_table(rows) -> str:
+def markdown_table(rows, fid_label: str = "FID") -> str:
     """One line per row: method, setting, bpp, PSNR, MS-SSIM, KID, FID, encode / decode seconds per image."""
-    out = ["| method | setting | bpp | PSNR (dB) | MS-SSIM | KID | FID (88 patches) | encode s | decode s |",
+    out = [f"| method | setting | bpp | PSNR (dB) | MS-SSIM | KID | {fid_label} | encode s | decode s |",
            "|:---|:---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r.method, r.bpp)):
         out.append(f"| {r.method} | {r.setting} | {r.bpp:.3f} | {r.psnr:.2f} | {r.ms_ssim:.4f} | {_f(r.kid, 4)} | "
@@ -27,7 +27,7 @@ def markdown_table(rows) -> str:
     return "\n".join(out)
 
 
-def _plot(rows, path: Path) -> bool:
+def _plot(rows, path: Path, fid_label: str = "FID") -> bool:
     try:
         import matplotlib
 
@@ -37,7 +37,7 @@ def _plot(rows, path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     for ax, key, label in zip(axes, ("psnr", "ms_ssim", "kid", "fid"),
-                              ("PSNR (dB)", "MS-SSIM", "KID (lower is better)", "FID, 88 patches (lower is better)")):
+                              ("PSNR (dB)", "MS-SSIM", "KID (lower is better)", f"{fid_label} (lower is better)")):
         for method in sorted({r.method for r in rows}):
             pts = sorted((r.bpp, getattr(r, key)) for r in rows if r.method == method and getattr(r, key) is not None)
             if pts:
@@ -73,10 +73,10 @@ def image_strip(rows, original: np.ndarray, *, box=STRIP_BOX, targets=STRIP_TARG
     return grid
 
 
-def write_report(rows, images, out: Path, name: str) -> None:
+def write_report(rows, images, out: Path, name: str, fid_label: str = "FID") -> None:
     """``{name}.md`` (table + strip legend), ``{name}_rd.png`` (curves), ``{name}_strip.png``."""
-    table = markdown_table(rows)
-    plotted = _plot(rows, out / f"{name}_rd.png")
+    table = markdown_table(rows, fid_label)
+    plotted = _plot(rows, out / f"{name}_rd.png", fid_label)
     strip = image_strip(rows, images[0])
     Image.fromarray(strip).save(out / f"{name}_strip.png")
     methods = sorted({r.method for r in rows})

@@ -45,12 +45,21 @@ def train_codec(
     log: Callable[[str], None] | None = None,
     log_every: int = 200,
     device: str = "cpu",
+    init: HyperpriorCodec | None = None,
 ) -> HyperpriorCodec:
     """Train a :class:`HyperpriorCodec` for ``cfg.lmbda`` on uint8 patches ``[N, H, W, C]``; returns it on the CPU in
     eval mode. The learning rate drops to a tenth for the last 10% of the steps.
+
+    ``init``: a trained codec of the same widths to start from (fine-tuning one model per rate from a model trained
+    at another rate, the usual way to get a ladder of rates for less compute than training each from scratch).
     """
     torch.manual_seed(seed)
-    model = HyperpriorCodec(cfg, model_id=model_id).to(device)
+    model = HyperpriorCodec(cfg, model_id=model_id)
+    if init is not None:
+        if (init.cfg.N, init.cfg.M, init.cfg.channels) != (cfg.N, cfg.M, cfg.channels):
+            raise ValueError(f"init codec widths {init.cfg} do not match {cfg}")
+        model.load_state_dict(init.state_dict())
+    model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(0.9 * steps)], 0.1)
     gen = torch.Generator().manual_seed(seed)
