@@ -197,7 +197,7 @@ def decode(model: BaseConditionedDenoiser, base: Tensor, *, steps: int = 8, eta:
     cond: dict[str, Any] = {"base": base, "guidance": guidance, "tile": tile, "overlap": overlap}
     if labels is not None:
         cond["labels"] = labels
-    with torch.no_grad():
+    with torch.inference_mode():
         x = get_sampler("ddim")(model, z, grid.to(base.device), eta=eta, generator=gen, cond=cond)
     return x.clamp(-1, 1)
 
