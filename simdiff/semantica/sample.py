@@ -241,7 +241,8 @@ def add_semantica_parser(sub) -> argparse.ArgumentParser:
     s.set_defaults(func=lambda a: _require_images(a) or semantica_sample_command(a))
     e = ss.add_parser("eval", help="few-shot FD/KID, precision/recall and the copy check on held-out classes")
     e.add_argument("source")
-    e.add_argument("--reference", default="mnist", help="data set of the held-out images (mnist, fashion_mnist)")
+    e.add_argument("--reference", default="mnist",
+                   help="data set of the held-out images (mnist, fashion_mnist, animal_mnist, photos)")
     e.add_argument("--classes", type=lambda s: [int(v) for v in s.split(",")], default=[7, 8, 9])
     e.add_argument("--shots", type=int, default=5, help="conditioning images per class")
     e.add_argument("--num", type=int, default=200, help="samples per class")
