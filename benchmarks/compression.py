@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--decoder-learned")
     e.add_argument("--decoder-jpeg")
     e.add_argument("--steps", type=int, default=8, help="diffusion decoder steps")
-    e.add_argument("--eta", type=float, default=0.0, help="diffusion decoder: 0 deterministic DDIM, 1 stochastic")
+    e.add_argument("--eta", default="0", help="diffusion decoder: 0 deterministic DDIM, 1 stochastic; a comma list "
+                                              "gives rows for each (e.g. 0,1)")
     e.add_argument("--diffusion-rates", default="0,2", help="learned-codec rates decoded with diffusion too")
     e.add_argument("--jpeg-qualities", default="5,10", help="JPEG qualities decoded with diffusion")
     e.add_argument("--methods", help="only these row groups (comma-separated: standard, learned, jpeg)")

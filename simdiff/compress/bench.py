@@ -141,27 +141,29 @@ def run_eval(args) -> int:
             rows.append((_std_row(codec, target, images), target in feature_targets))
             log(f"{rows[-1][0].record()}")
     models = {r: HyperpriorCodec.load(Path(args.models) / f"hp_q{r}.safetensors") for r in rates}
-    refine = _refiner(args.decoder_learned, args.steps, args.eta) if args.decoder_learned else None
-    tag = f"{args.steps} steps" + (f", eta {args.eta:g}" if args.eta else "")
+    etas = [float(e) for e in str(args.eta).split(",")]
+    tag = lambda eta: f"{args.steps} steps" + (f", eta {eta:g}" if eta else "")  # noqa: E731
+    refiners = {eta: _refiner(args.decoder_learned, args.steps, eta) for eta in etas} if args.decoder_learned else {}
     for r, model in models.items() if want("learned") else ():
         row = measure("learned (MSE)", f"rate {r}", images, lambda im, i, m=model: m.compress(im),
                       lambda d, i, m=model: m.decompress(d))
         rows.append((row, r in diffusion_rates))
         log(f"{row.record()}")
-        if refine is not None and r in diffusion_rates:
-            row = measure(f"learned + diffusion ({tag})", f"rate {r}", images,
+        for eta, refine in refiners.items() if r in diffusion_rates else ():
+            row = measure(f"learned + diffusion ({tag(eta)})", f"rate {r}", images,
                           lambda im, i, m=model: m.compress(im),
-                          lambda d, i, m=model, r=r: refine(m.decompress(d), r))
+                          lambda d, i, m=model, r=r, f=refine: f(m.decompress(d), r))
             rows.append((row, True))
             log(f"{row.record()}")
-    jpeg_refine = _refiner(args.decoder_jpeg, args.steps, args.eta) if args.decoder_jpeg else None
+    jpeg_refiners = {eta: _refiner(args.decoder_jpeg, args.steps, eta) for eta in etas} if args.decoder_jpeg else {}
     all_q = JPEG_QUALITIES
-    for q in jpeg_qualities if jpeg_refine is not None and want("jpeg") else ():
-        row = measure(f"JPEG + diffusion ({tag})", f"q {q}", images,
-                      lambda im, i, q=q: encode_native(im, "jpeg", q),
-                      lambda d, i, q=q: jpeg_refine(decode_native(d), all_q.index(q)))
-        rows.append((row, True))
-        log(f"{row.record()}")
+    for eta, jpeg_refine in jpeg_refiners.items() if want("jpeg") else ():
+        for q in jpeg_qualities:
+            row = measure(f"JPEG + diffusion ({tag(eta)})", f"q {q}", images,
+                          lambda im, i, q=q: encode_native(im, "jpeg", q),
+                          lambda d, i, q=q, f=jpeg_refine: f(decode_native(d), all_q.index(q)))
+            rows.append((row, True))
+            log(f"{row.record()}")
     if not args.no_features:
         feats = InceptionFeatures("cpu", batch_size=22)
         ref = feats(photo_patch_tensor(images, stride=FEATURE_STRIDE))
