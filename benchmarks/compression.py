@@ -72,7 +72,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         _log(f"bases {name}: {bases.shape} ({time.time() - t0:.0f} s)")
         schedule = {"name": "shifted_cosine", "image_size": 64, "noise_size": args.decoder_noise_size}
         cfg = DecoderConfig(**{**DECODER, "patch": args.decoder_patch}, num_rates=k, schedule=schedule)
-        model, steps = train_decoder(patches, bases, cfg, max_seconds=args.decoder_seconds, batch=args.batch,
+        model, steps = train_decoder(patches, bases, cfg, max_seconds=args.decoder_seconds,
+                                     max_steps=args.decoder_steps, batch=args.batch,
                                      lr=5e-4, device=args.device, log=_log, log_every=500)
         save_decoder(model, out / f"decoder_{name}.safetensors", half=True)
         _log(f"decoder {name}: {steps} steps in {args.decoder_seconds} s budget")
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--warm-start-seconds", type=float, default=0.0,
                    help="train one codec at the highest rate first and fine-tune every rate from it")
     t.add_argument("--codecs-from", help="folder with trained hp_q*.safetensors: skip codec training")
+    t.add_argument("--decoder-steps", type=int, help="stop the decoder at this many steps (or at the time budget)")
     t.add_argument("--decoder-patch", type=int, default=DECODER["patch"], help="decoder training crop side")
     t.add_argument("--decoder-noise-size", type=int, default=128,
                    help="decoder schedule: cosine shifted by 2 log(noise_size / 64) in log-SNR (64: no shift)")

@@ -180,3 +180,33 @@ def test_tiled_prediction_blends_to_the_whole_image():
         assert torch.equal(decode(unet, base * 2 - 1, steps=2, tile=80), decode(unet, base * 2 - 1, steps=2))
     with pytest.raises(ValueError, match="overlap must be in"):
         unet(z, lam, base=base, tile=16, overlap=16)
+
+
+def test_pixel_norm_makes_the_decoder_local_and_group_norm_does_not(tmp_path):
+    """With per-pixel group statistics the prediction at a pixel ignores content beyond the receptive field, so a
+    decoder trained on small crops sees the same statistics on a whole photo; GroupNorm's whole-image statistics
+    change it."""
+    from simdiff.compress.diffusion import PixelGroupNorm
+
+    z = torch.randn(1, 3, 32, 160, generator=torch.Generator().manual_seed(0))
+    base = torch.rand(1, 3, 32, 160, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    lam = torch.tensor([0.5])
+    gaps = {}
+    for norm in ("pixel", "group"):
+        torch.manual_seed(0)
+        model = BaseConditionedDenoiser(DecoderConfig(channels=(8, 16), num_res_blocks=1, patch=32, norm=norm))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))  # away from the zero-initialised output layer
+            whole = model(z, lam, base=base).v[..., :16]
+            crop = model(z[..., :64], lam, base=base[..., :64]).v[..., :16]
+        gaps[norm] = float((whole - crop).abs().max())
+        assert float(whole.std()) > 0.01  # the prediction carries signal (per-pixel statistics do not erase it)
+        assert any(isinstance(m, PixelGroupNorm) for m in model.modules()) == (norm == "pixel")
+    assert gaps["pixel"] < 1e-5 < 1e-2 < gaps["group"]
+    # the option travels with the file; a file without it (older decoders) loads with GroupNorm
+    model = BaseConditionedDenoiser(DecoderConfig(channels=(8, 16), num_res_blocks=1, patch=32))
+    save_decoder(model, tmp_path / "d.safetensors")
+    assert load_decoder(tmp_path / "d.safetensors").cfg.norm == "pixel"
+    with pytest.raises(ConfigError, match="norm must be"):
+        DecoderConfig(norm="batch")

@@ -13,9 +13,14 @@ decoding can use guidance on the base layer: ``v = v_cond + w (v_cond - v_null)`
 (``num_rates > 0``) tells one decoder which base rate it is refining.
 
 The backbone is a :class:`~simdiff.nets.UNet` built for ``2C`` input channels whose output convolution is
-replaced by a zero-initialised ``C``-channel one; it is fully convolutional, so without attention levels it
-decodes an image of any size in one pass, seamlessly; for large images ``tile`` predicts on overlapping windows
-blended at every step (no seams, bounded memory).
+replaced by a zero-initialised ``C``-channel one. With ``norm="pixel"`` (the default) every GroupNorm of the U-Net
+is replaced by :class:`PixelGroupNorm` with one group, which normalises each pixel's channels on their own
+(statistics over channels only: the per-pixel LayerNorm of ConvNeXt, Liu et al. 2022): the network is then local and
+size-independent, so a decoder trained on small crops decodes a whole photo in one pass with the statistics it was
+trained with. With GroupNorm (statistics over the whole image) a decoder trained on 32x32 crops shifted the
+colours of whole-photo decodes (measured: chelsea crop at JPEG q10, mean colour error (-19, 0, +25) in RGB, PSNR
+20.3 dB whole vs 25.2 dB on 32x32 tiles). Without attention levels it decodes an image of any size in one pass;
+for large images ``tile`` predicts on overlapping windows blended at every step (no seams, bounded memory).
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ from simdiff.samplers import get_sampler, make_grid
 from simdiff.schedules import Schedule, schedule_from_dict
 from simdiff.weighting import get_weighting
 
-__all__ = ["DecoderConfig", "BaseConditionedDenoiser", "match_base", "decoder_loss", "decode", "save_decoder",
-           "load_decoder"]
+__all__ = ["DecoderConfig", "PixelGroupNorm", "BaseConditionedDenoiser", "match_base", "decoder_loss", "decode",
+           "save_decoder", "load_decoder"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class DecoderConfig:
         patch: training patch side.
         schedule: the log-SNR schedule as a dict for :func:`simdiff.schedules.schedule_from_dict`.
         base_drop_prob: probability of training with the null (zero) base condition.
+        norm: "pixel" (:class:`PixelGroupNorm`, size-independent) or "group" (the U-Net's GroupNorm).
     """
 
     channels: tuple[int, ...] = (32, 64, 128)
@@ -64,8 +70,11 @@ class DecoderConfig:
     schedule: dict[str, Any] = field(default_factory=lambda: {"name": "shifted_cosine", "image_size": 64,
                                                               "noise_size": 128})
     base_drop_prob: float = 0.1
+    norm: str = "pixel"
 
     def __post_init__(self) -> None:
+        if self.norm not in ("pixel", "group"):
+            raise ConfigError(f"norm must be 'pixel' or 'group', got {self.norm!r}")
         if not 0.0 <= self.base_drop_prob <= 1.0:
             raise ConfigError(f"base_drop_prob must be in [0, 1], got {self.base_drop_prob}")
         if self.image_channels not in (1, 3):
@@ -73,6 +82,28 @@ class DecoderConfig:
 
     def build_schedule(self) -> Schedule:
         return schedule_from_dict(dict(self.schedule))
+
+
+class PixelGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics are taken over each group's channels at each pixel (not over the image), so the
+    output at a pixel does not depend on the rest of the image; same parameters as :class:`torch.nn.GroupNorm`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        g = x.view(b, self.num_groups, c // self.num_groups, h, w)
+        var, mean = torch.var_mean(g, dim=2, unbiased=False, keepdim=True)
+        g = (g - mean) * torch.rsqrt(var + self.eps)
+        return g.view(b, c, h, w) * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+
+
+def _pixel_norms(module: nn.Module) -> None:
+    """Replace every GroupNorm below ``module`` by a one-group :class:`PixelGroupNorm` (a LayerNorm over all channels
+    at each pixel: with the U-Net's groups of one or two channels, per-pixel statistics would erase the signal)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.GroupNorm) and not isinstance(child, PixelGroupNorm):
+            setattr(module, name, PixelGroupNorm(1, child.num_channels, eps=child.eps))
+        else:
+            _pixel_norms(child)
 
 
 class BaseConditionedDenoiser(nn.Module):
@@ -92,6 +123,8 @@ class BaseConditionedDenoiser(nn.Module):
         self.backbone = build_backbone("unet", options, image_channels=2 * c, image_size=cfg.patch,
                                        num_classes=cfg.num_rates)
         self.backbone.conv_out = zero_init(nn.Conv2d(self.backbone.conv_out.in_channels, c, 3, padding=1))
+        if cfg.norm == "pixel":
+            _pixel_norms(self.backbone)
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)
@@ -222,6 +255,7 @@ def load_decoder(path) -> BaseConditionedDenoiser:
 
     tensors, meta = read_model_file(path, kind="diffusion_decoder", what="diffusion decoder", noun="decoder")
     cfg = json.loads(meta["config"])
+    cfg.setdefault("norm", "group")  # decoders saved before the option existed used the U-Net's GroupNorm
     for key in ("channels", "attention_levels"):
         cfg[key] = tuple(cfg[key])
     model = BaseConditionedDenoiser(from_dict(DecoderConfig, cfg, where="decoder"))
