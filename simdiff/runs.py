@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -368,10 +369,12 @@ def check_student_sampling(meta: dict[str, Any], cfg: SampleConfig) -> None:
         raise ConfigError(f"this {kind} student was distilled for {flags} and samples only with those; got {given}")
 
 
-def reference_images(cfg: ExperimentConfig, num: int, *, split: str = "test") -> tuple[torch.Tensor, str]:
-    """Real images to score against: ``num`` images of the training data set's ``split`` at the model's size.
+def reference_images(cfg: ExperimentConfig, num: int | None, *, split: str = "test") -> tuple[torch.Tensor, str]:
+    """Real images to score against: the first ``num`` images (``None``: all) of the training data set's ``split``
+    at the model's size, with the data's ``options`` (e.g. the patch size and stride of ``photos``).
 
-    Returns the images and a cache key for their feature statistics.
+    Returns the images and a cache key for their feature statistics (the options are part of it, so two patch grids
+    with the same image count do not share cached statistics).
     """
     data_cfg = dataclasses.replace(cfg.data, split=split, limit=num, hflip=False)
     try:
@@ -380,7 +383,8 @@ def reference_images(cfg: ExperimentConfig, num: int, *, split: str = "test") ->
         data_cfg = dataclasses.replace(data_cfg, split="train")
         ds = build_dataset(data_cfg)
     c, h, w = ds.shape
-    key = f"{data_cfg.name}-{data_cfg.split}-{c}x{h}x{w}-{len(ds)}".replace("/", "_")
+    options = re.sub(r"[^A-Za-z0-9_.+-]", "", "".join(f"-{k}_{v}" for k, v in sorted(data_cfg.options.items())))
+    key = f"{data_cfg.name}-{data_cfg.split}{options}-{c}x{h}x{w}-{len(ds)}".replace("/", "_")
     return ds.images, key
 
 

@@ -1,7 +1,7 @@
 """Every YAML config shipped in ``simdiff/configs`` is parsed by its loader and runs for one trainer step.
 
 Training configs keep their model, diffusion and optimiser sections and train one step on a few 8x8 digits
-resized to 28x28 (sequence and text configs: on a tiny version of their own data); distillation configs
+resized to 28x28 (sequence, text and photo configs: on a tiny version of their own data); distillation configs
 (``distill_*.yaml``) distil a tiny teacher trained here on the 8x8 digits.
 """
 
@@ -25,9 +25,9 @@ from tiny_configs import tiny_uvit  # noqa: E402
 
 CONFIGS = Path(__file__).parents[1] / "simdiff" / "configs"
 DISTILL = sorted(p.name for p in CONFIGS.glob("distill_*.yaml"))
-#: not experiment configs: a super-resolution stage (``sr:`` section, ``simdiff cascade train-sr``) and a cascade of
+#: not experiment configs: super-resolution stages (``sr:`` section, ``simdiff cascade train-sr``) and cascades of
 #: stages; tests/test_sr.py and tests/test_cascade.py train and sample them.
-NOT_EXPERIMENTS = {"mnist_sr.yaml", "mnist_cascade.yaml"}
+NOT_EXPERIMENTS = {"mnist_sr.yaml", "mnist_cascade.yaml", "photos_sr.yaml", "photos_cascade.yaml"}
 TRAINING = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("distill_")
                   and p.name not in NOT_EXPERIMENTS)
 
@@ -48,6 +48,7 @@ TINY_DATA = {
     "mnist_text.yaml": (["data.limit=8", "data.options.phrasings=1", "data.split=train"], (1, 28, 28), 0),
     "semantica_mnist.yaml": (["data.options.source=digits", "data.image_size=28", "data.limit=64"], (1, 28, 28), 0),
     "semantica_photos.yaml": (["data.limit=32"], (3, 32, 32), 0),
+    "photos_16.yaml": (["data.limit=16"], (3, 16, 16), 0),
 }
 
 

@@ -1,7 +1,7 @@
 """A cascade: a base model at low resolution, then super-resolution stages; its YAML config, sampling and the
 one-file artefact.
 
-Cascade YAML (``simdiff/configs/mnist_cascade.yaml``)::
+Cascade YAML (``simdiff/configs/mnist_cascade.yaml``; ``photos_cascade.yaml`` has an unconditional base model)::
 
     name: mnist_cascade
     num: 16                 # images
@@ -293,7 +293,9 @@ def sample_cascade(
     Args:
         num, seed: default to the cascade's.
         labels: base-model class labels ``[num]`` (cycled from the cascade's ``labels`` or ``0..C-1`` when
-            ``None``); also given to super-resolution stages that are class-conditional.
+            ``None``); also given to super-resolution stages that are class-conditional. An unconditional base model
+            takes none: it samples with ``labels=None`` (the cascade's ``labels`` are ignored) and refuses given
+            ones; its class-conditional super-resolution stages, if any, then get the null class.
         aug_logsnr: overrides every super-resolution stage's augmentation level (``None``: no corruption).
 
     Returns:
@@ -313,6 +315,8 @@ def sample_cascade(
             lab = torch.as_tensor(labels, dtype=torch.long)
         if lab.shape != (num,) or bool((lab < 0).any()) or bool((lab >= base.num_classes).any()):
             raise ConfigError(f"labels must be {num} class indices in 0..{base.num_classes - 1}")
+    elif labels is not None:
+        raise ConfigError("labels do not apply: the cascade's base model is unconditional (no classes)")
     cfg = dataclasses.replace(base.sample, num=num, seed=seed)
     x = generate(base.model, base.schedule, base.image_shape, cfg, num=num, labels=lab,
                  num_classes=base.num_classes, null_cond=class_null_cond(base.num_classes), device=device,
