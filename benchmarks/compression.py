@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--codecs-from", help="folder with trained hp_q*.safetensors: skip codec training")
     t.add_argument("--decoder-steps", type=int, help="stop the decoder at this many steps (or at the time budget)")
     t.add_argument("--decoder-patch", type=int, default=DECODER["patch"], help="decoder training crop side")
-    t.add_argument("--decoder-noise-size", type=int, default=128,
+    t.add_argument("--decoder-noise-size", type=int, default=512,
                    help="decoder schedule: cosine shifted by 2 log(noise_size / 64) in log-SNR (64: no shift)")
     t.add_argument("--decoders", default="learned,jpeg", help="which decoders to train (comma-separated)")
     t.set_defaults(func=cmd_train)
