@@ -29,7 +29,8 @@ Run (CPU, small; about 17 minutes of training per encoder at 0.4 s/step, 7 minut
 runs are reused).
 
 ``--data photos`` trains ``simdiff/configs/semantica_photos.yaml`` instead (pairs: two 32x32 crops of one of five
-training photos) and scores the held-out test photos (Inception features, photo agreement)::
+training photos) and scores the held-out test photos (Inception features, photo agreement); the ``--shots``
+conditioning patches of a photo are spread evenly over its raster-ordered patches (first to last)::
 
     OMP_NUM_THREADS=1 python benchmarks/semantica.py --data photos --encoders contrastive_photos mnist_classifier \
         --steps 2000 --num 32 --guidance 0 1 --sample-steps 12 --name semantica_photos
@@ -95,7 +96,7 @@ def train_run(spec: str, args) -> tuple[Path, float]:
 
 def evaluate(run: Path, args) -> tuple[list[dict], dict]:
     from simdiff.runs import load_model
-    from simdiff.semantica.metrics import fewshot_report
+    from simdiff.semantica.metrics import condition_picks, fewshot_report
     from simdiff.semantica.pairs import load_source
     from simdiff.semantica.sample import sample_from_condition_images
 
@@ -112,7 +113,8 @@ def evaluate(run: Path, args) -> tuple[list[dict], dict]:
     for group, (source, classes) in groups.items():
         test = load_source(source, "test")
         for c in classes:
-            cond = test.images[test.labels == c][: args.shots]
+            members = test.images[test.labels == c]
+            cond = members[condition_picks(len(members), args.shots, spread=source == "photos")]
             x, _ = sample_from_condition_images(loaded, cond, 8, args.grid_guidance, seed=c, steps=args.sample_steps)
             grids[(group, c)] = (cond, x)
     return rows, grids

@@ -126,3 +126,15 @@ def test_tiny_training_and_few_shot_sampling_on_photo_patches(tmp_path, test_spl
     for photo in ("5", "6"):
         row = rep["classes"][photo]
         assert row["class_agreement"] == 1.0 and row["copy_fraction"] == 0.0 and row["median_d_train"] > 0.05
+
+
+def test_photo_conditioning_patches_spread_over_the_photo():
+    # photo patches are in raster order: the conditioning shots must come from the whole photo, not its top row
+    from simdiff.semantica import metrics
+
+    spread = metrics.condition_picks(459, 5, spread=True)
+    first = metrics.condition_picks(459, 5, spread=False)
+    assert int(spread.sum()) == int(first.sum()) == 5
+    idx = spread.nonzero().flatten()
+    assert idx[0] == 0 and idx[-1] == 458 and bool((idx.diff() > 100).all())
+    assert first.nonzero().flatten().tolist() == [0, 1, 2, 3, 4]

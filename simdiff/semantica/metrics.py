@@ -24,7 +24,7 @@ from torch import Tensor
 
 from simdiff.configuration import ConfigError
 
-__all__ = ["nearest_rms", "copy_check", "fewshot_scores", "features_for", "fewshot_report"]
+__all__ = ["nearest_rms", "copy_check", "fewshot_scores", "features_for", "fewshot_report", "condition_picks"]
 
 
 def nearest_rms(queries: Tensor, support: Tensor, *, chunk: int = 512) -> tuple[Tensor, Tensor]:
@@ -100,12 +100,23 @@ def fewshot_scores(samples: Tensor, reference: Tensor, *, domain: str = "mnist",
     return {"fd": frechet_distance_features(fs, fr), "kid": kid_mean, **pr}
 
 
+def condition_picks(n: int, shots: int, *, spread: bool) -> torch.Tensor:
+    """Boolean mask over ``n`` ordered test images choosing ``shots`` conditioning images: the first ``shots``, or
+    (``spread``) ``shots`` evenly spaced ones from the first to the last."""
+    mask = torch.zeros(n, dtype=torch.bool)
+    idx = torch.linspace(0, n - 1, shots).round().long() if spread else torch.arange(shots)
+    mask[idx] = True
+    return mask
+
+
 def fewshot_report(run, *, source: str = "mnist", classes=(7, 8, 9), shots: int = 5, num: int = 200,
                    guidance: float = 1.0, seed: int = 0, steps: int | None = None, mode: str = "each",
                    loaded=None) -> dict[str, Any]:
     """Few-shot evaluation of a pairs model on held-out ``classes`` of ``source`` (test split).
 
-    Per class: ``shots`` conditioning images (the first of that class in the test split), ``num`` samples
+    Per class: ``shots`` conditioning images (the first of that class in the test split; for ``photos``, whose
+    patches are in raster order, ``shots`` patches evenly spread over the photo, so that five patches of a sky are
+    not all the photo shows), ``num`` samples
     (mode ``each``), scored against the remaining test images of that class (:func:`fewshot_scores`) and checked for
     copies against the conditioning images (at the model's size) and the model's training images (its data set).
     Also ``class_agreement``: the fraction of samples the domain classifier assigns to the class; for ``photos``
@@ -133,10 +144,11 @@ def fewshot_report(run, *, source: str = "mnist", classes=(7, 8, 9), shots: int 
         members = test.images[test.labels == c]
         if len(members) <= shots:
             raise ConfigError(f"class {c} of {source} has {len(members)} test images, need more than {shots}")
-        cond, reference = members[:shots], members[shots:]
+        pick = condition_picks(len(members), shots, spread=source == "photos")
+        cond, reference = members[pick], members[~pick]
         x, cond = sample_from_condition_images(loaded, cond, num, guidance, mode=mode, seed=seed + c, steps=steps)
         fs = feats(x)
-        fr = pool[0][pool[1] == c][shots:] if pool is not None else None
+        fr = pool[0][pool[1] == c][~pick] if pool is not None else None
         scores = fewshot_scores(x, reference, domain=source, sample_features=fs, reference_features=fr)
         check = copy_check(x, cond_images=cond, train_images=train)
         row = {**scores, "copy_fraction": check["copy_fraction"], "median_d_cond": check["median_d_cond"],
