@@ -18,6 +18,8 @@ Strategies (:func:`wrap_model`):
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,15 +73,24 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> DistIn
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend or ("nccl" if dev.type == "cuda" else "gloo"), init_method="env://")
+        atexit.register(cleanup)  # tear the group down while the interpreter is still whole (see cleanup)
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
 def cleanup() -> None:
-    """Destroy the process group if one is running."""
+    """Destroy the process group if one is running, and free what still holds it (idempotent).
+
+    DDP/FSDP wrappers keep their own reference to the group, so ``destroy_process_group`` alone can leave the gloo
+    backend (and its worker threads) alive until interpreter shutdown, where tearing it down can abort the process
+    ("terminate called without an active exception", SIGABRT) after all work has finished. Collecting garbage here
+    frees those wrappers, and with them the backend, while Python is still fully alive. :func:`init_distributed`
+    registers this function with :mod:`atexit`, so scripts that never call it are covered too.
+    """
     if dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
 
 
 def is_distributed() -> bool:

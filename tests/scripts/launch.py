@@ -24,4 +24,4 @@ def torchrun(script: Path, *args: str, root: Path, nproc: int = 2, timeout: int 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
     proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, (proc.stdout[-2000:] + proc.stderr[-6000:])
