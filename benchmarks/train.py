@@ -241,12 +241,18 @@ def _projected(step: int, elapsed: float, budget: float) -> int:
     return max(step + 1, int(step * budget / elapsed)) if step > 0 and elapsed > 0 else 10**9
 
 
-def train_simdiff(data: BatchIterator, budget_s: float, policy: str, seed: int) -> tuple[Any, Any, dict]:
-    """simdiff recipe (mnist.yaml, unconditional) for ``budget_s`` seconds; returns (EMA model, schedule, log)."""
-    from simdiff.experiment import build_network, load_config
+def recipe_config(args):
+    """The simdiff recipe's config: ``--recipe-config`` (default mnist.yaml) with ``--set`` overrides, unconditional."""
+    from simdiff.experiment import load_config
+
+    return load_config(args.recipe_config, [*args.set, "model.class_conditional=false"])
+
+
+def train_simdiff(data: BatchIterator, budget_s: float, policy: str, seed: int, cfg) -> tuple[Any, Any, dict]:
+    """The simdiff recipe ``cfg`` (unconditional) for ``budget_s`` seconds; returns (EMA model, schedule, log)."""
+    from simdiff.experiment import build_network
     from simdiff.losses import DiffusionLoss
 
-    cfg = load_config(RECIPE, ["model.class_conditional=false"])
     torch.manual_seed(seed)
     model = build_network(cfg, image_shape=SHAPE, num_classes=10).train()  # unconditional by the config switch
     loss_fn = DiffusionLoss.from_config(dataclasses.replace(cfg.diffusion, cond_drop_prob=0.0))
@@ -267,8 +273,8 @@ def train_simdiff(data: BatchIterator, budget_s: float, policy: str, seed: int) 
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        ema.update(model, ema_decay(tr.batch_size, tr.ema_half_life_images, images_seen=step * tr.batch_size,
-                                    rampup_ratio=EMA_RAMPUP))
+        ema.update(model, ema_decay(data.batch_size, tr.ema_half_life_images, images_seen=step * data.batch_size,
+                                    rampup_ratio=EMA_RAMPUP if tr.ema_rampup_ratio is None else tr.ema_rampup_ratio))
         losses.append(loss.item())
     ema.copy_to(model)
     return model.eval(), loss_fn.schedule, {"steps": step, "seconds": time.perf_counter() - t0,
@@ -350,45 +356,54 @@ def score(x: torch.Tensor, refs: dict[str, tuple[torch.Tensor, str]], n_fid: int
 def quality(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     budget = args.minutes * 60.0
     from simdiff.data import build_dataset
-    from simdiff.experiment import build_network, load_config
+    from simdiff.experiment import build_network
 
     train = build_dataset({"name": "mnist", "split": "train+valid"})
     n_ref = max(args.fd_ref, args.fid_ref)
-    test = build_dataset({"name": "mnist", "split": "test", "limit": n_ref}).images
+    test = build_dataset({"name": "mnist", "split": "test", "limit": n_ref + args.fd_samples}).images
     refs = {"fd": (test[: args.fd_ref], f"bench-mnist-test-first{args.fd_ref}"),
             "fid": (test[: args.fid_ref], f"bench-mnist-test-first{args.fid_ref}")}
-    recipe_params = count_parameters(build_network(load_config(RECIPE, ["model.class_conditional=false"]),
-                                                   image_shape=SHAPE, num_classes=10))
-    _, _, chans = matched_diffusers(recipe_params)
-    width, mults = _WIDTH_MULTS[chans]
-    info: dict[str, Any] = {"budget_minutes": args.minutes, "warmup_policy": args.warmup}
+    cfg = recipe_config(args)
+    info: dict[str, Any] = {"budget_minutes": args.minutes, "warmup_policy": args.warmup,
+                            "recipe_config": str(args.recipe_config), "overrides": list(args.set)}
+    rows = []
+    if args.floor:  # real held-out digits (after the reference images) scored exactly like the samples
+        real = test[n_ref: n_ref + args.fd_samples]
+        m = score(real, refs, args.fid_samples)
+        rows.append({"model": "real test digits (the floor)", "sampler": "-", "nfe": 0, "train_steps": 0,
+                     "mnist_fd": m["mnist_fd"], "fid": m["fid"], "sample_seconds": 0.0, "grid": None})
+        print(f"[quality] floor: MNIST-FD {m['mnist_fd']:.3f}  FID {m['fid']:.2f}", flush=True)
 
-    print(f"[quality] training simdiff recipe for {args.minutes} min", flush=True)
+    print(f"[quality] training simdiff recipe ({Path(args.recipe_config).name} {' '.join(args.set)}) for "
+          f"{args.minutes} min", flush=True)
     s_model, schedule, s_log = train_simdiff(BatchIterator({"x": train.images}, args.batch, seed=args.seed),
-                                             budget, args.warmup, args.seed)
+                                             budget, args.warmup, args.seed, cfg)
     print(f"[quality] simdiff: {s_log}", flush=True)
-    print(f"[quality] training diffusers recipe for {args.minutes} min", flush=True)
-    d_model, d_log = train_diffusers(BatchIterator({"x": train.images}, args.batch, seed=args.seed), budget,
-                                     args.warmup, args.seed, width, mults)
-    print(f"[quality] diffusers: {d_log}", flush=True)
-    info.update(simdiff_train={**s_log, "params": count_parameters(s_model)},
-                diffusers_train={**d_log, "params": count_parameters(d_model), "channels": list(chans)})
+    info["simdiff_train"] = {**s_log, "params": count_parameters(s_model)}
+    runs = [("simdiff recipe", f"{name}, {args.grid}", name) for name in args.samplers]
+    if not args.skip_diffusers:
+        recipe_params = count_parameters(build_network(cfg, image_shape=SHAPE, num_classes=10))
+        _, _, chans = matched_diffusers(recipe_params)
+        width, mults = _WIDTH_MULTS[chans]
+        print(f"[quality] training diffusers recipe for {args.minutes} min", flush=True)
+        d_model, d_log = train_diffusers(BatchIterator({"x": train.images}, args.batch, seed=args.seed), budget,
+                                         args.warmup, args.seed, width, mults)
+        print(f"[quality] diffusers: {d_log}", flush=True)
+        info["diffusers_train"] = {**d_log, "params": count_parameters(d_model), "channels": list(chans)}
+        runs.append(("diffusers DDPM recipe", "DDIMScheduler, trailing", None))
 
     from simdiff.generate import SampleConfig, generate
     from simdiff.images import save_grid
 
-    rows = []
-    runs = [("simdiff recipe", "UniPC, uniform-t", "unipc"), ("simdiff recipe", "DDIM, uniform-t", "ddim"),
-            ("diffusers DDPM recipe", "DDIMScheduler, trailing", None)]
     for model_name, sampler_name, sampler in runs:
         t0 = time.perf_counter()
         with torch.no_grad():
             if sampler is None:
                 x = sample_diffusers(d_model, args.fd_samples, args.sample_steps, args.seed)
             else:
-                cfg = SampleConfig(sampler=sampler, steps=args.sample_steps, grid="uniform_t", num=args.fd_samples,
-                                   seed=args.seed, batch_size=250)
-                x = generate(s_model, schedule, SHAPE, cfg)
+                scfg = SampleConfig(sampler=sampler, steps=args.sample_steps, grid=args.grid, num=args.fd_samples,
+                                    seed=args.seed, batch_size=250)
+                x = generate(s_model, schedule, SHAPE, scfg)
         t_sample = time.perf_counter() - t0
         tag = "diffusers_ddim" if sampler is None else f"simdiff_{sampler}"
         save_grid(x[:64], RESULTS_DIR / f"{args.name}_samples_{tag}.png", nrow=8)
@@ -405,20 +420,29 @@ def quality(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 def recipe_comparison(args, info: dict[str, Any], threads: int) -> None:
     """Run the recipe comparison and write ``<name>_recipe.{json,md}``."""
     q, qinfo = quality(args)
-    head_q = ["recipe", "sampler", "NFE", "train steps", "MNIST-FD", "FID"]
-    rows_q = [[r["model"], r["sampler"], str(r["nfe"]), str(r["train_steps"]), r["mnist_fd"], r["fid"]] for r in q]
+    floor = next((r for r in q if r["grid"] is None), None)
+    head_q = ["recipe", "sampler", "NFE", "train steps", "MNIST-FD", "FID"] + (["FID / floor"] if floor else [])
+    rows_q = [[r["model"], r["sampler"], str(r["nfe"]), str(r["train_steps"]), r["mnist_fd"], r["fid"]]
+              + ([f"{r['fid'] / floor['fid']:.2f}x"] if floor else []) for r in q]
     print("\n" + table_text(head_q, rows_q))
-    s, d = qinfo["simdiff_train"], qinfo["diffusers_train"]
+    s = qinfo["simdiff_train"]
     md = _header(info, threads, "Recipes at equal wall-clock (a recipe comparison, not a library speed-up)")
-    md += [f"{args.minutes:g} min of training each, unconditional, batch {args.batch}, MNIST train+valid. simdiff "
-           f"recipe (mnist.yaml residual U-ViT, {s['params']} params): {s['steps']} steps, warm-up "
-           f"{s['warmup_steps']}; diffusers DDPM recipe (UNet2DModel {tuple(d['channels'])}, {d['params']} params): "
-           f"{d['steps']} steps, warm-up {d['warmup_steps']} (warm-up policy `{args.warmup}`). The recipes differ in "
-           "network, objective, schedule and optimiser at once. MNIST-FD: "
-           f"{args.fd_samples} samples vs {args.fd_ref} MNIST test images; FID (Inception): the first "
-           f"{args.fid_samples} of them vs {args.fid_ref} test images (small-sample FID is biased upwards; compare "
-           "rows, not with published numbers). Grids: "
-           + ", ".join(f"`benchmarks/results/{r['grid']}`" for r in q) + ".", "", table_markdown(head_q, rows_q), ""]
+    text = (f"{args.minutes:g} min of training each, unconditional, batch {args.batch}, MNIST train+valid. simdiff "
+            f"recipe ({Path(args.recipe_config).name}{' with ' + ', '.join(args.set) if args.set else ''}, "
+            f"{s['params']} params): {s['steps']} steps, warm-up {s['warmup_steps']}")
+    if "diffusers_train" in qinfo:
+        d = qinfo["diffusers_train"]
+        text += (f"; diffusers DDPM recipe (UNet2DModel {tuple(d['channels'])}, {d['params']} params): {d['steps']} "
+                 f"steps, warm-up {d['warmup_steps']} (warm-up policy `{args.warmup}`). The recipes differ in network, "
+                 "objective, schedule and optimiser at once")
+    text += (f". MNIST-FD: {args.fd_samples} samples vs {args.fd_ref} MNIST test images; FID (Inception): the first "
+             f"{args.fid_samples} of them vs {args.fid_ref} test images (small-sample FID is biased upwards; compare "
+             "rows, not with published numbers)")
+    if floor:
+        text += (f". The floor: {args.fd_samples} real test digits that follow the reference images, scored the same "
+                 "way")
+    text += ". Grids: " + ", ".join(f"`benchmarks/results/{r['grid']}`" for r in q if r["grid"]) + "."
+    md += [text, "", table_markdown(head_q, rows_q), ""]
     write_text(f"{args.name}_recipe.md", "\n".join(md))
     write_json(f"{args.name}_recipe", {"machine": info, "command": command_line(), "threads": threads,
                                        "args": vars(args), "quality": q, "quality_info": qinfo})
@@ -445,6 +469,14 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--fd-ref", type=int, default=2000)
     p.add_argument("--fid-samples", type=int, default=500)
     p.add_argument("--fid-ref", type=int, default=1000)
+    p.add_argument("--recipe-config", default=str(RECIPE), help="recipe: the simdiff config to train (unconditional)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe: override a value of --recipe-config, e.g. train.optim.lr=1e-3 (repeatable)")
+    p.add_argument("--samplers", nargs="+", default=["unipc", "ddim"], help="recipe: simdiff samplers to score")
+    p.add_argument("--grid", default="uniform_t", help="recipe: simdiff step grid")
+    p.add_argument("--skip-diffusers", action="store_true", help="recipe: train and score the simdiff recipe only")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="recipe: skip the real-digits floor row (held-out test digits vs the same reference)")
     a = p.parse_args(argv)
     a.name = "train_quick" if a.quick else "train"
     if a.quick:
