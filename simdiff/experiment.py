@@ -44,6 +44,7 @@ from simdiff.runs import (
 )
 from simdiff.schedules import Schedule, schedule_from_dict
 from simdiff.train import BatchIterator, Checkpoint, Trainer, mix_seed, rundir, validate_train_config
+from simdiff.train.checkpoint import list_checkpoints
 
 __all__ = [
     "ModelConfig",
@@ -111,6 +112,24 @@ def seeded_network(cfg: ExperimentConfig, *, image_shape, num_classes: int):
 #: top-level entries of a checkpoint's config that fix the network's shape (besides ``model.*`` and
 #: ``diffusion.process.*``, see :func:`network_differences`).
 _NETWORK_ENTRIES = ("kind", "image_shape", "num_classes", "conditioner")
+
+
+def init_weights(model: torch.nn.Module, source: str) -> None:
+    """Copy the weights of ``source`` (a run, checkpoint, export or shipped name; EMA weights where present) into
+    ``model``, which must have the same shape. Raises ConfigError (one line) for a missing, foreign or mismatched
+    source."""
+    from simdiff.runs import CheckpointError, _weights_problem, load_model
+    from simdiff.shipped import resolve_source
+
+    try:
+        state = load_model(resolve_source(source)).model.state_dict()
+    except CheckpointError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
+    problem = _weights_problem(model, state)
+    if problem:
+        raise ConfigError(f"train.init_from: {source} is another network than this config builds: {problem}")
+    own = model.state_dict()
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -182,6 +201,8 @@ def _train_locked(cfg: ExperimentConfig, run_dir: Path, info, *, resume: bool) -
     loss_cfg = _resolved_loss_config(cfg, num_classes)
     cfg = dataclasses.replace(cfg, diffusion=loss_cfg)
     model = seeded_network(cfg, image_shape=image_shape, num_classes=num_classes)
+    if cfg.train.init_from is not None and not (resume and list_checkpoints(run_dir)):  # a resume ignores it
+        init_weights(model, cfg.train.init_from)
     loss = build_objective(loss_cfg)
     schedule = schedule_from_dict(loss_cfg.schedule)
     conditioner, examples, transform, grid = conditioner_for(num_classes), dataset, None, sample_grid

@@ -213,3 +213,29 @@ def test_a_registered_process_runs_end_to_end(tmp_path, capsys, monkeypatch):
                              "--out", str(grid)], "heun")
     _one_line_error(capsys, ["distill", "--method", "progressive", "--teacher", str(run), "--run-dir",
                              str(tmp_path / "d"), "--student-steps", "2"], "isotropic")
+
+
+def test_init_from_starts_a_fresh_run_from_given_weights(run, tmp_path, capsys):
+    """``train.init_from``: the new run's EMA starts from the source's weights (an lr of 1e-12 keeps them), a run
+    without it does not (another seed draws other initial weights), a resume ignores it, and a source of another
+    shape is refused in one line."""
+    cfg = run / "tiny.yaml"
+    src = load_model(run / "run").model.state_dict()
+
+    def trained(name: str, *extra: str) -> float:  # the largest weight difference to the source
+        argv = ["train", str(cfg), "--run-dir", str(tmp_path / name), "--set", "train.steps=1", "--set",
+                "train.optim.lr=1e-12", "--set", "train.sample_every=0", "--set", "train.seed=1", *extra]
+        assert main(argv) == 0
+        got = load_model(tmp_path / name).model.state_dict()
+        return max(float((got[k] - v).abs().max()) for k, v in src.items())
+
+    assert trained("init", "--set", f"train.init_from={run / 'run'}") < 1e-6
+    assert trained("fresh") > 1e-2
+    # the run now holds a checkpoint: resuming it ignores init_from, even one that no longer exists
+    assert main(["train", str(cfg), "--run-dir", str(tmp_path / "init"), "--set", "train.steps=2", "--set",
+                 "train.sample_every=0", "--set", f"train.init_from={tmp_path / 'gone'}"]) == 0
+    capsys.readouterr()
+    _one_line_error(capsys, ["train", str(cfg), "--run-dir", str(tmp_path / "wide"), "--set", "model.options.dim=48",
+                             "--set", f"train.init_from={run / 'run'}"], "is another network than this config builds")
+    _one_line_error(capsys, ["train", str(cfg), "--run-dir", str(tmp_path / "none"), "--set",
+                             f"train.init_from={tmp_path / 'gone'}"], "train.init_from: ")

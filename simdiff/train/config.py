@@ -63,6 +63,11 @@ class TrainConfig:
     ``strategy``: multi-process strategy under torchrun: "ddp" (replicated model) or "fsdp" (FSDP2: parameters,
     gradients, optimizer state and EMA sharded over ranks); ignored in a single process. Checkpoints are the
     same full format either way, so a run may resume under the other strategy.
+    ``init_from``: weights to start a *fresh* run from instead of the seeded random initialisation (fine-tuning or
+    continuing a model whose optimizer state is gone): a run directory, checkpoint, exported ``.safetensors`` file
+    or shipped model name (``pretrained``, ``pretrained-fashion``, ...). The network must be the same shape; the
+    EMA starts from the same weights and the optimizer, step count and learning-rate schedule start afresh. A run
+    directory that already holds checkpoints resumes from them and ignores it.
     """
 
     steps: int = 1000
@@ -84,6 +89,7 @@ class TrainConfig:
     strategy: Strategy = "ddp"
     tf32: bool = True
     channels_last: bool = True
+    init_from: str | None = None
 
 
 #: Keys TrainConfig once had -> (the only value saved configs hold, why the key went). A saved config that carries
@@ -145,6 +151,8 @@ def _train_problems(cfg: TrainConfig) -> Iterator[tuple[bool, str, str, object]]
     for key in ("bf16", "compile", "progress", "tf32", "channels_last"):
         value = getattr(cfg, key)
         yield isinstance(value, bool), key, "true or false", value
+    yield (cfg.init_from is None or (isinstance(cfg.init_from, str) and bool(cfg.init_from.strip())), "init_from",
+           "null or a path / shipped model name", cfg.init_from)
     yield isinstance(cfg.device, str) and bool(cfg.device.strip()), "device", "a device name such as auto, cpu, " \
         "cuda, cuda:N", cfg.device
 
