@@ -17,10 +17,12 @@
     simdiff demo [--minutes M]
     simdiff serve [RUN_DIR_OR_FILE ...] [--host 127.0.0.1] [--port 8000] [--device auto]
 
-SOURCE is a run directory, a checkpoint directory, an exported ``.safetensors`` file, or ``pretrained`` (the
-class-conditional MNIST model shipped with the package). Errors print one line and exit with status 2. A distilled
-student samples only with the sampler and step count it was distilled for (``simdiff sample SOURCE --info`` shows
-them); other ``--sampler`` / ``--steps`` values are refused. A rolling-diffusion model samples a rollout
+SOURCE is a run directory, a checkpoint directory, an exported ``.safetensors`` file, or the short name of a model
+shipped with the package: ``pretrained`` (class-conditional MNIST), ``pretrained-student`` (its 4-step distilled
+student), ``pretrained-fashion`` (class-conditional Fashion-MNIST) or ``pretrained-text`` (text-to-image digits).
+Errors print one line and exit with status 2. A distilled student samples only with the sampler and step count it
+was distilled for (``simdiff sample SOURCE --info`` shows them); other ``--sampler`` / ``--steps`` values are
+refused. A rolling-diffusion model samples a rollout
 (``--frames N``: PNG strip, GIF and .npz) and ``eval`` scores its forecasts per lead time.
 """
 

@@ -1,8 +1,10 @@
 """``simdiff demo``: what simdiff does, in about ten minutes on a 2-core laptop, ending in one summary page.
 
 1. The shipped class-conditional MNIST model: one grid without guidance and one with guidance (same noise), each
-   scored by the MNIST classifier's agreement with the requested class; then the shipped text-to-image model, one
-   row per prompt, scored the same way (skipped with one line when ``simdiff[text]`` is not installed).
+   scored by the MNIST classifier's agreement with the requested class; the shipped 4-step distilled student beside
+   its teacher at 4 and 20 steps (same noise, scored and timed); the shipped Fashion-MNIST model without and with
+   guidance (scored by the Fashion-MNIST classifier); then the shipped text-to-image model, one row per prompt,
+   scored the same way (skipped with one line when ``simdiff[text]`` is not installed).
 2. A short training run of a small class-conditional model (SiD2's recipe: residual U-ViT, v-prediction, sigmoid
    loss, shifted cosine) for a wall-clock budget: the number of steps is set from a timed probe of this machine's
    speed, and sample grids at 25/50/75/100% of the run show it learning, beside its loss curve.
@@ -84,6 +86,66 @@ def _shipped_model(run_dir: Path, num: int) -> list[dict]:
     return rows
 
 
+def _accuracy(x: torch.Tensor, labels: torch.Tensor, domain: str = "mnist") -> float:
+    from simdiff.eval import MNISTFeatures
+    from simdiff.eval.fashion import FashionFeatures
+
+    return float((FashionFeatures() if domain == "fashion" else MNISTFeatures()).accuracy(x, labels))
+
+
+def _shipped_student(run_dir: Path, num: int) -> list[dict]:
+    """The shipped few-step student beside its teacher (the shipped MNIST model), on the same noise and labels: the
+    teacher with the student's own sampler and step count, the student, and the teacher with UniPC at 20 steps.
+    Each row has the classifier's agreement with the label, the network calls and the sampling time."""
+    from simdiff.generate import SampleConfig, generate
+    from simdiff.images import save_grid
+    from simdiff.runs import student_sample_config
+
+    student, teacher = load_model(SHIPPED["pretrained-student"]), load_model(PRETRAINED)
+    labels = torch.arange(num) % teacher.num_classes
+    base = SampleConfig(seed=0, num=num, guidance=0.0)
+    fast = student_sample_config(student.meta["sampler_spec"], base)
+    slow = dataclasses.replace(base, sampler="unipc", steps=20, grid="uniform_t")
+    rows = []
+    for who, loaded, cfg in (("teacher", teacher, fast), ("student", student, fast), ("teacher", teacher, slow)):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            x = generate(loaded.model, loaded.schedule, loaded.image_shape, cfg, labels=labels,
+                         num_classes=loaded.num_classes, progress=True)
+        seconds = time.perf_counter() - t0
+        name = f"{who}_{cfg.sampler}{cfg.steps}"
+        path = save_grid(x, run_dir / f"{name}.png", nrow=teacher.num_classes, scale=2)
+        acc = _accuracy(x, labels)
+        print(f"[demo] {who}, {cfg.sampler} {cfg.steps} steps: classifier agrees with the label for {acc:.0%} "
+              f"({seconds:.1f} s) -> {path}")
+        rows.append({"model": who, "sampler": cfg.sampler, "steps": cfg.steps, "accuracy": round(acc, 3),
+                     "seconds": round(seconds, 2), "grid": path.name})
+    return rows
+
+
+def _shipped_fashion(run_dir: Path, num: int) -> list[dict]:
+    """Grids of the shipped class-conditional Fashion-MNIST model without and with guidance (same noise), scored by
+    the Fashion-MNIST classifier's agreement with the requested class."""
+    from simdiff.generate import generate
+    from simdiff.images import save_grid
+    from simdiff.runs import class_null_cond
+
+    loaded = load_model(SHIPPED["pretrained-fashion"])
+    labels = torch.arange(num) % loaded.num_classes
+    rows = []
+    for w in (0.0, loaded.config.sample.guidance or 1.0):
+        cfg = dataclasses.replace(loaded.config.sample, guidance=w, seed=0, num=num)
+        with torch.inference_mode():
+            x = generate(loaded.model, loaded.schedule, loaded.image_shape, cfg, labels=labels,
+                         num_classes=loaded.num_classes, null_cond=class_null_cond(loaded.num_classes), progress=True)
+        path = save_grid(x, run_dir / f"fashion_w{w:g}.png", nrow=loaded.num_classes, scale=2)
+        acc = _accuracy(x, labels, "fashion")
+        print(f"[demo] shipped Fashion-MNIST model, guidance {w:g}: classifier agrees with the label for {acc:.0%} "
+              f"-> {path}")
+        rows.append({"guidance": w, "accuracy": round(acc, 3), "grid": path.name})
+    return rows
+
+
 #: one prompt per digit for the shipped text-to-image model's grid (words it was trained on).
 DEMO_PROMPTS = ("a thick 0", "a thin 1", "a slanted 2", "a 3", "a thick slanted 4", "five, upright", "a thin 6",
                 "seven, thick", "an 8", "a slanted 9")
@@ -129,8 +191,10 @@ def run_demo(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    print("[demo] 1/3 the shipped class-conditional MNIST model")
+    print("[demo] 1/3 the shipped models")
     shipped = _shipped_model(run_dir, num_shipped)
+    student = _shipped_student(run_dir, num_shipped)
+    fashion = _shipped_fashion(run_dir, num_shipped)
     text = _shipped_text(run_dir, max(1, num_shipped // 10))
 
     cfg = load_config(DEMO_CONFIG)
@@ -155,7 +219,8 @@ def run_demo(
     if num_fid > 0:
         scores.update(evaluate_model(loaded, cfg.sample, num=num_fid, metrics=("fid",)))
     progress = sorted(p.name for p in (run_dir / "samples").glob("step_*.png"))
-    result = {"shipped": shipped, "text": text, "steps": steps, "seconds_per_step": round(per_step, 3),
+    result = {"shipped": shipped, "student": student, "fashion": fashion, "text": text, "steps": steps,
+              "seconds_per_step": round(per_step, 3),
               "train_minutes": round(train_min, 2), "num_eval": num_eval, "num_fid": num_fid,
               **{k: round(float(v), 3) for k, v in scores.items()},
               "progress_grids": [f"samples/{p}" for p in progress], "sample_grid": "samples/final.png",
@@ -175,6 +240,10 @@ def write_summary(run_dir: Path, result: dict) -> Path:
 
     shipped = "".join(img(r["grid"], f"guidance {r['guidance']:g}: classifier agrees with the label for "
                                      f"{r['accuracy']:.0%} of the samples") for r in result["shipped"])
+    student = "".join(img(r["grid"], f"{r['model']}, {r['sampler']} with {r['steps']} network calls: "
+                                     f"{r['accuracy']:.0%} agree, {r['seconds']:g} s") for r in result["student"])
+    fashion = "".join(img(r["grid"], f"guidance {r['guidance']:g}: the Fashion-MNIST classifier agrees with the "
+                                     f"label for {r['accuracy']:.0%} of the samples") for r in result["fashion"])
     text = result.get("text")
     text_html = "" if not text else (
         "<h2>The shipped text-to-image model</h2><p>One row per prompt: "
@@ -191,6 +260,11 @@ code{{background:#f3f3f3;padding:0 .3em}}</style></head><body>
 <h1>simdiff demo</h1>
 <h2>1. The shipped class-conditional MNIST model</h2>
 <p>One class per column, the same noise in both grids; UniPC with 10 network calls.</p>{shipped}
+<h2>A 4-step distilled student beside its teacher</h2>
+<p>The shipped student was distilled from the model above (multistep consistency distillation); the same noise and
+labels in the three grids, no guidance.</p>{student}
+<h2>The shipped class-conditional Fashion-MNIST model</h2>
+<p>Columns: T-shirt, trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot.</p>{fashion}
 {text_html}
 <h2>2. A model trained here for {result['train_minutes']} minutes ({result['steps']} steps)</h2>
 <p>Samples during training (the same noise each time) and the training loss.</p>{progress}

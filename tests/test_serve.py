@@ -310,8 +310,10 @@ def test_cli_flags_and_errors(files):
         taken.close()
 
 
-def test_shipped_model_is_offered_once():
-    entries = build_entries(["pretrained"])
-    assert [e.id for e in entries] == ["pretrained"]
-    info = entries[0].info()
-    assert info["num_classes"] == 10 and info["image_shape"] == [1, 28, 28] and info["locked"] is None
+def test_shipped_models_are_offered_once_each():
+    entries = build_entries(["pretrained", "pretrained-fashion"])
+    assert [e.id for e in entries] == ["pretrained", "pretrained-student", "pretrained-fashion"]
+    infos = [e.info() for e in entries]
+    assert all(i["num_classes"] == 10 and i["image_shape"] == [1, 28, 28] for i in infos)
+    assert infos[0]["locked"] is None and infos[2]["locked"] is None
+    assert infos[1]["locked"] is not None  # the student samples only with what it was distilled for

@@ -2,7 +2,8 @@
 
     simdiff serve [RUN_DIR_OR_FILE ...] [--host 127.0.0.1] [--port 8000] [--device auto]
 
-The page picks a model (the shipped class-conditional MNIST model, id ``pretrained``, and every run directory,
+The page picks a model (the shipped image models: the class-conditional MNIST model, id ``pretrained``, its 4-step
+distilled student, ``pretrained-student``, and the Fashion-MNIST model, ``pretrained-fashion``; and every run directory,
 checkpoint directory or exported ``.safetensors`` named on the command line; a distilled student carries the
 sampler, steps and grid it was distilled for), class labels, sampler, steps, step grid, guidance weight and interval,
 seed and number of images, and shows the grid with the sampler's progress. The server binds to 127.0.0.1 unless

@@ -127,17 +127,23 @@ def _slug(path: Path) -> str:
     return re.sub(r"[^a-z0-9_.-]+", "-", stem.lower()).strip("-.") or "model"
 
 
+#: shipped image models the page offers by default: short name -> label (the text-to-image model needs prompts).
+SHIPPED_LABELS = {"pretrained": "shipped MNIST model", "pretrained-student": "shipped MNIST 4-step student",
+                  "pretrained-fashion": "shipped Fashion-MNIST model"}
+
+
 def build_entries(sources: list[str] | tuple[str, ...] = (), *, device: str | torch.device = "cpu",
                   pretrained: bool = True) -> list[ModelEntry]:
-    """Load the shipped model (id ``pretrained``) and every run directory, checkpoint directory or exported
-    ``.safetensors`` file in ``sources`` (the word ``pretrained`` names the shipped model). These are the only
-    models a server built on them will sample.
+    """Load the shipped image models (ids ``pretrained``, ``pretrained-student``, ``pretrained-fashion``) when
+    ``pretrained``, and every run directory, checkpoint directory or exported ``.safetensors`` file in ``sources``
+    (a shipped short name names that shipped model). These are the only models a server built on them will sample.
 
     Raises:
         CheckpointError: a source that does not exist or is not a simdiff model.
         ConfigError: a source that is not an image model.
     """
-    wanted: list[tuple[str, Path]] = [("pretrained", PRETRAINED)] if pretrained else []
+    shipped_ids = {resolve_source(name).resolve(): name for name in SHIPPED_LABELS}
+    wanted: list[tuple[str, Path]] = [(name, resolve_source(name)) for name in SHIPPED_LABELS] if pretrained else []
     seen = {p.resolve() for _, p in wanted}
     for s in sources:
         path = resolve_source(s)
@@ -147,8 +153,9 @@ def build_entries(sources: list[str] | tuple[str, ...] = (), *, device: str | to
         if path in seen:
             continue
         seen.add(path)
-        base, ids, k = _slug(path), {i for i, _ in wanted}, 2
-        new = base
+        ids = {i for i, _ in wanted}
+        base = shipped_ids.get(path) or _slug(path)
+        new, k = base, 2
         while new in ids:
             new, k = f"{base}-{k}", k + 1
         wanted.append((new, path))
@@ -156,7 +163,7 @@ def build_entries(sources: list[str] | tuple[str, ...] = (), *, device: str | to
     for id_, path in wanted:
         loaded = load_model(path, device=device)
         kind = loaded.meta.get("kind", "diffusion")
-        label = "shipped MNIST model" if path == PRETRAINED.resolve() else path.name
+        label = SHIPPED_LABELS.get(shipped_ids.get(path.resolve(), ""), path.name)
         name = label if kind == "diffusion" else f"{label} (distilled: {kind})"
         entries.append(make_entry(loaded, id=id_, name=name, source=str(path)))
     return entries
