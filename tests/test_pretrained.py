@@ -34,19 +34,24 @@ MIN_STUDENT_ACCURACY = 0.9  # the 4-step student, its own sampler (DDIM, uniform
 MIN_FASHION_ACCURACY = {0.0: 0.72, 1.0: 0.95}
 
 
-def test_pretrained_model_samples_its_classes():
-    loaded = load_model(PRETRAINED)
+def _check_class_agreement(loaded, features, min_accuracy: dict[float, float]) -> None:
+    """UniPC 10 steps on the uniform-t grid, seed 0, labels cycling 0-9: ``features`` agree with the label at least
+    ``min_accuracy[w]`` of the time at each guidance weight ``w``."""
     assert loaded.num_classes == 10 and loaded.image_shape == (1, 28, 28)
     assert loaded.config.sample.grid == "calibrated"  # the default policy is recorded in the shipped file
     labels = torch.arange(NUM) % 10
-    for guidance, floor in MIN_ACCURACY.items():
-        with torch.no_grad():
+    for guidance, floor in min_accuracy.items():
+        with torch.inference_mode():
             x = generate(loaded.model, loaded.schedule, loaded.image_shape,
                          SampleConfig(sampler="unipc", steps=10, grid="uniform_t", seed=0, guidance=guidance),
                          num=NUM, labels=labels, num_classes=10)
         assert x.shape == (NUM, 1, 28, 28) and bool(torch.isfinite(x).all())
-        acc = MNISTFeatures().accuracy(x, labels)
+        acc = features.accuracy(x, labels)
         assert acc >= floor, (guidance, acc)
+
+
+def test_pretrained_model_samples_its_classes():
+    _check_class_agreement(load_model(PRETRAINED), MNISTFeatures(), MIN_ACCURACY)
 
 
 def test_shipped_student_samples_its_classes_in_four_calls():
@@ -67,16 +72,8 @@ def test_shipped_fashion_model_samples_its_classes():
     from simdiff.eval.fashion import FashionFeatures
 
     loaded = load_model(SHIPPED["pretrained-fashion"])
-    assert loaded.num_classes == 10 and loaded.image_shape == (1, 28, 28)
-    assert loaded.config.data.name == "fashion_mnist" and loaded.config.sample.grid == "calibrated"
-    labels = torch.arange(NUM) % 10
-    for guidance, floor in MIN_FASHION_ACCURACY.items():
-        with torch.inference_mode():
-            x = generate(loaded.model, loaded.schedule, loaded.image_shape,
-                         SampleConfig(sampler="unipc", steps=10, grid="uniform_t", seed=0, guidance=guidance),
-                         num=NUM, labels=labels, num_classes=10)
-        acc = FashionFeatures().accuracy(x, labels)
-        assert acc >= floor, (guidance, acc)
+    assert loaded.config.data.name == "fashion_mnist"
+    _check_class_agreement(loaded, FashionFeatures(), MIN_FASHION_ACCURACY)
 
 
 def test_pretrained_text_model_draws_the_digit_it_is_asked_for():
