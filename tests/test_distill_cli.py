@@ -196,6 +196,8 @@ def test_bad_input_one_line(root, students, tmp_path, capsys):
     _one_line_error(capsys, [*base, "--method", "consistency", "--teacher", teacher, "--set", "method_params.huberc=1"],
                     "unknown method_params ['huberc']")
     _one_line_error(capsys, [*base, "--method", "consistency"], "needs a teacher")
+    _one_line_error(capsys, [*base, "--method", "consistency", "--teacher", teacher, "--set",
+                             f"train.init_from={teacher}"], "train.init_from is not supported by distillation")
     cfg = tmp_path / "d.yaml"
     cfg.write_text(yaml.safe_dump({"method": "em", "stepz": 1}))
     _one_line_error(capsys, ["distill", str(cfg), "--teacher", teacher], "unknown config key 'stepz'")

@@ -42,9 +42,10 @@ def load_sr_config(path: str | Path | dict[str, Any], overrides: list[str] | tup
         raise ConfigError("a super-resolution config needs an 'sr:' section (e.g. sr: {low_res_size: 14})")
     sr = from_dict(SRConfig, data.pop("sr"), where="sr")
     cfg = check_experiment_config(from_dict(ExperimentConfig, data))
-    from simdiff.train import validate_train_config
+    from simdiff.train import refuse_init_from, validate_train_config
 
     validate_train_config(cfg.train)
+    refuse_init_from(cfg.train, "super-resolution stage training")
     return cfg, sr
 
 

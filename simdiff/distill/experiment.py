@@ -50,7 +50,7 @@ from simdiff.distill.progressive import ProgressiveDistillation, ProgressiveSche
 from simdiff.generate import SampleConfig, check_sample_config
 from simdiff.nets.students import GuidanceConditioned, wrap_student
 from simdiff.runs import conditioner_for, student_sample_config
-from simdiff.train import TrainConfig, Trainer, rundir, validate_train_config
+from simdiff.train import TrainConfig, Trainer, refuse_init_from, rundir, validate_train_config
 
 __all__ = ["DistillConfig", "METHODS", "TEACHER_KINDS", "GuidanceConditioned", "load_distill_config", "distill",
            "build_loss", "wrap_student"]
@@ -253,6 +253,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path, *, resume: bool = True) -> 
     if isinstance(cfg.student_steps, bool) or cfg.student_steps < 1:
         raise ConfigError(f"student_steps must be an integer >= 1, got {cfg.student_steps}")
     validate_train_config(cfg.train)
+    refuse_init_from(cfg.train, "distillation (the student starts from its teacher)")
     check_sample_config(cfg.sample, where="sample")
     info = D.init_distributed(cfg.train.device)
     validate_train_config(cfg.train, info.world_size)

@@ -153,10 +153,11 @@ def train_semantica(cfg, run_dir: str | Path, *, resume: bool = True) -> dict[st
     from simdiff.experiment import _write_config, build_objective, seeded_network
     from simdiff.schedules import schedule_from_dict
     from simdiff.semantica.pairs import register
-    from simdiff.train import BatchIterator, Trainer, rundir, validate_train_config
+    from simdiff.train import BatchIterator, Trainer, refuse_init_from, rundir, validate_train_config
 
     register()
     validate_train_config(cfg.train)
+    refuse_init_from(cfg.train, "image-conditioned (pairs) training")
     run_dir = Path(run_dir)
     check_semantica_config(cfg)
 

@@ -17,7 +17,14 @@ from simdiff.train.checkpoint import (
     load_latest,
     save_checkpoint,
 )
-from simdiff.train.config import OptimConfig, TrainConfig, ema_decay, lr_at, validate_train_config
+from simdiff.train.config import (
+    OptimConfig,
+    TrainConfig,
+    ema_decay,
+    lr_at,
+    refuse_init_from,
+    validate_train_config,
+)
 from simdiff.train.ema import EMA
 from simdiff.train.rundir import run_lock
 from simdiff.train.trainer import NonFiniteError, Trainer
@@ -26,5 +33,5 @@ __all__ = [
     "BatchIterator", "mix_seed", "Checkpoint", "CheckpointError", "RunDirError", "RunLockedError",
     "export_inference", "run_lock", "list_checkpoints",
     "load_checkpoint", "load_inference", "load_latest", "save_checkpoint", "OptimConfig", "TrainConfig",
-    "ema_decay", "lr_at", "validate_train_config", "EMA", "NonFiniteError", "Trainer",
+    "ema_decay", "lr_at", "refuse_init_from", "validate_train_config", "EMA", "NonFiniteError", "Trainer",
 ]

@@ -20,7 +20,7 @@ from typing import Literal
 from simdiff.configuration import ConfigError
 
 __all__ = ["OptimConfig", "TrainConfig", "lr_at", "ema_decay", "validate_train_config", "REMOVED_KEYS",
-           "upgrade_train_dict"]
+           "upgrade_train_dict", "refuse_init_from"]
 
 Decay = Literal["none", "cosine", "linear", "rsqrt"]
 Strategy = Literal["ddp", "fsdp"]
@@ -155,6 +155,13 @@ def _train_problems(cfg: TrainConfig) -> Iterator[tuple[bool, str, str, object]]
            "null or a path / shipped model name", cfg.init_from)
     yield isinstance(cfg.device, str) and bool(cfg.device.strip()), "device", "a device name such as auto, cpu, " \
         "cuda, cuda:N", cfg.device
+
+
+def refuse_init_from(cfg: TrainConfig, what: str) -> None:
+    """One-line ConfigError when ``train.init_from`` is set for a kind of training that does not read it (``what``
+    names it), so the option is never silently ignored."""
+    if cfg.init_from is not None:
+        raise ConfigError(f"train.init_from is not supported by {what}; remove it")
 
 
 def validate_train_config(cfg: TrainConfig, world_size: int = 1, *, where: str = "train") -> None:

@@ -24,7 +24,7 @@ import torch
 
 from simdiff.configuration import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from simdiff.generate import SampleConfig, check_sample_config, generate
-from simdiff.train import TrainConfig, Trainer, rundir, validate_train_config
+from simdiff.train import TrainConfig, Trainer, refuse_init_from, rundir, validate_train_config
 from simdiff.unlearn.losses import SalUn, UnlearnLoss, method_class
 from simdiff.unlearn.sets import ConceptSet, PairedPools, Pool, make_pool, read_concept_set
 
@@ -201,6 +201,7 @@ def unlearn(cfg: UnlearnConfig, run_dir: str | Path, *, resume: bool = True) -> 
 
     method_class(cfg.method)
     validate_train_config(cfg.train)
+    refuse_init_from(cfg.train, "unlearning (it fine-tunes a copy of its teacher)")
     for what in ("teacher", "forget", "retain"):
         if not getattr(cfg, what):
             raise ConfigError(f"unlearn needs --{what}")
