@@ -25,7 +25,9 @@ Sections (``--section``, default ``arch overhead``; ``recipe`` is long and must 
 
 Run: ``python benchmarks/train.py [--section arch overhead recipe] [--threads 1]``. Writes
 ``benchmarks/results/train.{json,md}`` (arch + overhead) and ``train_recipe.{json,md}`` (recipe, with sample grids
-``train_samples_*.png``). ``--quick`` is a smoke run writing ``train_quick*`` files.
+``train_samples_*.png``); ``--out NAME`` writes ``NAME.*``, ``NAME_recipe.*`` and ``NAME_samples_*.png`` instead, so
+the runs of a study keep their own files, and ``--fid-samples 0`` scores MNIST-FD only. ``--quick`` is a smoke run
+writing ``train_quick*`` files.
 """
 
 from __future__ import annotations
@@ -348,8 +350,8 @@ def score(x: torch.Tensor, refs: dict[str, tuple[torch.Tensor, str]], n_fid: int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fd = evaluate_samples(x, refs["fd"][0], metrics=("mnist_fd",), reference_key=refs["fd"][1], progress=False)
-        fid = evaluate_samples(x[:n_fid], refs["fid"][0], metrics=("fid",), reference_key=refs["fid"][1],
-                               progress=False)
+        fid = (evaluate_samples(x[:n_fid], refs["fid"][0], metrics=("fid",), reference_key=refs["fid"][1],
+                                progress=False) if n_fid > 0 else {"fid": math.nan})
     return {**fd, **fid}
 
 
@@ -421,9 +423,12 @@ def recipe_comparison(args, info: dict[str, Any], threads: int) -> None:
     """Run the recipe comparison and write ``<name>_recipe.{json,md}``."""
     q, qinfo = quality(args)
     floor = next((r for r in q if r["grid"] is None), None)
-    head_q = ["recipe", "sampler", "NFE", "train steps", "MNIST-FD", "FID"] + (["FID / floor"] if floor else [])
-    rows_q = [[r["model"], r["sampler"], str(r["nfe"]), str(r["train_steps"]), r["mnist_fd"], r["fid"]]
-              + ([f"{r['fid'] / floor['fid']:.2f}x"] if floor else []) for r in q]
+    fid = args.fid_samples > 0
+    head_q = (["recipe", "sampler", "NFE", "train steps", "MNIST-FD"] + (["FID"] if fid else [])
+              + ([("FID" if fid else "MNIST-FD") + " / floor"] if floor else []))
+    key = "fid" if fid else "mnist_fd"
+    rows_q = [[r["model"], r["sampler"], str(r["nfe"]), str(r["train_steps"]), r["mnist_fd"]]
+              + ([r["fid"]] if fid else []) + ([f"{r[key] / floor[key]:.2f}x"] if floor else []) for r in q]
     print("\n" + table_text(head_q, rows_q))
     s = qinfo["simdiff_train"]
     md = _header(info, threads, "Recipes at equal wall-clock (a recipe comparison, not a library speed-up)")
@@ -435,9 +440,10 @@ def recipe_comparison(args, info: dict[str, Any], threads: int) -> None:
         text += (f"; diffusers DDPM recipe (UNet2DModel {tuple(d['channels'])}, {d['params']} params): {d['steps']} "
                  f"steps, warm-up {d['warmup_steps']} (warm-up policy `{args.warmup}`). The recipes differ in network, "
                  "objective, schedule and optimiser at once")
-    text += (f". MNIST-FD: {args.fd_samples} samples vs {args.fd_ref} MNIST test images; FID (Inception): the first "
-             f"{args.fid_samples} of them vs {args.fid_ref} test images (small-sample FID is biased upwards; compare "
-             "rows, not with published numbers)")
+    text += f". MNIST-FD: {args.fd_samples} samples vs {args.fd_ref} MNIST test images"
+    if fid:
+        text += (f"; FID (Inception): the first {args.fid_samples} of them vs {args.fid_ref} test images (small-sample "
+                 "FID is biased upwards; compare rows, not with published numbers)")
     if floor:
         text += (f". The floor: {args.fd_samples} real test digits that follow the reference images, scored the same "
                  "way")
@@ -467,7 +473,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--fd-samples", type=int, default=2000)
     p.add_argument("--fd-ref", type=int, default=2000)
-    p.add_argument("--fid-samples", type=int, default=500)
+    p.add_argument("--fid-samples", type=int, default=500, help="recipe: samples scored by FID (0: MNIST-FD only)")
     p.add_argument("--fid-ref", type=int, default=1000)
     p.add_argument("--recipe-config", default=str(RECIPE), help="recipe: the simdiff config to train (unconditional)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -477,8 +483,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-diffusers", action="store_true", help="recipe: train and score the simdiff recipe only")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="recipe: skip the real-digits floor row (held-out test digits vs the same reference)")
+    p.add_argument("--out", default=None, help="results file stem under benchmarks/results/ (default train, or "
+                   "train_quick with --quick): a study's runs do not overwrite each other")
     a = p.parse_args(argv)
-    a.name = "train_quick" if a.quick else "train"
+    a.name = a.out or ("train_quick" if a.quick else "train")
     if a.quick:
         a.minutes, a.fd_samples, a.fd_ref, a.fid_samples, a.fid_ref = 0.05, 16, 64, 4, 8
         a.batch, a.warmup_steps, a.windows, a.window_steps, a.overhead_steps = 8, 1, 2, 1, 30
