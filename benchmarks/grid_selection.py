@@ -60,11 +60,6 @@ def family(schedule: Any, n: int, mu: float, scale: float) -> list[tuple[str, Te
     return out + [(k, make_grid(schedule, n, kind=k)) for k in KINDS]
 
 
-def rmse(x: Tensor, ref: Tensor) -> float:
-    v = float((x.to(F64) - ref).pow(2).mean().sqrt())
-    return v if math.isfinite(v) else math.inf
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--split", choices=("heldout", "train"), default="heldout")
@@ -78,7 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     src = RESULTS_DIR / ("samplers.json" if args.split == "heldout" else "samplers_train.json")
     if not src.is_file():
-        raise SystemExit(f"grid_selection: {src} is missing; run benchmarks/samplers.py --split {args.split} first")
+        print(f"grid_selection: {src} is missing; run benchmarks/samplers.py --split {args.split} first",
+              file=sys.stderr)
+        raise SystemExit(2)
     best = {(r["mixture"], r["schedule"]): r for r in json.loads(src.read_text())["results"]}
     unipc = get_sampler("unipc")
     info, cmd, t0 = machine_info(), command_line(), time.time()
@@ -106,13 +103,13 @@ def main(argv: list[str] | None = None) -> None:
                 for n in args.nfe:
                     bd = min(float(v[str(n)]["rmse"]) for k, v in best[(name, sname)]["rows"].items()
                              if k.startswith("diffusers"))
-                    scored = [(rmse(unipc(ds, zs, g), pref), label, g)
+                    scored = [(bench.rmse(unipc(ds, zs, g), pref), label, g)
                               for label, g in family(schedule, n, cal.mu, cal.scale)]
                     pilot_err, label, g = min(scored, key=lambda c: c[0])
                     cell = res["cells"].setdefault(str(n), {"best_diffusers": bd,
-                                                            "calibrated": rmse(unipc(den, z, calibrated_grid(
+                                                            "calibrated": bench.rmse(unipc(den, z, calibrated_grid(
                                                                 schedule, n, cal)), x_ref) / bd})
-                    cell[f"selected_{size}"] = rmse(unipc(den, z, g), x_ref) / bd
+                    cell[f"selected_{size}"] = bench.rmse(unipc(den, z, g), x_ref) / bd
                     cell[f"choice_{size}"] = label
             results.append(res)
             print(f"{name} / {sname}: " + " ".join(
