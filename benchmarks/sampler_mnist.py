@@ -1,10 +1,11 @@
 """Step grids on the shipped MNIST model: MNIST-FD (or RMSE to the PF-ODE solution) vs network calls.
 
-Rows (every row from the same starting noise, seed 0, labels cycling 0..9, no guidance): UniPC on the
-"calibrated" grid (``simdiff.samplers.calibrate``: logistic fitted to a pilot run of the model), UniPC on the
-mixture-chosen "auto" grid, UniPC on "uniform_t" (what diffusers' UniPC with "trailing" spacing computes),
-DPM-Solver++(2M) on "uniform_logsnr" (``SampleConfig``'s default), and with ``--tune`` UniPC on grids fitted by
-``fit_grids`` (the ``simdiff tune-grid`` procedure; small calibration batches, fitted for this benchmark).
+Rows (every row from the same starting noise, seed 0, labels cycling 0..9, no guidance): the default (UniPC on the
+calibrated grid after the Gaussian start, ``simdiff.samplers.gaussian``, with the data moments the shipped file
+carries), UniPC on the "calibrated" grid (``simdiff.samplers.calibrate``: logistic fitted to a pilot run of the
+model), UniPC on the mixture-chosen "auto" grid, UniPC on "uniform_t" (what diffusers' UniPC with "trailing" spacing
+computes), DPM-Solver++(2M) on "uniform_logsnr", and with ``--tune`` UniPC on grids fitted by ``fit_grids`` (the
+``simdiff tune-grid`` procedure; small calibration batches, fitted for this benchmark).
 
 Metrics: ``--metric fd``: MNIST-FD of ``--num`` samples against the test split (``simdiff.runs.evaluate_model``);
 ``--metric rmse``: RMSE per pixel of ``--num`` samples against UniPC with ``--ref-steps`` uniform log-SNR steps from
@@ -31,7 +32,8 @@ from _common import command_line, fmt_num, machine_info, table_markdown, write_j
 from simdiff.generate import SampleConfig  # noqa: E402
 from simdiff.runs import evaluate_model, load_model  # noqa: E402
 from simdiff.samplers import get_sampler, make_grid  # noqa: E402
-from simdiff.samplers.calibrate import PILOT_SIZE, calibrate, calibrated_grid  # noqa: E402
+from simdiff.samplers.calibrate import PILOT_SIZE, calibrate, calibrated_end, calibrated_grid  # noqa: E402
+from simdiff.samplers.gaussian import GaussianDenoiser, gaussian_start, start_level  # noqa: E402
 
 PRETRAINED = Path(__file__).resolve().parents[1] / "simdiff" / "pretrained" / "mnist_uvit.safetensors"
 F64 = torch.float64
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6, 8, 10, 15, 20])
     p.add_argument("--num", type=int, default=None, help="samples per cell (default 500 for fd, 32 for rmse)")
     p.add_argument("--ref-steps", type=int, default=160)
-    p.add_argument("--rows", nargs="+", default=["calibrated", "dpmpp_2m/uniform_logsnr", "uniform_t", "auto"])
+    p.add_argument("--rows", nargs="+", default=["calibrated + Gaussian start", "calibrated", "dpmpp_2m/uniform_logsnr",
+                                                 "uniform_t", "auto"])
     p.add_argument("--tune", action="store_true", help="also fit grids (fit_grids) for --tune-nfe")
     p.add_argument("--tune-nfe", type=int, nargs="+", default=[5, 8, 10])
     p.add_argument("--end-shift", type=float, default=None,
@@ -75,7 +78,14 @@ def main(argv: list[str] | None = None) -> None:
     cal = calibrate(den, sch, pilot_z)
     cal_secs = time.time() - tc
     print(f"calibration mu {cal.mu:.3f} scale {cal.scale:.3f} ({cal_secs:.0f} s)", flush=True)
+    moments = getattr(loaded.model, "data_moments", None)
+
+    def started(n: int) -> Any:
+        start = start_level(sch, cal.mu, calibrated_end(sch, n, cal), n) if moments is not None else None
+        return calibrated_grid(sch, n, cal, start=start)
+
     grids: dict[str, tuple[str, Any]] = {
+        "calibrated + Gaussian start": ("unipc", started),
         "calibrated": ("unipc", lambda n: calibrated_grid(sch, n, cal)),
         "auto": ("unipc", lambda n: make_grid(sch, n, kind="auto")),
         "uniform_t": ("unipc", lambda n: make_grid(sch, n, kind="uniform_t")),
@@ -118,7 +128,11 @@ def main(argv: list[str] | None = None) -> None:
                                        logsnrs=grid)["mnist_fd"]
             else:
                 with torch.inference_mode():
-                    x = get_sampler(sampler)(den, z, grid)
+                    zs = z
+                    if grid[0] > sch.logsnr_min:  # the Gaussian start, as generate() does it
+                        zs = gaussian_start(GaussianDenoiser(moments), z, float(sch.logsnr_min), float(grid[0]),
+                                            cond={"labels": labels[:num]} if loaded.num_classes else None)
+                    x = get_sampler(sampler)(den, zs, grid)
                 value = float((x - ref).pow(2).mean().sqrt())
             rows[row][n] = value
             print(f"{row} {n} calls: {value:.4g} ({time.time() - tr:.0f} s)", flush=True)

@@ -39,13 +39,16 @@ from _common import CallCounter, command_line, fmt_num, machine_info, table_mark
 
 from simdiff.process import to_output  # noqa: E402
 from simdiff.samplers import get_sampler, make_grid, solve_reference  # noqa: E402
-from simdiff.samplers.calibrate import PILOT_SIZE, calibrate, calibrated_grid  # noqa: E402
+from simdiff.samplers.calibrate import PILOT_SIZE, calibrate, calibrated_end, calibrated_grid  # noqa: E402
+from simdiff.samplers.gaussian import DataMoments, GaussianDenoiser, gaussian_start, start_level  # noqa: E402
 from simdiff.samplers.tuned import fit_grids  # noqa: E402
 from simdiff.schedules import LinearBetaSchedule, ShiftedCosineSchedule  # noqa: E402
 from simdiff.toy import GaussianMixture  # noqa: E402
 
 F64 = torch.float64
-CALIBRATED = "simdiff calibrated (unipc, calibrated)"
+DEFAULT = "simdiff default (unipc, calibrated, Gaussian start)"
+CALIBRATED = "simdiff calibrated (unipc, calibrated, no Gaussian start)"
+MOMENT_SAMPLES = 50_000
 AUTO = "simdiff unipc, auto"
 UNIFORM_T = "simdiff unipc, uniform_t"
 TUNED = "simdiff tuned (unipc, fit_grids)"
@@ -79,8 +82,9 @@ def mixtures(split: str) -> list[tuple[str, GaussianMixture, float | None]]:
     return out
 
 
-def guided(gm: GaussianMixture, labels: Tensor, guidance: Any) -> Callable[..., Any]:
-    """CFG with scale ``guidance`` (a float) or ``(scale, lo, hi)``: guided only where ``lo <= logsnr <= hi``."""
+def guided(gm: Any, labels: Tensor, guidance: Any) -> Callable[..., Any]:
+    """CFG with scale ``guidance`` (a float) or ``(scale, lo, hi)``: guided only where ``lo <= logsnr <= hi``.
+    ``gm``: anything with ``posterior_mean(z, logsnr[, labels])`` (a mixture, or :class:`GaussianOf`)."""
     w, lo, hi = (guidance, -math.inf, math.inf) if isinstance(guidance, float) else guidance
 
     def denoise(z: Tensor, logsnr: Tensor, **_: Any) -> Any:
@@ -90,6 +94,35 @@ def guided(gm: GaussianMixture, labels: Tensor, guidance: Any) -> Callable[..., 
         return to_output("x", xc + inside * (w - 1) * (xc - xu), z=z, logsnr=logsnr)
 
     return denoise
+
+
+class GaussianOf:
+    """The Gaussian-start surrogate of a mixture as the library builds it for a model: :class:`DataMoments` of
+    ``MOMENT_SAMPLES`` samples drawn from the mixture (its "training data"; per class for a class-conditional one),
+    rank ``min(32, dim)``, and their :class:`GaussianDenoiser`."""
+
+    def __init__(self, gm: GaussianMixture, conditional: bool) -> None:
+        x, y = gm.sample(MOMENT_SAMPLES, generator=torch.Generator().manual_seed(3))
+        classes = gm.num_classes if conditional else 0
+        moments = DataMoments.from_images(x, y if conditional else None, classes, rank=min(32, gm.dim))
+        self.den, self.null = GaussianDenoiser(moments), classes
+
+    def posterior_mean(self, z: Tensor, logsnr: Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.den(z, logsnr, labels=labels).x
+
+    def denoise(self, z: Tensor, logsnr: Tensor, **_: Any) -> Any:
+        return self.den(z, logsnr)
+
+
+def gaussian_start_run(gm: GaussianMixture, w: Any, labels: Tensor | None, schedule: Any, cal: Any, steps: int,
+                       z: Tensor, den: Callable[..., Any]) -> Tensor:
+    """The default: the Gaussian start to ``start_level`` (no denoiser call), then UniPC on the calibrated grid."""
+    start = start_level(schedule, cal.mu, calibrated_end(schedule, steps, cal), steps)
+    grid = calibrated_grid(schedule, steps, cal, start=start)
+    if start is not None:
+        sur = GaussianOf(gm, w is not None)
+        z = gaussian_start(sur.denoise if w is None else guided(sur, labels, w), z, float(schedule.logsnr_min), start)
+    return get_sampler("unipc")(den, z, grid)
 
 
 # ------------------------------------------------------------------------------------------------ diffusers
@@ -158,11 +191,14 @@ def bench_problem(name: str, gm: GaussianMixture, w: Any, sname: str, args: argp
     gen = torch.Generator().manual_seed(21)
     n = args.n
 
+    labels_of: dict[int, Tensor] = {}
+
     def batch(size: int) -> tuple[Tensor, Callable[..., Any]]:
         z = torch.randn(size, gm.dim, dtype=F64, generator=gen)
         if w is None:
             return z, gm.denoise
-        return z, guided(gm, torch.randint(0, gm.num_classes, (size,), generator=gen), w)
+        labels_of[size] = torch.randint(0, gm.num_classes, (size,), generator=gen)
+        return z, guided(gm, labels_of[size], w)
 
     def ref(z: Tensor, den: Callable[..., Any]) -> Tensor:
         return solve_reference(den, z, logsnr_start=float(schedule.logsnr_min), logsnr_end=LOGSNR_END, rtol=TOL,
@@ -196,6 +232,12 @@ def bench_problem(name: str, gm: GaussianMixture, w: Any, sname: str, args: argp
             x, calls = counted(lambda d: unipc(d, z, grid_fn(nfe)), den)  # noqa: B023
             cells[nfe] = {"rmse": rmse(x, x_ref), "nfe": calls}
         res["rows"][row] = cells
+    cells = {}
+    for nfe in args.nfe:
+        x, calls = counted(lambda d: gaussian_start_run(gm, w, labels_of.get(n), schedule, cal, nfe, z, d),  # noqa: B023
+                           den)
+        cells[nfe] = {"rmse": rmse(x, x_ref), "nfe": calls}
+    res["rows"][DEFAULT] = cells
     if tune:
         zc, dc = batch(args.n_cal)
         zv, dv = batch(args.n_val)
@@ -241,7 +283,7 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
           f"N = {args.n} test points per problem; mixtures of the `{args.split}` set "
           "(the \"auto\" grid's constants and the \"calibrated\" grid's offset, scale factor and end shift were "
           "chosen on the `train` set).", ""]
-    for row in (CALIBRATED, AUTO, TUNED, UNIFORM_T):
+    for row in (DEFAULT, CALIBRATED, AUTO, TUNED, UNIFORM_T):
         table, logs = [], {n: [] for n in nfes}
         for res in results:
             if row not in res["rows"]:
@@ -297,10 +339,10 @@ def main(argv: list[str] | None = None) -> None:
             res = bench_problem(name, gm, w, sname, args, tune)
             results.append(res)
             ratios = {row: " ".join(f"{res['rows'][row][n]['rmse'] / best_diffusers(res, n)[0]:.2f}" for n in args.nfe)
-                      for row in (CALIBRATED, AUTO)}
+                      for row in (DEFAULT, CALIBRATED, AUTO)}
             print(f"{name} / {sname} ({res['seconds']:.0f} s, calibration mu {res['calibration']['mu']:.2f} scale "
-                  f"{res['calibration']['scale']:.2f}): / best diffusers: calibrated {ratios[CALIBRATED]}; auto "
-                  f"{ratios[AUTO]}", flush=True)
+                  f"{res['calibration']['scale']:.2f}): / best diffusers: default {ratios[DEFAULT]}; calibrated "
+                  f"{ratios[CALIBRATED]}; auto {ratios[AUTO]}", flush=True)
     wall = time.time() - t0
     md = render(results, args, info, cmd, wall)
     print(md)

@@ -58,6 +58,8 @@ def _sample_overrides(args: argparse.Namespace, base):
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
+    if getattr(args, "no_gaussian_start", False):
+        changes["gaussian_start"] = False
     if getattr(args, "interval", None) is not None:
         changes["interval"] = tuple(args.interval)
     return dataclasses.replace(base, **changes)
@@ -120,6 +122,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--num", type=int, help="number of images")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="images per sampling batch")
+    p.add_argument("--no-gaussian-start", action="store_true",
+                   help="start the calibrated grid at the schedule's first level instead of after the network-free "
+                        "Gaussian start (models that carry their data moments)")
     p.add_argument("--device", default="auto",
                    help="auto (the first CUDA device if there is one, else the CPU), cpu, cuda, cuda:N or mps")
 
@@ -384,6 +389,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_moments(args: argparse.Namespace) -> int:
+    from simdiff.experiment import add_data_moments
+
+    if args.rank is not None and args.rank < 1:
+        raise ConfigError(f"--rank must be >= 1, got {args.rank}")
+    path, m = add_data_moments(args.source, rank=args.rank)
+    groups = f"{m.num_classes} classes + the whole set" if m.num_classes else "the whole set"
+    print(f"data moments ({groups}, rank {m.basis.shape[-1]}) stored in {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import math
 
@@ -489,6 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="sample.FIELD=VALUE",
                    help="replace a recorded sampling default, e.g. --set sample.grid=calibrated (repeatable)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("moments", help="store the training data's Gaussian moments with a run or exported model "
+                       "(the Gaussian start of sampling; runs trained now have them)")
+    p.add_argument("source", help="run directory or exported .safetensors file")
+    p.add_argument("--rank", type=int, default=None, help="eigen-directions kept per class (default 32)")
+    p.set_defaults(func=cmd_moments)
 
     p = sub.add_parser("demo", help="the shipped model, a short training run and their scores on one HTML page")
     p.add_argument("--minutes", type=float, default=5.0, help="training budget in wall-clock minutes (default 5)")

@@ -44,7 +44,7 @@ from simdiff.runs import (
 )
 from simdiff.schedules import Schedule, schedule_from_dict
 from simdiff.train import BatchIterator, Checkpoint, Trainer, mix_seed, rundir, validate_train_config
-from simdiff.train.checkpoint import list_checkpoints
+from simdiff.train.checkpoint import CheckpointError, list_checkpoints
 
 __all__ = [
     "ModelConfig",
@@ -193,6 +193,80 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = True) ->
     return rundir.owned_run(run_dir, lambda: _train_locked(cfg, run_dir, info, resume=resume), rank=info.rank)
 
 
+def _data_moments(cfg: ExperimentConfig, dataset, num_classes: int, run_dir: Path, *, write: bool):
+    """The data's Gaussian moments for the Gaussian start of sampling (:mod:`simdiff.samplers.gaussian`): read from
+    the run directory, else computed from the training images and (on rank 0) written there. ``None`` for the runs
+    it does not apply to: text conditioning, a non-isotropic process, frame windows."""
+    from simdiff.samplers.gaussian import MOMENTS_FILE, DataMoments
+
+    if cfg.model.arch == "text_uvit" or run_process(cfg) is not None or dataset.storage.dim() != 4:
+        return None
+    path = run_dir / MOMENTS_FILE
+    try:
+        moments = DataMoments.load(path)
+    except (ValueError, CheckpointError):
+        moments = None  # damaged: recomputed below
+    if moments is not None and moments.shape == tuple(dataset.shape) and moments.num_classes == num_classes:
+        return moments
+    labels = dataset.labels if num_classes > 0 else None
+    try:
+        moments = DataMoments.from_images(dataset.images, labels, num_classes if labels is not None else 0)
+    except ValueError:  # e.g. a one-image data set: sampling then starts at the schedule's first level
+        return None
+    if write:
+        try:
+            moments.save(path)
+        except OSError as e:
+            raise rundir.write_error(e, run_dir=run_dir, what="the data moments", path=path) from None
+    return moments
+
+
+def add_data_moments(source: str | Path, *, rank: int | None = None) -> tuple[Path, Any]:
+    """Compute the data moments of a diffusion model's training data (from its stored config) and store them with
+    the model: ``RUN/data_moments.safetensors`` for a run directory, embedded (atomically rewritten, in the file's
+    floating-point dtype) for an exported ``.safetensors`` file. Returns ``(written path, moments)``.
+
+    Raises:
+        ConfigError: a model the Gaussian start does not apply to (a distilled student, text conditioning, another
+            process, frame windows), or a data set that does not match the model.
+    """
+    from safetensors.torch import save as st_save
+
+    from simdiff.samplers.gaussian import DEFAULT_RANK, MOMENTS_FILE, MOMENTS_PREFIX, DataMoments
+    from simdiff.train.checkpoint import INFERENCE_FORMAT, read_safetensors
+
+    source = Path(source)
+    loaded = load_model(source)
+    cfg = loaded.config
+    if loaded.meta.get("kind", "diffusion") != "diffusion":
+        raise ConfigError(f"{source}: a distilled student samples on its own grid; data moments are for diffusion "
+                          "models")
+    dataset = build_dataset(cfg.data)
+    if cfg.model.arch == "text_uvit" or loaded.process is not None or dataset.storage.dim() != 4:
+        raise ConfigError(f"{source}: the Gaussian start is for class-conditional or unconditional image models with "
+                          "the isotropic process")
+    if tuple(dataset.shape) != tuple(loaded.image_shape):
+        raise ConfigError(f"{source}: its data set {cfg.data.name!r} has shape {tuple(dataset.shape)}, the model "
+                          f"{tuple(loaded.image_shape)}")
+    classes = loaded.num_classes if dataset.labels is not None else 0
+    moments = DataMoments.from_images(dataset.images, dataset.labels if classes else None, classes,
+                                      rank=rank or DEFAULT_RANK)
+    if source.is_dir():
+        run = source.parent.parent if (source / "state.json").exists() else source
+        return moments.save(run / MOMENTS_FILE), moments
+    tensors, meta = read_safetensors(source)
+    if meta.get("format") != INFERENCE_FORMAT:
+        raise ConfigError(f"{source}: not an exported model file (a quantised file keeps no data moments)")
+    float_dtypes = [t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.startswith(MOMENTS_PREFIX)]
+    dtype = float_dtypes[0] if float_dtypes else torch.float32
+    kept = {k: t for k, t in tensors.items() if not k.startswith(MOMENTS_PREFIX)}
+    try:
+        rundir.atomic_write_bytes(source, st_save({**kept, **moments.tensors(MOMENTS_PREFIX, dtype)}, metadata=meta))
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot rewrite ({e.strerror or e})") from None
+    return source, moments
+
+
 def _train_locked(cfg: ExperimentConfig, run_dir: Path, info, *, resume: bool) -> dict[str, Any]:
     """:func:`train` once the run directory is owned (rank 0) and the train options are checked."""
     dataset = build_dataset(cfg.data)
@@ -214,6 +288,9 @@ def _train_locked(cfg: ExperimentConfig, run_dir: Path, info, *, resume: bool) -
         grid = grid_sampler(conditioner)
     else:
         transform = batch_transform(dataset, labels=num_classes > 0)
+    moments = _data_moments(cfg, dataset, num_classes, run_dir, write=info.rank == 0)
+    if moments is not None:
+        model.data_moments = moments
     data = BatchIterator(examples, cfg.train.batch_size, seed=cfg.train.seed, rank=info.rank,
                          world_size=info.world_size, transform=transform)
     config_dict = {"kind": "diffusion", "experiment": to_dict(cfg), "image_shape": list(image_shape),
@@ -240,6 +317,7 @@ def _train_locked(cfg: ExperimentConfig, run_dir: Path, info, *, resume: bool) -
         final = seeded_network(cfg, image_shape=image_shape, num_classes=num_classes)
         final.load_state_dict(weights)
         final.to(trainer.device).eval()
+        final.data_moments = moments
         out = run_dir / "samples" / "final.png"
         try:
             path = grid(final, schedule, cfg.sample, image_shape=image_shape, num_classes=num_classes,

@@ -23,7 +23,8 @@ from simdiff.processes import is_discrete
 from simdiff.samplers import GRID_KINDS, MODEL_GRIDS, SAMPLERS, check_process, get_sampler, make_grid
 from simdiff.schedules import Schedule
 
-__all__ = ["SampleConfig", "generate", "check_sample_config", "sample_field_problem", "resolve_grid"]
+__all__ = ["SampleConfig", "generate", "check_sample_config", "sample_field_problem", "resolve_grid",
+           "gaussian_start_parts", "start_noise"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,12 @@ class SampleConfig:
 
     ``interval`` is a log-SNR range ``(lo, hi)`` where guidance is applied (guidance interval,
     Kynkäänniemi et al. 2024); ``None`` applies it everywhere.
+
+    ``gaussian_start``: for a model that carries its data moments (runs trained by simdiff, their exports, the
+    shipped class-conditional models) and an ODE sampler, the "calibrated" grid starts above the schedule's first
+    level and the starting noise is carried there without the network, along the flow of a Gaussian with the data's
+    moments (:mod:`simdiff.samplers.gaussian`); so is any explicit grid that starts above the first level. ``False``
+    starts the calibrated grid at the schedule's first level.
     """
 
     sampler: str = "unipc"
@@ -44,7 +51,12 @@ class SampleConfig:
     num: int = 64
     seed: int = 0
     batch_size: int = 256
+    gaussian_start: bool = True
 
+
+#: the samplers a Gaussian start is used with (deterministic PF-ODE solvers; the stochastic ones and students start
+#: at the schedule's first level).
+_GAUSSIAN_START_SAMPLERS = ("unipc", "dpmpp_2m", "dpmpp_3m", "ddim", "euler", "heun")
 
 #: the largest accepted ``seed`` + 1 (per-batch generator seeds ``seed * 1_000_003 + start`` stay within int64).
 SEED_LIMIT = 2**32
@@ -82,6 +94,9 @@ def sample_field_problem(field: str, value: Any) -> str | None:
     elif field == "eta":
         if not _is_number(value) or not 0.0 <= value <= 1.0:
             return f"must be a number in [0, 1], got {value!r}"
+    elif field == "gaussian_start":
+        if not isinstance(value, bool):
+            return f"must be true or false, got {value!r}"
     elif field == "interval":
         if value is None:
             return None
@@ -133,10 +148,18 @@ def _per_example(cond: dict[str, Tensor] | None, labels: Tensor | None, num: int
 
 
 def _calibrated(denoise, raw, schedule: Schedule, cfg: SampleConfig, shape, per_example: dict[str, Tensor],
-                device, dtype) -> Tensor:
+                device, dtype, moments: Any = None) -> Tensor:
     """The "calibrated" grid of the denoiser that will be sampled (a pilot run on the first rows' conditioning,
-    memoised for the process by the weights and everything else the pilot depends on)."""
-    from simdiff.samplers.calibrate import PILOT_SIZE, calibrated_grid, pilot_calibration, weights_fingerprint
+    memoised for the process by the weights and everything else the pilot depends on); with data ``moments`` and
+    ``cfg.gaussian_start``, it starts at :func:`simdiff.samplers.gaussian.start_level`."""
+    from simdiff.samplers.calibrate import (
+        PILOT_SIZE,
+        calibrated_end,
+        calibrated_grid,
+        pilot_calibration,
+        weights_fingerprint,
+    )
+    from simdiff.samplers.gaussian import start_level
 
     rows = min(PILOT_SIZE, next((int(v.shape[0]) for v in per_example.values()), PILOT_SIZE))
     cond = {k: v[:rows].to(device) for k, v in per_example.items()}
@@ -144,23 +167,28 @@ def _calibrated(denoise, raw, schedule: Schedule, cfg: SampleConfig, shape, per_
     key = (ident, float(cfg.guidance), cfg.interval, float(cfg.rescale), str(dtype),
            tuple((k, v.shape, v.float().sum().item()) for k, v in sorted(cond.items())))
     cal = pilot_calibration(denoise, schedule, shape, cond=cond, memo_key=key, device=device, dtype=dtype)
-    return calibrated_grid(schedule, cfg.steps, cal)
+    start = None
+    if moments is not None and cfg.gaussian_start:
+        start = start_level(schedule, cal.mu, calibrated_end(schedule, cfg.steps, cal), cfg.steps)
+    return calibrated_grid(schedule, cfg.steps, cal, start=start)
 
 
 def resolve_grid(denoise, raw, schedule: Schedule, cfg: SampleConfig, shape, *, per_example: dict[str, Tensor],
                  process: Any = None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 logsnrs: Tensor | None = None) -> Tensor:
+                 logsnrs: Tensor | None = None, moments: Any = None) -> Tensor:
     """The float64 step grid ``[cfg.steps + 1]`` that :func:`generate` samples on.
 
     ``logsnrs`` when given (checked); else ``cfg.grid``: a closed-form kind from :func:`make_grid`, or
     ``"calibrated"``, fitted to a pilot run of ``denoise`` (the guided denoiser that will be sampled; ``raw`` is the
     network whose weights key the memo) on the first rows of ``per_example``. A non-isotropic process has levels
-    that are not log-SNRs, so there "calibrated" falls back to the schedule's uniform-t grid."""
+    that are not log-SNRs, so there "calibrated" falls back to the schedule's uniform-t grid. With data ``moments``
+    (and ``cfg.gaussian_start``) the calibrated grid starts above the schedule's first level (see
+    :class:`SampleConfig`)."""
     if logsnrs is None and cfg.grid == "calibrated":
         if process is not None and not process.isotropic:
             logsnrs = make_grid(schedule, cfg.steps, kind="uniform_t")
         else:
-            logsnrs = _calibrated(denoise, raw, schedule, cfg, shape, per_example, device, dtype)
+            logsnrs = _calibrated(denoise, raw, schedule, cfg, shape, per_example, device, dtype, moments)
     return _grid(schedule, cfg, logsnrs)
 
 
@@ -180,6 +208,38 @@ def _grid(schedule: Schedule, cfg: SampleConfig, logsnrs: Tensor | None) -> Tens
     return grid
 
 
+def gaussian_start_parts(raw, cfg: SampleConfig, *, process: Any = None, null: dict | None = None,
+                         moments: Any = None) -> tuple[Any, Any]:
+    """``(moments, surrogate)`` for the Gaussian start of a run (see :class:`SampleConfig`): the data moments
+    (``moments``, else ``raw.data_moments``) when they apply (an ODE sampler, the isotropic process, not a student
+    that takes the guidance weight as input), and their :class:`~simdiff.samplers.gaussian.GaussianDenoiser`, wrapped
+    in the run's guidance when ``null`` (the null conditioning) is given, when ``cfg.gaussian_start`` too."""
+    moments = getattr(raw, "data_moments", None) if moments is None else moments
+    if moments is None or bool(getattr(raw, "guidance_input", False)) or cfg.sampler not in _GAUSSIAN_START_SAMPLERS \
+            or (process is not None and not process.isotropic):
+        return None, None
+    if not cfg.gaussian_start:
+        return moments, None
+    from simdiff.samplers.gaussian import GaussianDenoiser
+
+    surrogate: Any = GaussianDenoiser(moments)
+    if null is not None:
+        surrogate = classifier_free_guidance(surrogate, weight=cfg.guidance, null_cond=null, interval=cfg.interval,
+                                             rescale=cfg.rescale, process=process)
+    return moments, surrogate
+
+
+def start_noise(surrogate, z: Tensor, schedule: Schedule, logsnrs: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """``z`` carried by the Gaussian ``surrogate`` from the schedule's first level to the grid's first level (no
+    network call); ``z`` itself when there is no surrogate or the grid starts at the first level."""
+    lo, start = float(schedule.logsnr_min), float(logsnrs[0])
+    if surrogate is None or not start > lo:
+        return z
+    from simdiff.samplers.gaussian import gaussian_start
+
+    return gaussian_start(surrogate, z, lo, start, cond=cond)
+
+
 def generate(
     denoise,
     schedule: Schedule,
@@ -197,6 +257,7 @@ def generate(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     logsnrs: Tensor | None = None,
+    moments: Any = None,
 ) -> Tensor:
     """Draw ``num`` samples of per-example ``shape`` (e.g. ``(1, 28, 28)``); returns ``[num, *shape]`` on CPU.
 
@@ -219,6 +280,10 @@ def generate(
         logsnrs: an explicit step grid (``cfg.steps + 1`` increasing log-SNR levels ending at +inf), e.g. one
             fitted by ``simdiff tune-grid`` (:func:`simdiff.samplers.tune_cli.tuned_grid_for`); it replaces
             ``cfg.grid``, and ``cfg.grid == "tuned"`` requires it.
+        moments: the data's Gaussian moments (:class:`simdiff.samplers.gaussian.DataMoments`) for the Gaussian
+            start (see :class:`SampleConfig`); default: the ``data_moments`` attribute of ``denoise`` (set by
+            :func:`simdiff.runs.load_model` when the run or file carries them). Used by the ODE samplers only, with
+            the isotropic process.
 
     Raises:
         ConfigError: a setting of ``cfg`` that cannot be sampled (see :func:`check_sample_config`), or ``num < 1``.
@@ -250,8 +315,10 @@ def generate(
         )
     # Built once, on the CPU where it is made: the samplers read the float64 grid on the host (validation,
     # coefficients, host levels) and move what the loop needs to the device themselves.
+    moments, surrogate = gaussian_start_parts(raw, cfg, process=process, null=null if cfg.guidance != 0.0 and not
+                                              guidance_input else None, moments=moments)
     logsnrs = resolve_grid(denoise, raw, schedule, cfg, shape, per_example=per_example, process=process,
-                           device=device, dtype=dtype, logsnrs=logsnrs)
+                           device=device, dtype=dtype, logsnrs=logsnrs, moments=moments)
     extra: dict[str, Any] = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
     if process is not None:
         extra["process"] = process
@@ -272,6 +339,7 @@ def generate(
             if start_scaled:  # z ~ q(z | x = 0) at the first level: sigma_0 eps per basis coordinate
                 z = process.add_noise(torch.zeros_like(z), z, lam=logsnrs[0].to(device=device, dtype=dtype).expand(n))
             batch_cond = {k: v[start : start + n].to(device) for k, v in per_example.items()}
+            z = start_noise(surrogate, z, schedule, logsnrs, batch_cond)
             if guidance_input:
                 batch_cond["guidance"] = torch.full((n,), float(cfg.guidance), device=device)
             noise_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + start)

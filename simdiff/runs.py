@@ -27,6 +27,7 @@ from simdiff.images import save_grid
 from simdiff.losses import LossConfig
 from simdiff.nets import DiffusionModel, build_model
 from simdiff.nets.students import wrap_student
+from simdiff.samplers.gaussian import MOMENTS_FILE, MOMENTS_PREFIX, DataMoments
 from simdiff.schedules import Schedule, schedule_from_dict
 from simdiff.train.checkpoint import CheckpointError, load_checkpoint, load_inference, load_latest
 from simdiff.train.config import TrainConfig, upgrade_train_dict
@@ -259,6 +260,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", ema: boo
             return load_quantized(path, device=device)
         state, meta = load_inference(path)
         source = path
+        moments_src: Any = {k: state.pop(k) for k in [k for k in state if k.startswith(MOMENTS_PREFIX)]}
     else:
         if path.name == "checkpoints" and not (path / "checkpoints").exists():  # given run/checkpoints: the run
             path = path.parent
@@ -269,6 +271,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", ema: boo
         use_ema = ema and ckpt.ema is not None
         state = ckpt.ema if use_ema else ckpt.model
         source = ckpt.path / ("ema.safetensors" if use_ema else "model.safetensors")
+        run_dir = path.parent.parent if (path / "state.json").exists() else path
+        moments_src = run_dir / MOMENTS_FILE
     if "experiment" not in meta or "image_shape" not in meta:
         raise CheckpointError(f"{path}: not a simdiff diffusion model (its config has no experiment / image_shape)")
     try:
@@ -296,9 +300,25 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", ema: boo
         raise CheckpointError(f"{source}: weight {bad!r} holds NaN/inf; the weights are damaged")
     model.load_state_dict(state)
     model.to(device).eval().requires_grad_(False)
+    if meta.get("kind", "diffusion") == "diffusion":
+        model.data_moments = _moments(moments_src, image_shape, num_classes)
     schedule = schedule_from_dict(cfg.diffusion.schedule)
     process = model.process if isinstance(model, DiffusionModel) else run_process(cfg)
     return LoadedModel(model, cfg, schedule, image_shape, num_classes, meta, process)
+
+
+def _moments(src: Path | dict[str, torch.Tensor], image_shape: tuple[int, ...], num_classes: int):
+    """The data moments a run directory (its file) or an export (its tensors) carries, or ``None``; moments of
+    another shape or class count than the network's, or damaged ones, are one-line CheckpointErrors."""
+    where = src if isinstance(src, Path) else "the embedded data moments"
+    try:
+        moments = DataMoments.load(src) if isinstance(src, Path) else DataMoments.from_tensors(src, MOMENTS_PREFIX)
+    except (ValueError, CheckpointError) as e:
+        raise CheckpointError(f"{where}: damaged data moments ({e})") from None
+    if moments is not None and (moments.shape != tuple(image_shape) or moments.num_classes not in (0, num_classes)):
+        raise CheckpointError(f"{where}: data moments for shape {moments.shape} / {moments.num_classes} classes do "
+                              f"not match the model ({tuple(image_shape)} / {num_classes} classes)")
+    return moments
 
 
 def _weights_problem(model: torch.nn.Module, state: dict[str, torch.Tensor], *, show: int = 3) -> str | None:

@@ -239,3 +239,27 @@ def test_init_from_starts_a_fresh_run_from_given_weights(run, tmp_path, capsys):
                              "--set", f"train.init_from={run / 'run'}"], "is another network than this config builds")
     _one_line_error(capsys, ["train", str(cfg), "--run-dir", str(tmp_path / "none"), "--set",
                              f"train.init_from={tmp_path / 'gone'}"], "train.init_from: ")
+
+
+def test_runs_and_exports_carry_their_data_moments(run, tmp_path, capsys):
+    """Training writes the data's Gaussian moments into the run; an export embeds them; loading attaches them to
+    the network (what ``generate`` reads for the Gaussian start); moments that do not fit the model are one line."""
+    import shutil
+
+    from simdiff.samplers.gaussian import MOMENTS_FILE, DataMoments
+
+    d = run / "run"
+    assert (d / MOMENTS_FILE).is_file()
+    m = load_model(d).model.data_moments
+    assert m.shape == (1, 8, 8) and m.num_classes == 10 and m.mean.shape == (11, 64)
+    exported = tmp_path / "m.safetensors"
+    assert main(["export", str(d), str(exported)]) == 0
+    e = load_model(exported).model.data_moments
+    torch.testing.assert_close(e.basis, m.basis.float().double())
+    assert main(["sample", str(exported), "--steps", "3", "--num", "4", "--out", str(tmp_path / "g.png")]) == 0
+    bad = tmp_path / "bad_run"
+    shutil.copytree(d, bad)
+    DataMoments.from_images(torch.randn(20, 1, 4, 4)).save(bad / MOMENTS_FILE)
+    capsys.readouterr()
+    _one_line_error(capsys, ["sample", str(bad), "--steps", "3", "--num", "4", "--out", str(tmp_path / "b.png")],
+                    "data moments for shape")

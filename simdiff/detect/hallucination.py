@@ -136,7 +136,7 @@ def generate_scored(
         ``(images [num, *shape] in [-1, 1] on CPU, scores [num] float64 on CPU)``.
     """
     from simdiff.configuration import ConfigError
-    from simdiff.generate import SampleConfig, check_sample_config, resolve_grid
+    from simdiff.generate import SampleConfig, check_sample_config, gaussian_start_parts, resolve_grid, start_noise
     from simdiff.guidance import classifier_free_guidance
     from simdiff.processes import is_discrete
     from simdiff.samplers import check_process, get_sampler
@@ -161,8 +161,9 @@ def generate_scored(
         denoise = classifier_free_guidance(denoise, weight=cfg.guidance, null_cond=null, interval=cfg.interval,
                                            rescale=cfg.rescale, process=process)
     per_example = {} if labels is None else {"labels": labels}
+    moments, surrogate = gaussian_start_parts(raw, cfg, process=process, null=null if cfg.guidance != 0.0 else None)
     logsnrs = resolve_grid(denoise, raw, schedule, cfg, shape, per_example=per_example, process=process,
-                           device=device, dtype=dtype)
+                           device=device, dtype=dtype, moments=moments)
     extra: dict[str, Any] = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
     if process is not None:
         extra["process"] = process
@@ -176,6 +177,7 @@ def generate_scored(
             if start_scaled:
                 z = process.add_noise(torch.zeros_like(z), z, lam=logsnrs[0].to(device=device, dtype=dtype).expand(n))
             cond = {} if labels is None else {"labels": labels[start: start + n].to(device)}
+            z = start_noise(surrogate, z, schedule, logsnrs, cond)
             noise_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + start)
             x, s = scored_sample(sampler, denoise, z, logsnrs, last=last, generator=noise_gen, cond=cond, **extra)
             images.append(x.float().cpu())

@@ -44,8 +44,9 @@ from torch import Tensor
 from simdiff.samplers.policy import END_BASE, END_SLOPE, logistic_levels
 
 __all__ = ["OFFSET", "SCALE_FACTOR", "END_SHIFT", "PILOT_STEPS", "PILOT_SIZE", "GridCalibration", "xhat_rate",
-           "fit_calibration", "calibrate", "calibrated_grid", "weights_fingerprint", "model_calibration",
-           "pilot_calibration", "calibration_for_run", "calibrated_grid_for", "grids_file", "calibration_key"]
+           "fit_calibration", "calibrate", "calibrated_grid", "calibrated_end", "weights_fingerprint",
+           "model_calibration", "pilot_calibration", "calibration_for_run", "calibrated_grid_for", "grids_file",
+           "calibration_key"]
 
 OFFSET = 2.3
 SCALE_FACTOR = 1.2
@@ -129,20 +130,32 @@ def calibrate(denoise: Callable, schedule, z: Tensor, *, pilot_steps: int = PILO
     return fit_calibration(levels, rate)
 
 
-def calibrated_grid(schedule, steps: int, calibration: GridCalibration) -> Tensor:
+def calibrated_end(schedule, steps: int, calibration: GridCalibration) -> float:
+    """The calibrated grid's last finite level (module doc, step 3)."""
+    return min(float(schedule.logsnr_max), END_BASE + END_SLOPE * steps + END_SHIFT * (calibration.mu - END_ANCHOR))
+
+
+def calibrated_grid(schedule, steps: int, calibration: GridCalibration, *, start: float | None = None) -> Tensor:
     """The float64 ``[steps + 1]`` grid ``[logsnr_min, interior..., +inf]`` for ``calibration`` (module doc, step 3).
 
-    A grid whose end falls at or below ``logsnr_min`` (a schedule above the rule's range) is uniform in log-SNR to
-    ``logsnr_max`` instead, as the "auto" grid does.
+    ``start`` (above ``logsnr_min``, below the end) replaces ``logsnr_min`` as the first level: the grid of a run
+    whose noise was carried to ``start`` without the network (:mod:`simdiff.samplers.gaussian`). A grid whose end
+    falls at or below ``logsnr_min`` (a schedule above the rule's range) is uniform in log-SNR to ``logsnr_max``
+    instead, as the "auto" grid does.
     """
     if int(steps) != steps or steps < 1:
         raise ValueError(f"calibrated_grid: steps must be an integer >= 1, got {steps}")
     steps = int(steps)
     lo, hi = float(schedule.logsnr_min), float(schedule.logsnr_max)
+    if start is not None:
+        if not lo <= start < calibrated_end(schedule, steps, calibration):
+            raise ValueError(f"calibrated_grid: start {start} must lie in [logsnr_min, end) = [{lo}, "
+                             f"{calibrated_end(schedule, steps, calibration)})")
+        lo = float(start)
     inf = torch.tensor([math.inf], dtype=torch.float64)
     if steps == 1:
         return torch.cat([torch.tensor([lo], dtype=torch.float64), inf])
-    end = min(hi, END_BASE + END_SLOPE * steps + END_SHIFT * (calibration.mu - END_ANCHOR))
+    end = calibrated_end(schedule, steps, calibration)
     if not end > lo:
         return torch.cat([lo + (hi - lo) * torch.arange(steps, dtype=torch.float64) / (steps - 1), inf])
     return torch.cat([logistic_levels(lo, end, steps, mu=calibration.mu, scale=calibration.scale), inf])

@@ -370,7 +370,7 @@ def export_inference(src: str | Path, out_path: str | Path, *, dtype: torch.dtyp
     out = Path(out_path)
     if out.is_dir():
         raise CheckpointError(f"{out}: is a directory; give the output file's path, e.g. {out / 'model.safetensors'}")
-    data = st_save(_cpu(weights), metadata=meta)
+    data = st_save({**_cpu(weights), **_run_moments(src, dtype or torch.float32)}, metadata=meta)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         rundir.atomic_write_bytes(out, data)  # no temp file is left behind when it fails
@@ -378,6 +378,20 @@ def export_inference(src: str | Path, out_path: str | Path, *, dtype: torch.dtyp
         reason = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
         raise CheckpointError(f"{out}: cannot write the export ({reason}); choose another output path") from None
     return out
+
+
+def _run_moments(src: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The data moments a run directory keeps (``data_moments.safetensors``), keyed for embedding in an export and
+    cast to the export's ``dtype``."""
+    from simdiff.samplers.gaussian import MOMENTS_FILE, MOMENTS_PREFIX, DataMoments
+
+    run = src.parent.parent if (src / "state.json").exists() else src  # a checkpoint directory: run/checkpoints/step
+    try:
+        moments = DataMoments.load(run / MOMENTS_FILE)
+    except (ValueError, CheckpointError) as e:
+        raise CheckpointError(f"{run / MOMENTS_FILE}: damaged data moments ({e}); delete the file to export "
+                              "without them") from None
+    return {} if moments is None else moments.tensors(MOMENTS_PREFIX, dtype)
 
 
 def _with_sample_defaults(config: dict, sample: dict) -> dict:
