@@ -86,10 +86,13 @@ def _tuned(args: argparse.Namespace, scfg, loaded=None, device="cpu"):
     and no interval / rescale (others: measured by ``generate`` itself)."""
     if scfg.grid == "calibrated" and loaded is not None and scfg.interval is None and scfg.rescale == 0.0 \
             and (loaded.process is None or loaded.process.isotropic) and loaded.config.model.arch != "text_uvit":
+        from simdiff.generate import gaussian_start_parts
         from simdiff.samplers.calibrate import calibrated_grid_for
 
+        _, surrogate = gaussian_start_parts(loaded.model, scfg, process=loaded.process)
         return calibrated_grid_for(_source(args.source), loaded, scfg.steps,
-                                   guidance=scfg.guidance if loaded.num_classes else 0.0, device=device)
+                                   guidance=scfg.guidance if loaded.num_classes else 0.0, device=device,
+                                   gaussian_start=surrogate is not None)
     if scfg.grid != "tuned":
         return None
     from simdiff.samplers.tune_cli import tuned_grid_for

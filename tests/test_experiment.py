@@ -256,7 +256,20 @@ def test_runs_and_exports_carry_their_data_moments(run, tmp_path, capsys):
     assert main(["export", str(d), str(exported)]) == 0
     e = load_model(exported).model.data_moments
     torch.testing.assert_close(e.basis, m.basis.float().double())
-    assert main(["sample", str(exported), "--steps", "3", "--num", "4", "--out", str(tmp_path / "g.png")]) == 0
+    assert main(["sample", str(exported), "--steps", "3", "--num", "4", "--grid", "calibrated", "--out",
+                 str(tmp_path / "g.png")]) == 0
+    # the command line's cached calibrated grid starts after the Gaussian start too (and not without it)
+    assert main(["sample", str(exported), "--steps", "3", "--num", "4", "--grid", "calibrated", "--no-gaussian-start",
+                 "--out", str(tmp_path / "g0.png")]) == 0
+    assert (tmp_path / "g.png").read_bytes() != (tmp_path / "g0.png").read_bytes()
+    from simdiff.generate import SampleConfig
+    from simdiff.samplers.calibrate import calibrated_grid_for
+
+    loaded = load_model(exported)
+    lo = float(loaded.schedule.logsnr_min)
+    assert float(calibrated_grid_for(exported, loaded, 3, gaussian_start=True)[0]) > lo + 1
+    assert float(calibrated_grid_for(exported, loaded, 3)[0]) == lo
+    assert SampleConfig().gaussian_start
     bad = tmp_path / "bad_run"
     shutil.copytree(d, bad)
     DataMoments.from_images(torch.randn(20, 1, 4, 4)).save(bad / MOMENTS_FILE)

