@@ -397,7 +397,7 @@ def cmd_moments(args: argparse.Namespace) -> int:
 
     if args.rank is not None and args.rank < 1:
         raise ConfigError(f"--rank must be >= 1, got {args.rank}")
-    path, m = add_data_moments(args.source, rank=args.rank)
+    path, m = add_data_moments(_source(args.source), rank=args.rank)
     groups = f"{m.num_classes} classes + the whole set" if m.num_classes else "the whole set"
     print(f"data moments ({groups}, rank {m.basis.shape[-1]}) stored in {path}")
     return 0

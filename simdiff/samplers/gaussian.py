@@ -193,7 +193,7 @@ class DataMoments:
 class GaussianDenoiser:
     """The exact posterior-mean denoiser of Gaussian data with the given moments (module doc), per example:
     ``labels`` in ``[0, num_classes)`` use that class's moments; the null label ``num_classes`` (or no labels) the
-    whole data set's. Computed in float64; returned in ``z``'s dtype. Other conditioning keywords are ignored."""
+    whole data set's. Computed in ``z``'s dtype (at least float32). Other conditioning keywords are ignored."""
 
     def __init__(self, moments: DataMoments) -> None:
         self.moments = moments
@@ -207,27 +207,30 @@ class GaussianDenoiser:
         return self._on[device]
 
     def groups(self, labels: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        """The moment group of each example: its class, or the whole set for the null label / no labels."""
         null = self.moments.num_classes
         if labels is None or null == 0:
             return torch.full((batch,), null, dtype=torch.long, device=device)
-        g = torch.as_tensor(labels, device=device).reshape(-1).long().expand(batch) if torch.as_tensor(
-            labels).numel() == 1 else torch.as_tensor(labels, device=device).reshape(-1).long()
+        g = torch.as_tensor(labels, device=device).reshape(-1).long().expand(batch)
         return torch.where((g >= 0) & (g < null), g, torch.full_like(g, null))
 
     def __call__(self, z: Tensor, logsnr: Tensor, labels: Tensor | None = None, **_: Any) -> DenoiserOutput:
-        mean, basis, eigvals, resid = self._tensors(z.device)
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        mean, basis, eigvals, resid = (t.to(dtype) for t in self._tensors(z.device))
         b = z.shape[0]
         g = self.groups(labels, b, z.device)
-        zf = z.reshape(b, -1).to(torch.float64)
-        lam = torch.as_tensor(logsnr, device=z.device, dtype=torch.float64).reshape(-1).expand(b)[:, None]
+        zf = z.reshape(b, -1).to(dtype)
+        lam = torch.as_tensor(logsnr, device=z.device, dtype=dtype).reshape(-1).expand(b)[:, None]
         a2 = torch.sigmoid(lam)
         a, s2 = a2.sqrt(), torch.sigmoid(-lam)
         y = zf - a * mean[g]
-        u = basis[g]  # [B, d, r]
-        coef = torch.einsum("bdr,bd->br", u, y)
+        # every group's basis at once ([B, G, r] coefficients, then the example's own group): no gather of a
+        # [B, d, r] basis and no host synchronisation
+        onehot = torch.nn.functional.one_hot(g, mean.shape[0]).to(dtype)  # [B, G]
+        coef = torch.einsum("bd,gdr->bgr", y, basis) * onehot[:, :, None]
         gain = a * eigvals[g] / (a2 * eigvals[g] + s2)
         rgain = a * resid[g][:, None] / (a2 * resid[g][:, None] + s2)
-        x = mean[g] + rgain * y + torch.einsum("bdr,br->bd", u, coef * (gain - rgain))
+        x = mean[g] + rgain * y + torch.einsum("bgr,gdr->bd", coef * (gain - rgain)[:, None, :], basis)
         return to_output("x", x.reshape(z.shape).to(z.dtype), z=z, logsnr=logsnr)
 
 
